@@ -1,0 +1,129 @@
+"""Messages between the scheduler (ROUTER) and the workers (DEALER).
+
+Every message is a tagged msgspec Struct, sent as one msgpack frame (see codec.py).
+The scheduler keeps the request state and the workers keep the tensors: a sequence's
+prompt travels once, in `NewSeq`; after that a `Step` only names what changed.
+"""
+from __future__ import annotations
+
+import msgspec
+
+# -- worker -> scheduler -------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    protocol_version: int
+    rank: int
+    world_size: int
+    pid: int
+
+
+class Ready(msgspec.Struct, tag=True, frozen=True):
+    """The model is loaded and the KV cache allocated; `num_blocks` pages of `block_size`."""
+
+    rank: int
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    max_position_embeddings: int
+    dtype: str
+    device: str
+    architecture: str
+
+
+class SeqOutput(msgspec.Struct, array_like=True, frozen=True):
+    """One sequence's sampled token in a step."""
+
+    req_id: int
+    token_id: int
+    logprob: float
+    top_ids: list[int] = []  # return_k_alternatives, best first
+    top_logprobs: list[float] = []
+    prompt_logprobs: list[float] | None = None  # for prompt tokens 1.., on prefill only
+
+
+class StepResult(msgspec.Struct, tag=True, frozen=True):
+    step_id: int
+    outputs: list[SeqOutput]
+    forward_s: float
+
+
+class AdapterLoaded(msgspec.Struct, tag=True, frozen=True):
+    """Answer to LoadAdapter; `error` is None on success."""
+
+    slot: int
+    adapter_key: str
+    error: str | None = None
+
+
+class WorkerError(msgspec.Struct, tag=True, frozen=True):
+    """A fatal error in a worker; it exits after sending this."""
+
+    rank: int
+    message: str
+
+
+class StepFailed(msgspec.Struct, tag=True, frozen=True):
+    """A step raised; the worker keeps serving. The named requests must be failed."""
+
+    step_id: int
+    req_ids: list[int]
+    message: str
+
+
+# -- scheduler -> worker -------------------------------------------------------------------
+
+
+class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
+    do_sample: bool = False  # False: greedy, whatever the other knobs say
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int = 0
+    num_alternatives: int = 0  # return_k_alternatives
+    prompt_logprobs: bool = False  # decoder_input_details
+
+
+class NewSeq(msgspec.Struct, array_like=True, frozen=True):
+    """A sequence to prefill in this step; the worker keeps its state until it finishes."""
+
+    req_id: int
+    prompt_ids: list[int]
+    block_ids: list[int]  # KV pages that hold the prompt, in order
+    sampling: SamplingParams
+    adapter_slot: int = -1  # -1: the base model
+
+
+class Step(msgspec.Struct, tag=True, frozen=True):
+    """Run one forward pass: prefill `new_seqs`, decode one token for each of `decode_ids`.
+
+    `finished_ids` are freed before the step runs; `new_blocks` are KV pages appended to a
+    running sequence's page table.
+    """
+
+    step_id: int
+    new_seqs: list[NewSeq] = []
+    decode_ids: list[int] = []
+    new_blocks: dict[int, list[int]] = {}
+    finished_ids: list[int] = []
+
+
+class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
+    """Load the PEFT adapter in directory `path` into device slot `slot`."""
+
+    slot: int
+    adapter_key: str
+    path: str
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+ToWorker = Step | LoadAdapter | Shutdown
+FromWorker = Hello | Ready | StepResult | StepFailed | AdapterLoaded | WorkerError
