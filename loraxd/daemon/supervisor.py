@@ -1,0 +1,113 @@
+"""Start, watch and restart the worker processes.
+
+Workers are fresh interpreters (`python -m loraxd.worker.main`), never forks of the event
+loop. Each has a watcher task awaiting its exit: an unexpected exit marks the worker
+socket lost at once, which wakes whoever waits on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+from loraxd.engine.worker_client import WorkerClient
+from loraxd.protocol.worker import Ready, Shutdown
+
+log = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 5.0
+_MAX_RESTARTS = 5  # in a row without a successful handshake
+
+
+class WorkerStartError(Exception):
+    pass
+
+
+class Supervisor:
+    def __init__(self, config, model_dir: str, workers: WorkerClient):
+        self.config = config
+        self.model_dir = model_dir
+        self.workers = workers
+        self.world_size = config.model.num_shard
+        self._procs: list[asyncio.subprocess.Process] = []
+        self._watchers: list[asyncio.Task] = []
+        self._stopping = False
+        self._failures = 0
+
+    def _options(self) -> str:
+        c = self.config
+        return json.dumps({
+            "dtype": c.model.dtype, "device": c.model.device,
+            "block_size": c.scheduler.block_size,
+            "max_batch_total_tokens": c.scheduler.max_batch_total_tokens,
+            "num_threads": c.worker.num_threads,
+            "max_active_adapters": c.adapters.max_active_adapters,
+            "log_level": logging.getLevelName(logging.getLogger().level),
+        })
+
+    async def start(self) -> Ready:
+        """Spawn every rank and wait for their Ready while checking they stay alive."""
+        self.workers.reset()
+        options = self._options()
+        for rank in range(self.world_size):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loraxd.worker.main", "--endpoint", self.workers.endpoint,
+                "--rank", str(rank), "--world-size", str(self.world_size),
+                "--model-dir", str(self.model_dir), "--options", options)
+            self._procs.append(proc)
+            self._watchers.append(asyncio.create_task(self._watch(rank, proc),
+                                                      name=f"watch-rank-{rank}"))
+        try:
+            async with asyncio.timeout(self.config.worker.ready_timeout_s):
+                ready = await self.workers.handshake()
+        except TimeoutError as exc:
+            raise WorkerStartError("the workers did not become ready within "
+                                   f"{self.config.worker.ready_timeout_s:g} s") from exc
+        except Exception as exc:
+            await self.stop()
+            raise WorkerStartError(str(exc)) from exc
+        log.info("%d worker(s) ready: %s on %s, %d KV pages of %d tokens", self.world_size,
+                 ready.dtype, ready.device, ready.num_blocks, ready.block_size)
+        self._failures = 0
+        return ready
+
+    async def restart(self) -> Ready:
+        await self.stop()
+        self._stopping = False
+        while True:
+            self._failures += 1
+            try:
+                return await self.start()
+            except WorkerStartError:
+                if self._failures >= _MAX_RESTARTS:
+                    raise
+                await asyncio.sleep(min(2.0 ** self._failures, 30.0))
+
+    async def _watch(self, rank: int, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if not self._stopping:
+            log.error("worker rank %d (pid %d) exited with status %s", rank, proc.pid, code)
+            self.workers.mark_lost()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if any(p.returncode is None for p in self._procs):
+            try:
+                await asyncio.wait_for(self.workers.broadcast(Shutdown()), 1.0)
+            except Exception:  # noqa: BLE001 - the workers may already be gone
+                pass
+        for proc in self._procs:
+            try:
+                await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._procs, self._watchers = [], []
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.returncode is None]

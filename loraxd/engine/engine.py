@@ -1,0 +1,206 @@
+"""AsyncEngine: the event-loop face of the scheduler and the workers.
+
+One task owns the step loop: plan a step, send it to every rank, wait for rank 0's result,
+apply it, hand each request its events. `generate()` is an async generator per request;
+closing it early aborts the request, freeing its pages and batch slot at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from loraxd import __version__
+from loraxd.engine.block_manager import BlockManager
+from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent,
+                                   Unavailable)
+from loraxd.engine.scheduler import AdapterSlots, Scheduler, SchedulerLimits
+from loraxd.engine.sequence import Sequence
+from loraxd.engine.tokenizer import Tokenizer
+from loraxd.engine.worker_client import WorkerClient, WorkerLost
+from loraxd.protocol.worker import Ready, StepFailed, StepResult
+
+log = logging.getLogger(__name__)
+
+# How recently a step must have completed for /health to answer without a probe.
+_HEALTH_FRESH_S = 2.0
+_HEALTH_PROBE_TIMEOUT_S = 30.0
+
+
+class AsyncEngine:
+    def __init__(self, config, tokenizer: Tokenizer, workers: WorkerClient, ready: Ready,
+                 recover: Callable[[], Awaitable[Ready]], adapters: AdapterSlots | None = None):
+        self.config = config
+        self.model_id = config.model.model_id
+        self.tokenizer = tokenizer
+        self.workers = workers
+        self.ready = ready
+        self._recover = recover
+        sched = config.scheduler
+        self.scheduler = Scheduler(
+            SchedulerLimits(sched.max_batch_prefill_tokens, sched.waiting_served_ratio,
+                            sched.max_waiting_tokens),
+            BlockManager(ready.num_blocks, ready.block_size),
+            eos_ids=frozenset(ready.eos_token_ids),
+            special_ids=tokenizer.special_ids,
+            decode_one=lambda i: tokenizer.decode([i]),
+            adapters=adapters)
+        self._streams: dict[int, asyncio.Queue] = {}
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._serving = True
+        self._last_step_done = 0.0
+        self._task: asyncio.Task | None = None
+        self.num_steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="step-loop")
+
+    async def stop(self) -> None:
+        self._serving = False
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail(list(self._streams), Unavailable("the server is shutting down"))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        if not self._serving:
+            raise Unavailable("no healthy worker")
+        req_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self.tokenizer.special_ids)
+        self._streams[req_id] = queue
+        self.scheduler.add(Sequence(req_id, req, detok))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, Exception):
+                    finished = True
+                    raise event
+                yield event
+                if isinstance(event, FinishEvent):
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(req_id, None)
+            if not finished and self.scheduler.abort(req_id):
+                self._wake.set()
+
+    async def health(self) -> bool:
+        if not self._serving or self._task is None or self._task.done():
+            return False
+        if time.monotonic() - self._last_step_done < _HEALTH_FRESH_S:
+            return True
+        probe = GenerationRequest(prompt_ids=self.tokenizer.encode_now("ping") or [0],
+                                  max_new_tokens=1, ignore_eos=True)
+        try:
+            async with asyncio.timeout(_HEALTH_PROBE_TIMEOUT_S):
+                async for event in self.generate(probe):
+                    if isinstance(event, FinishEvent):
+                        return True
+        except (EngineError, TimeoutError):
+            return False
+        return False
+
+    def info(self) -> dict:
+        c = self.config
+        return {
+            "model_id": self.model_id,
+            "model_sha": None,
+            "model_dtype": self.ready.dtype,
+            "model_device_type": self.ready.device,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": c.scheduler.max_concurrent_requests,
+            "max_best_of": c.scheduler.max_best_of,
+            "max_stop_sequences": c.scheduler.max_stop_sequences,
+            "max_input_length": c.scheduler.max_input_length,
+            "max_total_tokens": c.scheduler.max_total_tokens,
+            "waiting_served_ratio": c.scheduler.waiting_served_ratio,
+            "max_batch_total_tokens": c.scheduler.max_batch_total_tokens,
+            "max_waiting_tokens": c.scheduler.max_waiting_tokens,
+            "validation_workers": 1,
+            "eos_token": self.ready.eos_token_ids[0] if self.ready.eos_token_ids else None,
+            "max_active_adapters": c.adapters.max_active_adapters,
+            "adapter_source": c.adapters.adapter_source,
+            "sharded": c.model.num_shard > 1,
+            "num_shard": c.model.num_shard,
+            "architecture": self.ready.architecture,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "request_logger_url": None,
+        }
+
+    def stats(self) -> dict:
+        """Scheduler state for /metrics and loraxctl."""
+        s = self.scheduler
+        return {"num_waiting": s.num_waiting, "num_running": len(s.running),
+                "kv_cache_usage": s.blocks.usage, "num_steps": self.num_steps}
+
+    # -- the step loop -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self.workers.broadcast(plan.step)
+                result = await self._result_of(plan.step.step_id)
+            except WorkerLost as exc:
+                await self._on_worker_lost(exc)
+                continue
+            if isinstance(result, StepFailed):
+                log.error("step %d failed: %s", result.step_id, result.message)
+                failed = self.scheduler.fail(result.req_ids or list(plan.seqs))
+                self._fail([s.req_id for s in failed], EngineError(
+                    f"Request failed during generation: {result.message}"))
+                continue
+            self.num_steps += 1
+            self._last_step_done = time.monotonic()
+            for req_id, event in self.scheduler.update(plan, result):
+                queue = self._streams.get(req_id)
+                if queue is not None:
+                    queue.put_nowait(event)
+
+    async def _result_of(self, step_id: int) -> StepResult | StepFailed:
+        while True:
+            rank, msg = await self.workers.recv()
+            if isinstance(msg, (StepResult, StepFailed)) and msg.step_id == step_id:
+                return msg
+            log.warning("ignoring %s from rank %d while waiting for step %d",
+                        type(msg).__name__, rank, step_id)
+
+    async def _on_worker_lost(self, exc: WorkerLost) -> None:
+        log.error("%s; failing running requests and restarting the workers", exc)
+        self._serving = False
+        failed = self.scheduler.fail_all_running()
+        self._fail([s.req_id for s in failed], EngineError(
+            f"Request failed during generation: the worker died ({exc})"))
+        try:
+            self.ready = await self._recover()
+        except Exception as err:  # noqa: BLE001 - any failure to restart leaves us unavailable
+            log.error("could not restart the workers: %s", err)
+            waiting = [s.req_id for s in self.scheduler.waiting]
+            self.scheduler.waiting.clear()
+            self._fail(waiting, Unavailable(f"no healthy worker: {err}"))
+            raise
+        self._serving = True
+        log.info("workers are back; serving")
+
+    def _fail(self, req_ids: list[int], error: Exception) -> None:
+        for req_id in req_ids:
+            queue = self._streams.get(req_id)
+            if queue is not None:
+                queue.put_nowait(error)

@@ -1,0 +1,198 @@
+"""Continuous batching, with no processes and no I/O: `schedule()` plans a step and
+`update()` applies its result. Unit tests drive it directly.
+
+Admission follows LoRAX (TGI) semantics. An idle engine admits whatever fits. While a batch
+runs, waiting requests join only when there are at least `waiting_served_ratio` × the
+running batch of them, or when they have waited `max_waiting_tokens` steps. Every admitted
+sequence reserves pages for its whole length (prompt + max_new_tokens), so a running
+sequence never runs out of KV cache and nothing is ever preempted.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from loraxd.engine.block_manager import BlockManager
+from loraxd.engine.request import FinishEvent, PromptToken, TokenEvent
+from loraxd.engine.sequence import Sequence
+from loraxd.protocol.worker import NewSeq, SeqOutput, Step, StepResult
+
+
+class AdapterSlots(Protocol):
+    def acquire(self, seq: Sequence) -> int | None:
+        """The device slot for `seq`'s adapter (-1: base), or None while it is not loaded."""
+
+    def release(self, seq: Sequence) -> None: ...
+
+
+class BaseModelOnly:
+    def acquire(self, seq: Sequence) -> int | None:
+        return -1
+
+    def release(self, seq: Sequence) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_prefill_tokens: int
+    waiting_served_ratio: float
+    max_waiting_tokens: int
+
+
+@dataclass
+class StepPlan:
+    step: Step
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # req_id -> seq in this step
+
+
+Event = tuple[int, TokenEvent | FinishEvent]
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, blocks: BlockManager,
+                 eos_ids: frozenset[int], special_ids: frozenset[int],
+                 decode_one: Callable[[int], str], adapters: AdapterSlots | None = None):
+        self.limits = limits
+        self.blocks = blocks
+        self.eos_ids = eos_ids
+        self.special_ids = special_ids
+        self.decode_one = decode_one
+        self.adapters = adapters or BaseModelOnly()
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        self._reserved_blocks = 0
+        self._to_free: list[int] = []  # req_ids the workers must forget in the next step
+        self._steps_since_admission = 0
+        self._next_step_id = 0
+
+    # -- queue -------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, req_id: int) -> bool:
+        """Drop a request wherever it is; True if it was known."""
+        if req_id in self.running:
+            self._retire(self.running.pop(req_id))
+            return True
+        for seq in self.waiting:
+            if seq.req_id == req_id:
+                self.waiting.remove(seq)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._to_free)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        admitted = self._admit()
+        if not admitted and not self.running:
+            return None  # nothing runnable (requests may wait for an adapter)
+        plan_seqs: dict[int, Sequence] = {}
+        new_seqs = []
+        for seq in admitted:
+            seq.block_ids = self.blocks.allocate(self.blocks.blocks_for(seq.prompt_len))
+            seq.started = time.monotonic()
+            new_seqs.append(NewSeq(seq.req_id, seq.request.prompt_ids, seq.block_ids,
+                                   seq.request.sampling, seq.adapter_slot))
+            plan_seqs[seq.req_id] = seq
+        decode_ids, new_blocks = [], {}
+        for req_id, seq in self.running.items():
+            if seq.num_cached >= len(seq.block_ids) * self.blocks.block_size:
+                page = self.blocks.allocate(1)
+                seq.block_ids.extend(page)
+                new_blocks[req_id] = page
+            decode_ids.append(req_id)
+            plan_seqs[req_id] = seq
+        for seq in admitted:
+            self.running[seq.req_id] = seq
+        step = Step(self._next_step_id, new_seqs, decode_ids, new_blocks, self._to_free)
+        self._next_step_id += 1
+        self._to_free = []
+        return StepPlan(step, plan_seqs)
+
+    def _admit(self) -> list[Sequence]:
+        if not self.waiting:
+            return []
+        if self.running:
+            self._steps_since_admission += 1
+            if self._steps_since_admission < self.limits.max_waiting_tokens:
+                min_size = math.floor(len(self.running) * self.limits.waiting_served_ratio)
+                if len(self.waiting) < max(min_size, 1):
+                    return []
+        admitted, prefill_tokens = [], 0
+        for seq in list(self.waiting):
+            need = self.blocks.blocks_for(seq.max_len)
+            if self._reserved_blocks + need > self.blocks.num_blocks:
+                break  # FIFO: the head waits for room rather than being overtaken forever
+            if admitted and prefill_tokens + seq.prompt_len > self.limits.max_batch_prefill_tokens:
+                break
+            slot = self.adapters.acquire(seq)
+            if slot is None:
+                continue  # its adapter is still loading; others go ahead
+            seq.adapter_slot = slot
+            self._reserved_blocks += need
+            prefill_tokens += seq.prompt_len
+            admitted.append(seq)
+            self.waiting.remove(seq)
+        if admitted:
+            self._steps_since_admission = 0
+        return admitted
+
+    # -- results -----------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Event]:
+        events: list[Event] = []
+        for out in result.outputs:
+            seq = self.running.get(out.req_id)
+            if seq is None or plan.seqs.get(out.req_id) is not seq:
+                continue  # aborted while the step ran
+            if seq.num_cached == 0 and out.prompt_logprobs is not None:
+                seq.prefill = self._prompt_tokens(seq, out.prompt_logprobs)
+            seq.num_cached = seq.prompt_len + len(seq.output_ids)
+            events.append((seq.req_id, seq.append(out, self.eos_ids, self.special_ids,
+                                                  self.decode_one)))
+            if seq.finish_reason is not None:
+                events.append((seq.req_id, seq.finish_event()))
+                self._retire(self.running.pop(seq.req_id))
+        return events
+
+    def fail(self, req_ids: list[int]) -> list[Sequence]:
+        """Remove requests whose step failed; the caller tells their clients."""
+        failed = [self.running.pop(i) for i in req_ids if i in self.running]
+        for seq in failed:
+            self._retire(seq)
+        return failed
+
+    def fail_all_running(self) -> list[Sequence]:
+        """A worker died: its state is gone, so every running request fails."""
+        failed = list(self.running.values())
+        for seq in failed:
+            self._retire(seq, tell_workers=False)
+        self.running.clear()
+        self._to_free = []
+        return failed
+
+    def _retire(self, seq: Sequence, tell_workers: bool = True) -> None:
+        self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        self._reserved_blocks -= self.blocks.blocks_for(seq.max_len)
+        self.adapters.release(seq)
+        if tell_workers:
+            self._to_free.append(seq.req_id)
+
+    def _prompt_tokens(self, seq: Sequence, logprobs: list[float]) -> tuple[PromptToken, ...]:
+        ids = seq.request.prompt_ids
+        first = PromptToken(ids[0], self.decode_one(ids[0]), None)
+        return (first,) + tuple(PromptToken(i, self.decode_one(i), lp)
+                                for i, lp in zip(ids[1:], logprobs))

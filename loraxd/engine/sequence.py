@@ -1,0 +1,77 @@
+"""The engine-side state of one request: tokens so far, text so far, KV pages, timing."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.request import (Alternative, FinishEvent, GenerationRequest, PromptToken,
+                                   TokenEvent)
+from loraxd.protocol.worker import SeqOutput
+
+
+@dataclass(eq=False)
+class Sequence:
+    req_id: int
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    arrival: float = field(default_factory=time.monotonic)
+    adapter_slot: int = -1
+    block_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # generated text, special tokens and stop sequence excluded
+    started: float | None = None
+    finish_reason: str | None = None
+    prefill: tuple[PromptToken, ...] = ()
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.request.max_new_tokens
+
+    def append(self, out: SeqOutput, eos_ids: frozenset[int], special_ids: frozenset[int],
+               decode_one) -> TokenEvent:
+        """Take one sampled token; sets `finish_reason` when the sequence is done."""
+        req = self.request
+        self.output_ids.append(out.token_id)
+        special = out.token_id in special_ids
+        piece = self.detok.push(out.token_id)
+        text_before = len(self.text)
+        self.text += piece
+        if out.token_id in eos_ids and not req.ignore_eos:
+            self.finish_reason = "eos_token"
+        elif self._cut_at_stop(text_before):
+            self.finish_reason = "stop_sequence"
+        elif len(self.output_ids) >= req.max_new_tokens:
+            self.finish_reason = "length"
+        alternatives = tuple(Alternative(i, decode_one(i), lp)
+                             for i, lp in zip(out.top_ids, out.top_logprobs))
+        return TokenEvent(out.token_id, decode_one(out.token_id) if special else piece,
+                          out.logprob, special, alternatives)
+
+    def _cut_at_stop(self, text_before: int) -> bool:
+        for stop in self.request.stop:
+            at = self.text.find(stop, max(0, text_before - len(stop) + 1))
+            if at >= 0:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def finish_event(self) -> FinishEvent:
+        now = time.monotonic()
+        started = self.started if self.started is not None else now
+        sampling = self.request.sampling
+        return FinishEvent(
+            finish_reason=self.finish_reason or "length",
+            generated_text=self.text,
+            prompt_tokens=self.prompt_len,
+            generated_tokens=len(self.output_ids),
+            seed=sampling.seed if sampling.do_sample else None,
+            prefill=self.prefill,
+            queue_time_s=started - self.arrival,
+            inference_time_s=now - started,
+        )

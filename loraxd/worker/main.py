@@ -1,0 +1,132 @@
+"""A worker process: one per GPU (one on CPU). Started by the supervisor as
+`python -m loraxd.worker.main --endpoint ipc://… --rank R --world-size N --model-dir DIR
+--options JSON`; it never forks from the event-loop process.
+
+Life: title, signals, connect, Hello, load the model, Ready, then answer messages until
+Shutdown or until the supervisor goes away.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+import zmq
+
+from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
+from loraxd.protocol.worker import (AdapterLoaded, Hello, LoadAdapter, Ready, Shutdown, Step,
+                                    StepFailed, StepResult, WorkerError)
+
+log = logging.getLogger("loraxd.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when the supervisor dies, so no worker is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="loraxd-worker")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--options", default="{}", help="JSON: dtype, device, block_size, …")
+    return p.parse_args(argv)
+
+
+class Worker:
+    def __init__(self, runner, sock: zmq.Socket, rank: int):
+        self.runner = runner
+        self.sock = sock
+        self.rank = rank
+        self.handlers = {Step: self.on_step, LoadAdapter: self.on_load_adapter}
+
+    def serve(self) -> None:
+        while True:
+            frame = self.sock.recv(copy=False)
+            try:
+                msg = decode_to_worker(frame.bytes)
+            except DecodeError as exc:
+                log.error("dropping an undecodable frame: %s", exc)
+                continue
+            if isinstance(msg, Shutdown):
+                return
+            reply = self.handlers[type(msg)](msg)
+            if reply is not None:
+                self.sock.send(encode(reply), copy=False)
+
+    def on_step(self, step: Step):
+        start = time.perf_counter()
+        try:
+            outputs = self.runner.execute(step)
+        except Exception as exc:  # noqa: BLE001 - a bad step fails its requests, not the worker
+            log.exception("step %d failed", step.step_id)
+            ids = [s.req_id for s in step.new_seqs] + list(step.decode_ids)
+            self.runner.forget(ids)
+            return StepFailed(step.step_id, ids, f"{type(exc).__name__}: {exc}")
+        if self.rank != 0:
+            return None
+        return StepResult(step.step_id, outputs, time.perf_counter() - start)
+
+    def on_load_adapter(self, msg: LoadAdapter):
+        try:
+            self.runner.load_adapter(msg.slot, msg.path)
+        except Exception as exc:  # noqa: BLE001 - reported to the requests that wanted it
+            return AdapterLoaded(msg.slot, msg.adapter_key, f"{type(exc).__name__}: {exc}")
+        return AdapterLoaded(msg.slot, msg.adapter_key, None)
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    options = json.loads(args.options)
+    logging.basicConfig(level=options.get("log_level", "INFO"),
+                        format=f"%(asctime)s worker{args.rank} %(levelname)s %(message)s")
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"rank-%d" % args.rank)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(args.endpoint)
+    try:
+        sock.send(encode(Hello(PROTOCOL_VERSION, args.rank, args.world_size, os.getpid())))
+        try:
+            import torch
+
+            from loraxd.worker.runner import ModelRunner
+            device = options.get("device", "auto")
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            runner = ModelRunner(args.model_dir, dtype=options.get("dtype", "float32"),
+                                 device=device,
+                                 max_batch_total_tokens=options.get("max_batch_total_tokens",
+                                                                    32768),
+                                 block_size=options.get("block_size", 16),
+                                 num_threads=options.get("num_threads", 0))
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit
+            log.error("cannot load the model: %s", exc)
+            log.debug("%s", traceback.format_exc())
+            sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}")))
+            return 1
+        sock.send(encode(Ready(rank=args.rank, **runner.ready_info())))
+        Worker(runner, sock, args.rank).serve()
+        return 0
+    finally:
+        sock.close()
+        ctx.term()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
