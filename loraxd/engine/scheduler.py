@@ -96,7 +96,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         admitted = self._admit()
-        if not admitted and not self.running:
+        if not admitted and not self.running and not self._to_free:
             return None  # nothing runnable (requests may wait for an adapter)
         plan_seqs: dict[int, Sequence] = {}
         new_seqs = []

@@ -69,6 +69,9 @@ class Worker:
 
     def on_step(self, step: Step):
         start = time.perf_counter()
+        if not step.new_seqs and not step.decode_ids:  # only forgets finished sequences
+            self.runner.forget(step.finished_ids)
+            return StepResult(step.step_id, [], 0.0) if self.rank == 0 else None
         try:
             outputs = self.runner.execute(step)
         except Exception as exc:  # noqa: BLE001 - a bad step fails its requests, not the worker

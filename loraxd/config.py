@@ -1,0 +1,481 @@
+"""One typed, frozen configuration tree, loaded once and passed down.
+
+Sources, in rising precedence: defaults < TOML file (`--config PATH`, else $LORAXD_CONFIG,
+else /etc/loraxd/loraxd.toml when it exists) < environment `LORAXD_<KEY>` < flags. The
+section dataclasses are the one table of settings: a field's name, type, default and metadata
+give its TOML key, environment name, flag, help text and rule. Key names are unique across
+sections. Errors are `ConfigError`s naming the source, the key, the value and the reason.
+Stdlib only: the daemon imports this before anything heavy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+DEFAULT_CONFIG_PATH = "/etc/loraxd/loraxd.toml"
+ENV_PREFIX = "LORAXD_"
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEVICES = ("cpu", "cuda", "auto")
+ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message is one line: source, key, value, reason."""
+
+
+_Rule = Callable[[typing.Any], "str | None"]
+
+
+def _rule(ok: Callable[[typing.Any], bool], reason: str) -> _Rule:
+    """A rule returns why a well-typed value is wrong, or None."""
+    return lambda value: None if ok(value) else reason
+
+
+_POSITIVE_INT = _rule(lambda v: v > 0, "must be a positive integer")
+_POSITIVE = _rule(lambda v: v > 0, "must be greater than 0")
+_NON_NEGATIVE = _rule(lambda v: v >= 0, "must not be negative")
+_PORT = _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")
+_NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
+_NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
+
+
+def _setting(default: object, help: str, rule: _Rule | None = None, *,
+             choices: tuple[str, ...] = (), flag: str | None = None,
+             short: str | None = None) -> typing.Any:
+    meta = {"help": help, "rule": rule, "choices": choices, "flag": flag, "short": short}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_id: str = _setting("HuggingFaceTB/SmolLM2-135M-Instruct",
+                             "base model: a local directory or a Hugging Face Hub id", _NON_EMPTY)
+    revision: str | None = _setting(None, "Hub revision (branch, tag or commit) of the model")
+    dtype: str = _setting("float32", "weights and activations; auto: the model's own dtype",
+                          choices=DTYPES)
+    device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
+    num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each", _POSITIVE_INT)
+    huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = _setting("127.0.0.1", "address the HTTP server listens on", _NON_EMPTY)
+    port: int = _setting(3000, "TCP port of the HTTP server", _PORT, short="-p")
+    cors_allow_origin: tuple[str, ...] = _setting((), "origins allowed by CORS (repeatable flag)",
+                                                  _NO_EMPTY_ITEMS)
+    json_output: bool = _setting(False, "write log lines as JSON")
+    max_request_bytes: int = _setting(2_097_152, "largest HTTP request body", _POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_concurrent_requests: int = _setting(128, "requests in flight before 429", _POSITIVE_INT)
+    max_best_of: int = _setting(2, "largest best_of of a request", _POSITIVE_INT)
+    max_stop_sequences: int = _setting(4, "most stop sequences of a request", _NON_NEGATIVE)
+    max_input_length: int = _setting(1024, "most prompt tokens of a request", _POSITIVE_INT)
+    max_total_tokens: int = _setting(2048, "most prompt + generated tokens of a request",
+                                     _POSITIVE_INT)
+    max_batch_prefill_tokens: int = _setting(4096, "most prompt tokens prefilled in one step",
+                                             _POSITIVE_INT)
+    max_batch_total_tokens: int = _setting(32768, "most tokens held by the running batch",
+                                           _POSITIVE_INT)
+    waiting_served_ratio: float = _setting(
+        1.2, "waiting/running ratio above which waiting requests interrupt decoding",
+        _NON_NEGATIVE)
+    max_waiting_tokens: int = _setting(20, "decode steps before waiting requests may join",
+                                       _POSITIVE_INT)
+    block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    adapter_source: str = _setting("hub", "where adapter ids are looked up unless a request says",
+                                   choices=ADAPTER_SOURCES)
+    max_active_adapters: int = _setting(32, "adapter slots on the device", _POSITIVE_INT)
+    adapter_cycle_time_s: float = _setting(
+        2.0, "seconds an adapter keeps the batch before waiting adapters get a turn", _POSITIVE)
+    local_adapter_dirs: tuple[str, ...] = _setting(
+        (), "directories holding local adapters (repeatable flag)", _NO_EMPTY_ITEMS,
+        flag="--local-adapter-dir")
+    preloaded_adapter_ids: tuple[str, ...] = _setting(
+        (), "adapters loaded at startup (repeatable flag)", _NO_EMPTY_ITEMS,
+        flag="--preloaded-adapter-id")
+    adapter_memory_bytes: int = _setting(2_147_483_648, "host-memory budget of the adapter LRU",
+                                         _POSITIVE_INT)
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Empty paths are derived (see `default_paths`); control_socket follows runtime_dir."""
+
+    runtime_dir: str = _setting("", "sockets; /run/loraxd as root, else "
+                                    "$XDG_RUNTIME_DIR/loraxd or /tmp/loraxd-<uid>")
+    control_socket: str = _setting("", "loraxctl's socket; <runtime_dir>/control.sock")
+    cache_dir: str = _setting("", "downloads; /var/cache/loraxd as root, else "
+                                  "$XDG_CACHE_HOME/loraxd or ~/.cache/loraxd")
+
+    def __post_init__(self) -> None:
+        runtime_dir, cache_dir = default_paths(os.environ, os.geteuid())
+        runtime_dir = self.runtime_dir or runtime_dir
+        object.__setattr__(self, "runtime_dir", runtime_dir)
+        object.__setattr__(self, "cache_dir", self.cache_dir or cache_dir)
+        object.__setattr__(self, "control_socket",
+                           self.control_socket or os.path.join(runtime_dir, "control.sock"))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    num_threads: int = _setting(0, "torch threads per worker; 0: all cores", _NON_NEGATIVE)
+    ready_timeout_s: float = _setting(900.0, "seconds a worker may take to report Ready",
+                                      _POSITIVE)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+    def to_dict(self) -> dict[str, dict[str, typing.Any]]:
+        """Plain nested dict (tuples become lists): JSON- and msgpack-able."""
+        return {section: {name: list(value) if isinstance(value, tuple) else value
+                          for name, value in dataclasses.asdict(getattr(self, section)).items()}
+                for section in _SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, typing.Any]]) -> Config:
+        """The inverse of `to_dict`, validated like a TOML file (workers rebuild it so)."""
+        settings = _defaults()
+        settings.update(_from_tables("config", data, rank=1))
+        return _build(settings, os.environ, os.geteuid())
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What the command line asks for besides configuration."""
+
+    download_only: bool = False  # fetch the model and preloaded adapters, then exit
+    check_config: bool = False  # validate and exit
+    env: bool = False  # print the resolved config as JSON
+    config_file: str | None = None  # the TOML file that was read, if any
+
+
+def default_paths(environ: Mapping[str, str], euid: int) -> tuple[str, str]:
+    """(runtime_dir, cache_dir) for a user: system dirs as root, else XDG dirs."""
+    if euid == 0:
+        return "/run/loraxd", "/var/cache/loraxd"
+    xdg_runtime = environ.get("XDG_RUNTIME_DIR", "")
+    xdg_cache = environ.get("XDG_CACHE_HOME", "")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    runtime_dir = (os.path.join(xdg_runtime, "loraxd") if os.path.isabs(xdg_runtime)
+                   else f"/tmp/loraxd-{euid}")
+    cache_dir = os.path.join(xdg_cache if os.path.isabs(xdg_cache)
+                             else os.path.join(home, ".cache"), "loraxd")
+    return runtime_dir, cache_dir
+
+
+# kind: (annotation, why a value of the wrong type is wrong)
+_KINDS = {"bool": (bool, "must be true or false"), "int": (int, "must be an integer"),
+          "float": (float, "must be a number"), "str": (str, "must be a string"),
+          "optstr": (str | None, "must be a string"), "strs": (tuple[str, ...], "must be a list")}
+
+
+@dataclass(frozen=True)
+class _Key:
+    section: str
+    name: str
+    kind: str  # one of _KINDS
+    default: typing.Any
+    help: str
+    rule: _Rule | None
+    choices: tuple[str, ...]
+    flag: str  # the long flag; env is the environment name
+    short: str | None
+    env: str
+
+
+def _table() -> tuple[dict[str, type], dict[str, _Key]]:
+    sections = typing.get_type_hints(Config)
+    keys: dict[str, _Key] = {}
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = next(kind for kind, (hint, _) in _KINDS.items() if hints[f.name] == hint)
+            if f.name in keys:
+                raise TypeError(f"config key {f.name} is defined twice")
+            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            keys[f.name] = _Key(section, f.name, kind, f.default, meta["help"], meta["rule"],
+                                meta["choices"], meta["flag"] or flag, meta["short"],
+                                ENV_PREFIX + f.name.upper())
+    return sections, keys
+
+
+_SECTIONS, _KEYS = _table()
+
+
+@dataclass(frozen=True)
+class _Where:
+    source: str  # "default", a file path, "config", "environment", "command line"
+    key: str  # the key as that source spells it
+    shown: str  # the value as that source wrote it
+    rank: int  # precedence: default 0 < file 1 < environment 2 < command line 3
+
+    def fail(self, reason: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key} = {self.shown}: {reason}")
+
+
+_Setting = tuple[typing.Any, _Where]
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _from_text(kind: str, raw: str | list[str]) -> typing.Any:
+    """Parse an environment value or flag argument; raise ValueError(reason)."""
+    if kind == "strs":
+        items = raw if isinstance(raw, list) else raw.split(",")
+        return tuple(item.strip() for item in items if item.strip())
+    if kind == "optstr":
+        return raw or None
+    if kind == "str":
+        return raw
+    if kind == "bool" and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    try:
+        return {"int": int, "float": float}[kind](raw.strip())
+    except (KeyError, ValueError):
+        raise ValueError(_KINDS[kind][1]) from None
+
+
+def _from_value(kind: str, raw: typing.Any) -> typing.Any:
+    """Check a TOML (or to_dict) value's type; raise ValueError(reason)."""
+    number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+    ok = {"bool": isinstance(raw, bool),
+          "int": number and isinstance(raw, int),
+          "float": number,
+          "str": isinstance(raw, str),
+          "optstr": raw is None or isinstance(raw, str),
+          "strs": isinstance(raw, (list, tuple)) and all(isinstance(i, str) for i in raw)}[kind]
+    if not ok:
+        raise ValueError(_KINDS[kind][1])
+    return float(raw) if kind == "float" else tuple(raw) if kind == "strs" else raw
+
+
+def _reason(key: _Key, value: typing.Any) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if key.choices and value not in key.choices:
+        return "must be one of " + ", ".join(key.choices)
+    return key.rule(value) if key.rule and value is not None else None
+
+
+def _show(raw: typing.Any, text: bool) -> str:
+    if text:
+        shown = ",".join(raw) if isinstance(raw, list) else str(raw)
+        return shown or '""'
+    return json.dumps(raw, default=str)
+
+
+def _settle(key: _Key, raw: typing.Any, source: str, spelled: str, rank: int,
+            text: bool) -> _Setting:
+    where = _Where(source, spelled, _show(raw, text), rank)
+    try:
+        value = _from_text(key.kind, raw) if text else _from_value(key.kind, raw)
+    except ValueError as exc:
+        raise where.fail(str(exc)) from None
+    reason = _reason(key, value)
+    if reason:
+        raise where.fail(reason)
+    return value, where
+
+
+def _hint(word: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _defaults() -> dict[str, _Setting]:
+    return {name: (key.default, _Where("default", f"{key.section}.{name}",
+                                       _show(key.default, False), 0))
+            for name, key in _KEYS.items()}
+
+
+def _read_toml(path: str) -> dict[str, typing.Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _from_tables(source: str, data: Mapping[str, typing.Any], rank: int) -> dict[str, _Setting]:
+    settings: dict[str, _Setting] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            if section in _KEYS:
+                raise _Where(source, section, _show(table, False), rank).fail(
+                    f"keys belong in a section; this one goes in [{_KEYS[section].section}]")
+            raise ConfigError(f"{source}: [{section}]: unknown section{_hint(section, _SECTIONS)}")
+        if not isinstance(table, Mapping):
+            raise _Where(source, section, _show(table, False), rank).fail("must be a table")
+        for name, raw in table.items():
+            key = _KEYS.get(name)
+            if key is None or key.section != section:
+                where = _Where(source, f"{section}.{name}", _show(raw, False), rank)
+                if key is not None:
+                    raise where.fail(f"unknown key in [{section}]; it belongs in [{key.section}]")
+                mates = [k.name for k in _KEYS.values() if k.section == section]
+                raise where.fail("unknown key" + _hint(name, mates))
+            settings[name] = _settle(key, raw, source, f"{section}.{name}", rank, text=False)
+    return settings
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, _Setting]:
+    return {name: _settle(key, environ[key.env], "environment", key.env, 2, text=True)
+            for name, key in _KEYS.items() if key.env in environ}
+
+
+def _from_args(args: argparse.Namespace) -> dict[str, _Setting]:
+    given = vars(args)
+    return {name: _settle(key, given[name], "command line", key.flag, 3,
+                          text=not isinstance(given[name], bool))
+            for name, key in _KEYS.items() if name in given}
+
+
+_ORDER_RULES = (("max_input_length", "<", "max_total_tokens"),
+                ("max_total_tokens", "<=", "max_batch_total_tokens"),
+                ("max_input_length", "<=", "max_batch_prefill_tokens"),
+                ("max_batch_prefill_tokens", "<=", "max_batch_total_tokens"))
+_WORDS = {"<": "less than", "<=": "at most", ">": "greater than", ">=": "at least"}
+_FLIP = {"<": ">", "<=": ">="}
+
+
+def _check_order(settings: dict[str, _Setting]) -> None:
+    """Blame the side set by the higher-precedence source, naming where the other came from."""
+    for low, op, high in _ORDER_RULES:
+        (low_value, low_where), (high_value, high_where) = settings[low], settings[high]
+        if low_value < high_value or (op == "<=" and low_value == high_value):
+            continue
+        blame_high = high_where.rank > low_where.rank
+        where, word = (high_where, _WORDS[_FLIP[op]]) if blame_high else (low_where, _WORDS[op])
+        other, (value, other_where) = (low, settings[low]) if blame_high else (high, settings[high])
+        origin = "default" if other_where.rank == 0 else f"{other_where.source} {other_where.key}"
+        raise where.fail(f"must be {word} {other}, which is {value} ({origin})")
+
+
+def _derive_paths(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> None:
+    runtime_dir, cache_dir = default_paths(environ, euid)
+    for name, value in (("runtime_dir", runtime_dir), ("cache_dir", cache_dir)):
+        if not settings[name][0]:
+            settings[name] = (value, dataclasses.replace(settings[name][1], shown=value))
+    if not settings["control_socket"][0]:
+        runtime_dir, where = settings["runtime_dir"]
+        settings["control_socket"] = (os.path.join(runtime_dir, "control.sock"), where)
+
+
+def _build(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> Config:
+    _check_order(settings)
+    _derive_paths(settings, environ, euid)
+    values: dict[str, dict[str, typing.Any]] = {section: {} for section in _SECTIONS}
+    for name, (value, _) in settings.items():
+        values[_KEYS[name].section][name] = value
+    return Config(**{section: cls(**values[section]) for section, cls in _SECTIONS.items()})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"command line: {message}")
+
+
+def _flag_help(key: _Key) -> str:
+    default = ("derived" if key.section == "paths" else "unset" if key.default in (None, ())
+               else _show(key.default, False))
+    text = f"{key.help} [env {key.env}; default {default}]"
+    return text.replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's flags: one per config key, plus --config and the actions."""
+    from loraxd import __version__
+
+    parser = _Parser(prog="loraxd", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                     description="Precedence: defaults < TOML file < LORAXD_* env < flags.")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help=f"TOML file [env LORAXD_CONFIG; default {DEFAULT_CONFIG_PATH}]")
+    for flag, text in (("--download-only", "download the model and adapters, then exit"),
+                       ("--check-config", "validate the configuration and exit (0 or 78)"),
+                       ("--env", "print the resolved configuration as JSON")):
+        parser.add_argument(flag, action="store_true", default=False, help=text)
+    parser.add_argument("--version", action="version", version=f"loraxd {__version__}")
+    groups = {section: parser.add_argument_group(f"[{section}]") for section in _SECTIONS}
+    for key in _KEYS.values():
+        names = (key.flag, key.short) if key.short else (key.flag,)
+        options: dict[str, typing.Any] = {"dest": key.name, "help": _flag_help(key)}
+        if key.kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["metavar"] = "{" + ",".join(key.choices) + "}" if key.choices \
+                else key.kind.removeprefix("opt").removesuffix("s").upper()
+            if key.kind == "strs":
+                options["action"] = "append"
+        groups[key.section].add_argument(*names, **options)
+    return parser
+
+
+def _config_file(flag: str | None, environ: Mapping[str, str], default_path: str) -> str | None:
+    if flag is not None:
+        return flag
+    if environ.get("LORAXD_CONFIG"):
+        return environ["LORAXD_CONFIG"]
+    return default_path if os.path.exists(default_path) else None
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, *,
+         default_config_path: str = DEFAULT_CONFIG_PATH,
+         euid: int | None = None) -> tuple[Config, Actions]:
+    """Resolve all sources; raise ConfigError (argparse errors too). --help exits 0.
+
+    argv, environ, euid default to sys.argv[1:], os.environ, os.geteuid()."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
+    euid = os.geteuid() if euid is None else euid
+    args = build_parser().parse_args(argv)
+    config_file = _config_file(args.config, environ, default_config_path)
+    settings = _defaults()
+    if config_file is not None:
+        settings.update(_from_tables(config_file, _read_toml(config_file), rank=1))
+    settings.update(_from_env(environ))
+    settings.update(_from_args(args))
+    config = _build(settings, environ, euid)
+    actions = Actions(download_only=args.download_only, check_config=args.check_config,
+                      env=args.env, config_file=config_file)
+    return config, actions
+
+
+def load_or_exit(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                 *, default_config_path: str = DEFAULT_CONFIG_PATH) -> tuple[Config, Actions]:
+    """`load`, or print the one-line error to stderr and exit with EXIT_CONFIG (78)."""
+    try:
+        return load(argv, environ, default_config_path=default_config_path)
+    except ConfigError as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"loraxd: {message}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)

@@ -1,0 +1,162 @@
+"""Linear layers, written for tensor parallelism (world size 1 for now), with the LoRA hook.
+
+All matmuls go through `DenseKernel`: on a CPU it holds the weight reordered once for
+oneDNN (the private `mkldnn._reorder_linear_weight` / `_linear_pointwise` ops that
+torch.compile emits when it freezes weights), which runs fp32 skinny batches about twice as
+fast as `F.linear` (MKL) and the LM head four times (notes/cpu-performance.md); measured
+here it is also as fast or faster for 500-row prefills, so there is no per-call choice.
+Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
+
+Layers are filled by `load`/`load_shard` calls with full (unsharded) HF tensors, each
+slicing its own rank's part, then `finalize()` builds the kernel.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+DEFAULT_BATCH_HINT = 8  # decode batches are small; the hint hardly matters above 8
+
+
+def packed_ops_available() -> bool:
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+
+
+class DenseKernel:
+    """y = x @ weight.T + bias, the one place that picks how a matmul runs."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 batch_hint: int = DEFAULT_BATCH_HINT, allow_packed: bool = True):
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.bias = bias
+        self.weight: torch.Tensor | None = weight  # [out, in]; None once packed
+        self.packed: torch.Tensor | None = None
+        if allow_packed and weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES \
+                and packed_ops_available():
+            self.packed = self._try_pack(weight, batch_hint)
+            if self.packed is not None:
+                self.weight = None
+
+    def _try_pack(self, weight: torch.Tensor, batch_hint: int) -> torch.Tensor | None:
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
+            probe = torch.zeros(1, self.in_features, dtype=weight.dtype)
+            torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
+        except RuntimeError:  # the CPU lacks an ISA feature the dtype needs
+            return None
+        return packed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def no_all_reduce(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+class _LoraSite:
+    """Where a LoRA-capable linear sits: its layer index and group ("qkv", "o", "gate_up", "down")."""
+
+    def __init__(self, layer_idx: int | None, group: str | None):
+        self.layer_idx = layer_idx
+        self.group = group
+
+    def hook(self, ctx, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.group is not None and ctx is not None and ctx.lora is not None:
+            ctx.lora.apply(self.layer_idx, self.group, x, y)
+
+
+class ColumnParallelLinear:
+    """Output features split over ranks; `output_sizes` (merged variant) lists the fused
+    sub-matrices ([q, k, v] or [gate, up]), each split over ranks on its own."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool = False,
+                 rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", layer_idx: int | None = None,
+                 group: str | None = None):
+        for size in output_sizes:
+            if size % world_size:
+                raise ValueError(f"output size {size} does not split over {world_size} ranks")
+        self.in_features = in_features
+        self.output_sizes = [size // world_size for size in output_sizes]  # per rank
+        self.out_features = sum(self.output_sizes)
+        self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        self.rank, self.world_size = rank, world_size
+        self.site = _LoraSite(layer_idx, group)
+        self.weight = torch.zeros(self.out_features, in_features, dtype=dtype, device=device)
+        self.bias = torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None
+        self.kernel: DenseKernel | None = None
+
+    def load_shard(self, shard: int, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """Place full HF tensor `shard` (e.g. 0 = q_proj) into this rank's rows."""
+        size, start = self.output_sizes[shard], self.offsets[shard]
+        rows = slice(self.rank * size, (self.rank + 1) * size)
+        self.weight[start:start + size].copy_(weight[rows])
+        if bias is not None and self.bias is not None:
+            self.bias[start:start + size].copy_(bias[rows])
+
+    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.load_shard(0, weight, bias)
+
+    def finalize(self, allow_packed: bool = True) -> None:
+        self.kernel = DenseKernel(self.weight, self.bias, allow_packed=allow_packed)
+        self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        y = self.kernel(x)  # [num_tokens, out_features]
+        self.site.hook(ctx, x, y)
+        return y
+
+
+class RowParallelLinear:
+    """Input features split over ranks; partial outputs summed by `all_reduce` (a no-op at
+    world size 1). The LoRA hook runs on the partial output, before the reduction, so a
+    row-sharded LoRA A and a full B give the right sum."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", layer_idx: int | None = None,
+                 group: str | None = None,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] = no_all_reduce):
+        if in_features % world_size:
+            raise ValueError(f"input size {in_features} does not split over {world_size} ranks")
+        self.in_features = in_features // world_size  # per rank
+        self.out_features = out_features
+        self.rank, self.world_size = rank, world_size
+        self.all_reduce = all_reduce
+        self.site = _LoraSite(layer_idx, group)
+        self.weight = torch.zeros(out_features, self.in_features, dtype=dtype, device=device)
+        self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.kernel: DenseKernel | None = None
+
+    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        cols = slice(self.rank * self.in_features, (self.rank + 1) * self.in_features)
+        self.weight.copy_(weight[:, cols])
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+
+    def finalize(self, allow_packed: bool = True) -> None:
+        fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum
+        self.kernel = DenseKernel(self.weight, fused_bias, allow_packed=allow_packed)
+        self.weight = None
+        if self.world_size == 1:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        y = self.kernel(x)  # [num_tokens, out_features], partial when sharded
+        self.site.hook(ctx, x, y)
+        if self.world_size > 1:
+            y = self.all_reduce(y)
+            if self.bias is not None:
+                y = y + self.bias
+        return y

@@ -1,0 +1,218 @@
+"""The scheduler driven directly: no processes, no torch."""
+from __future__ import annotations
+
+import pytest
+
+from loraxd.engine.block_manager import BlockManager
+from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.request import FinishEvent, GenerationRequest, TokenEvent
+from loraxd.engine.scheduler import Scheduler, SchedulerLimits
+from loraxd.engine.sequence import Sequence
+from loraxd.protocol.worker import SeqOutput, StepResult
+
+EOS = 0
+
+
+class CharTokenizer:
+    """Token i is the character chr(i); 0 is EOS (special)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids if i != EOS)
+
+
+def make_scheduler(num_blocks=64, block_size=4, prefill=64, ratio=1.2, max_waiting=20,
+                   adapters=None):
+    return Scheduler(SchedulerLimits(prefill, ratio, max_waiting),
+                     BlockManager(num_blocks, block_size), eos_ids=frozenset({EOS}),
+                     special_ids=frozenset({EOS}), decode_one=lambda i: chr(i),
+                     adapters=adapters)
+
+
+def make_seq(req_id, prompt="abc", max_new=4, stop=(), ignore_eos=False):
+    ids = [ord(c) for c in prompt]
+    req = GenerationRequest(prompt_ids=ids, max_new_tokens=max_new, stop=stop,
+                            ignore_eos=ignore_eos)
+    return Sequence(req_id, req, IncrementalDetokenizer(CharTokenizer(), ids, frozenset({EOS})))
+
+
+def run_step(s, tokens: dict[int, int]):
+    plan = s.schedule()
+    assert plan is not None
+    ids = [n.req_id for n in plan.step.new_seqs] + plan.step.decode_ids
+    outputs = [SeqOutput(i, tokens.get(i, ord("x")), -0.5) for i in ids]
+    return plan, s.update(plan, StepResult(plan.step.step_id, outputs, 0.0))
+
+
+def finishes(events):
+    return {rid: e for rid, e in events if isinstance(e, FinishEvent)}
+
+
+def test_prefill_then_decode_until_length():
+    s = make_scheduler()
+    s.add(make_seq(1, max_new=3))
+    plan, events = run_step(s, {})
+    assert [n.req_id for n in plan.step.new_seqs] == [1]
+    assert plan.step.new_seqs[0].block_ids == [0]  # 3 prompt tokens fit one page of 4
+    plan, events = run_step(s, {})
+    assert plan.step.decode_ids == [1] and not plan.step.new_seqs
+    plan, events = run_step(s, {})
+    done = finishes(events)
+    assert done[1].finish_reason == "length" and done[1].generated_text == "xxx"
+    assert done[1].generated_tokens == 3 and done[1].prompt_tokens == 3
+    assert s.schedule().step.finished_ids == [1]
+    assert s.schedule() is None
+
+
+def test_pages_are_appended_as_the_sequence_grows_and_freed_at_the_end():
+    s = make_scheduler(block_size=4)
+    s.add(make_seq(1, prompt="abcd", max_new=6))
+    plan, _ = run_step(s, {})  # prefill: 4 tokens, 1 page
+    assert plan.step.new_seqs[0].block_ids == [0]
+    plan, _ = run_step(s, {})  # decode the 5th position: needs a 2nd page
+    assert plan.step.new_blocks == {1: [1]}
+    plan, _ = run_step(s, {})
+    assert plan.step.new_blocks == {}
+    for _ in range(3):
+        run_step(s, {})
+    assert s.blocks.num_free == s.blocks.num_blocks
+    assert s.schedule().step.finished_ids == [1]
+
+
+def test_eos_and_stop_sequences_finish_and_stop_text_is_cut():
+    s = make_scheduler()
+    s.add(make_seq(1, max_new=10))
+    s.add(make_seq(2, max_new=10, stop=("yz",)))
+    run_step(s, {1: ord("q"), 2: ord("y")})
+    _, events = run_step(s, {1: EOS, 2: ord("z")})
+    done = finishes(events)
+    assert done[1].finish_reason == "eos_token" and done[1].generated_text == "q"
+    assert done[2].finish_reason == "stop_sequence" and done[2].generated_text == ""
+    eos_event = [e for rid, e in events if rid == 1 and isinstance(e, TokenEvent)][0]
+    assert eos_event.special
+
+
+def test_ignore_eos_keeps_going():
+    s = make_scheduler()
+    s.add(make_seq(1, max_new=2, ignore_eos=True))
+    run_step(s, {1: EOS})
+    _, events = run_step(s, {1: EOS})
+    assert finishes(events)[1].finish_reason == "length"
+
+
+def test_requests_join_a_running_batch_by_waiting_served_ratio():
+    s = make_scheduler(ratio=1.0, max_waiting=100)
+    s.add(make_seq(1, max_new=50))
+    run_step(s, {})  # 1 running
+    s.add(make_seq(2, max_new=50))  # 1 waiting >= 1 * 1.0 -> joins now
+    plan, _ = run_step(s, {})
+    assert [n.req_id for n in plan.step.new_seqs] == [2] and plan.step.decode_ids == [1]
+    s.limits = SchedulerLimits(64, 2.0, 100)
+    s.add(make_seq(3, max_new=50))  # 1 waiting < 2 * 2.0 -> waits
+    plan, _ = run_step(s, {})
+    assert not plan.step.new_seqs
+
+
+def test_max_waiting_tokens_lets_a_lone_request_in():
+    s = make_scheduler(ratio=10.0, max_waiting=3)
+    s.add(make_seq(1, max_new=50))
+    run_step(s, {})
+    s.add(make_seq(2, max_new=50))
+    joined_at = None
+    for step in range(5):
+        plan, _ = run_step(s, {})
+        if plan.step.new_seqs:
+            joined_at = step
+            break
+    assert joined_at == 2  # after max_waiting_tokens steps of the running batch
+
+
+def test_admission_reserves_whole_length_and_respects_prefill_budget():
+    s = make_scheduler(num_blocks=4, block_size=4, prefill=64)
+    s.add(make_seq(1, prompt="abcd", max_new=4))   # 8 tokens: 2 pages
+    s.add(make_seq(2, prompt="abcd", max_new=4))   # 2 pages
+    s.add(make_seq(3, prompt="abcd", max_new=4))   # no room: waits
+    plan, _ = run_step(s, {})
+    assert [n.req_id for n in plan.step.new_seqs] == [1, 2]
+    assert s.num_waiting == 1
+    s2 = make_scheduler(prefill=5)
+    s2.add(make_seq(1, prompt="abcd"))
+    s2.add(make_seq(2, prompt="abcd"))
+    plan = s2.schedule()
+    assert [n.req_id for n in plan.step.new_seqs] == [1]  # 8 prompt tokens > 5
+
+
+def test_abort_frees_pages_and_tells_workers():
+    s = make_scheduler()
+    s.add(make_seq(1, max_new=50))
+    s.add(make_seq(2, max_new=50))
+    run_step(s, {})
+    assert s.abort(1)
+    plan = s.schedule()
+    assert plan.step.finished_ids == [1] and plan.step.decode_ids == [2]
+    assert not s.abort(99)
+    s.add(make_seq(3))
+    assert s.abort(3) and s.num_waiting == 0
+
+
+def test_result_for_a_request_aborted_mid_step_is_ignored():
+    s = make_scheduler()
+    s.add(make_seq(1, max_new=50))
+    plan = s.schedule()
+    s.abort(1)
+    events = s.update(plan, StepResult(plan.step.step_id, [SeqOutput(1, 120, -1.0)], 0.0))
+    assert events == []
+
+
+class SlowAdapter:
+    def __init__(self):
+        self.loaded = False
+
+    def acquire(self, seq):
+        if seq.request.adapter is None:
+            return -1
+        return 3 if self.loaded else None
+
+    def release(self, seq):
+        pass
+
+
+def test_a_loading_adapter_does_not_block_others():
+    from loraxd.engine.request import AdapterRef
+    adapters = SlowAdapter()
+    s = make_scheduler(adapters=adapters)
+    ids = [ord("a")]
+    slow = Sequence(1, GenerationRequest(ids, 4, adapter=AdapterRef("x", "local")),
+                    IncrementalDetokenizer(CharTokenizer(), ids, frozenset()))
+    s.add(slow)
+    s.add(make_seq(2))
+    plan = s.schedule()
+    assert [n.req_id for n in plan.step.new_seqs] == [2]
+    adapters.loaded = True
+    s.limits = SchedulerLimits(64, 0.0, 20)
+    plan = s.schedule()
+    assert [(n.req_id, n.adapter_slot) for n in plan.step.new_seqs] == [(1, 3)]
+
+
+def test_fail_all_running_resets_state():
+    s = make_scheduler()
+    s.add(make_seq(1, max_new=50))
+    run_step(s, {})
+    failed = s.fail_all_running()
+    assert [q.req_id for q in failed] == [1]
+    assert s.blocks.num_free == s.blocks.num_blocks and s.schedule() is None
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🎉 ok"])
+def test_incremental_detokenizer_handles_multibyte(text):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    # a byte-level tokenizer where every byte is its own token: multi-byte characters
+    # arrive split across tokens, the hard case.
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    ids = tok.encode(text).ids
+    detok = IncrementalDetokenizer(tok, [], frozenset())
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
