@@ -1,0 +1,146 @@
+"""Measure loraxd beside transformers' batched `generate` on the same model, in one run.
+
+Workload: N concurrent streaming requests of `--new-tokens` tokens each, EOS ignored.
+Rounds alternate between the baseline and loraxd so that both see the same machine noise;
+the report gives medians and the ratio of medians. It also reports the median time an idle
+daemon takes to answer a 1-token request (the IPC path's overhead over one forward pass).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = ["The history of the printing press", "A recipe for bread:", "Dear diary, today",
+           "The rules of chess are", "In the beginning of the universe", "My favourite song",
+           "How to learn a language:", "The weather in London is"]
+
+
+def baseline_round(model, tok, batch: int, new_tokens: int) -> float:
+    import torch
+    enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt",
+              padding=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    elapsed = time.perf_counter() - t0
+    assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
+    return batch * new_tokens / elapsed
+
+
+async def loraxd_round(url: str, batch: int, new_tokens: int) -> float:
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> int:
+            body = {"inputs": PROMPTS[i % len(PROMPTS)],
+                    "parameters": {"max_new_tokens": new_tokens, "ignore_eos_token": True}}
+            n = 0
+            async with session.post(url + "/generate_stream", json=body) as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        n += 1
+            return n
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i) for i in range(batch)))
+        elapsed = time.perf_counter() - t0
+    assert counts == [new_tokens] * batch, counts
+    return batch * new_tokens / elapsed
+
+
+async def idle_latency(url: str, n: int) -> float:
+    import aiohttp
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            async with session.post(url + "/generate", json={
+                    "inputs": "Hello", "parameters": {"max_new_tokens": 1}}) as resp:
+                await resp.read()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", help="default: the embedded default model")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraxd.daemon.model_files import EMBEDDED_MODEL_ID, resolve_model
+    from loraxd.config import load
+    from tests.integration.daemon import Daemon
+
+    config, _ = load([], {}, default_config_path="/nonexistent")
+    model_dir = Path(args.model_dir) if args.model_dir else resolve_model(
+        EMBEDDED_MODEL_ID, revision=None, cache_dir=config.paths.cache_dir, hub_cache=None)
+    torch.set_num_threads(torch.get_num_threads())
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = None
+    if not args.skip_baseline:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+        baseline_round(model, tok, args.batch, 4)  # warm-up
+
+    results = {"baseline_tok_s": [], "loraxd_tok_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(model_dir, Path(tmp), "--dtype", args.dtype).wait_ready()
+        try:
+            asyncio.run(loraxd_round(daemon.url, args.batch, 4))  # warm-up
+            for _ in range(args.rounds):
+                if model is not None:
+                    results["baseline_tok_s"].append(
+                        baseline_round(model, tok, args.batch, args.new_tokens))
+                gc.collect()
+                results["loraxd_tok_s"].append(
+                    asyncio.run(loraxd_round(daemon.url, args.batch, args.new_tokens)))
+            results["idle_1_token_ms"] = 1000 * asyncio.run(idle_latency(daemon.url, 20))
+        finally:
+            daemon.stop()
+
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    base = statistics.median(results["baseline_tok_s"]) if results["baseline_tok_s"] else None
+    ours = statistics.median(results["loraxd_tok_s"])
+    summary = {"workload": f"{args.batch} streams x {args.new_tokens} tokens, {args.dtype}",
+               "loraxd_tok_s_median": round(ours, 1),
+               "baseline_tok_s_median": round(base, 1) if base else None,
+               "ratio": round(ours / base, 2) if base else None,
+               "idle_1_token_ms_median": round(results["idle_1_token_ms"], 1),
+               "rounds": {k: [round(x, 1) for x in v] for k, v in results.items()
+                          if isinstance(v, list)}}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"workload: {summary['workload']}")
+    if base:
+        print(f"transformers generate (batch {args.batch}): {base:8.1f} tok/s (median)")
+    print(f"loraxd ({args.batch} concurrent streams):    {ours:8.1f} tok/s (median)")
+    if base:
+        print(f"ratio loraxd / baseline:            {ours / base:8.2f}x")
+    print(f"idle daemon, 1-token request:       {summary['idle_1_token_ms_median']:8.1f} ms "
+          "(median of 20)")
+
+
+if __name__ == "__main__":
+    main()
