@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
-from loraxd.http.errors import ApiError, bad_request, validation_error
+from loraxd.http.errors import bad_request, validation_error
 
 
 def dumps(obj: Any) -> str:
@@ -49,5 +49,3 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict:
         raise validation_error("the request body must be a JSON object")
     return body
 
-
-__all__ = ["ApiError", "dumps", "json_response", "read_json", "read_json_object"]

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator
 
+import msgspec
+
 from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent)
 from loraxd.http.errors import overloaded, validation_error
 from loraxd.http.schemas import SEED_MODULUS, GenerateParams, Limits
@@ -93,7 +95,7 @@ async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limi
     requests = [base]
     for i in range(1, params.best_of):  # distinct seeds: seed, seed+1, ... (wrapping)
         seed = (params.sampling.seed + i) % SEED_MODULUS
-        requests.append(replace(base, sampling=replace(params.sampling, seed=seed)))
+        requests.append(replace(base, sampling=msgspec.structs.replace(params.sampling, seed=seed)))
     return Prepared(inputs=inputs, params=params, prompt_ids=prompt_ids,
                     requests=tuple(requests))
 

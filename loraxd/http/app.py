@@ -1,0 +1,75 @@
+"""The aiohttp application: routes, the error middleware, CORS.
+
+Run it with `handler_cancellation=True` (use `make_runner`): aiohttp then cancels a
+handler whose client disconnected, which closes the engine's generator and frees the
+request's KV blocks and batch slot at once, even while no token is being written.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from loraxd.http.errors import error_middleware
+from loraxd.http.native import NativeRoutes
+from loraxd.http.service import Frontend
+
+FRONTEND_KEY = web.AppKey("frontend", Frontend)
+
+# What an AppRunner / web.run_app serving this app must be given.
+RUNNER_KWARGS = {"handler_cancellation": True}
+
+_CORS_METHODS = "GET, POST, OPTIONS"
+
+
+def make_app(engine: Any, config: Any) -> web.Application:
+    """`engine`: an AsyncEngine; `config`: the loraxd Config tree."""
+    frontend = Frontend.from_config(engine, config)
+    middlewares = [error_middleware]
+    origins = tuple(config.server.cors_allow_origin)
+    if origins:
+        middlewares.insert(0, _cors_preflight(origins))
+    app = web.Application(client_max_size=config.server.max_request_bytes,
+                          middlewares=middlewares)
+    app[FRONTEND_KEY] = frontend
+    if origins:
+        app.on_response_prepare.append(_cors_headers(origins))
+    NativeRoutes(frontend, config).register(app)
+    return app
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    return web.AppRunner(app, **{**RUNNER_KWARGS, **kwargs})
+
+
+def _allowed_origin(origins: tuple[str, ...], origin: str | None) -> str | None:
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def _cors_preflight(origins: tuple[str, ...]):
+    @web.middleware
+    async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
+        if (request.method == "OPTIONS" and "Origin" in request.headers
+                and "Access-Control-Request-Method" in request.headers):
+            response = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+            response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "*")
+            response.headers["Access-Control-Max-Age"] = "600"
+            return response  # on_response_prepare adds Allow-Origin
+        return await handler(request)
+    return cors_preflight
+
+
+def _cors_headers(origins: tuple[str, ...]):
+    async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        allowed = _allowed_origin(origins, request.headers.get("Origin"))
+        if allowed is None:
+            return
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = "*"
+        if allowed != "*":
+            response.headers["Vary"] = "Origin"
+    return add_cors_headers
