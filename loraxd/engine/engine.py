@@ -54,6 +54,10 @@ class AsyncEngine:
         self._serving = True
         self._last_step_done = 0.0
         self._task: asyncio.Task | None = None
+        self._step_result: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self._lost: WorkerLost | None = None
+        self._handlers = {StepResult: self._on_step_result, StepFailed: self._on_step_result}
         self.num_steps = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -63,9 +67,10 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         self._serving = False
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._reader) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._fail(list(self._streams), Unavailable("the server is shutting down"))
 
     # -- requests ----------------------------------------------------------------------------
@@ -149,18 +154,25 @@ class AsyncEngine:
     # -- the step loop -----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._reader = self._start_reader()
         while True:
+            if self._lost is not None:
+                self._reader = await self._on_worker_lost(self._lost)
+                continue
             plan = self.scheduler.schedule()
             if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._step_result = asyncio.get_running_loop().create_future()
             try:
                 await self.workers.broadcast(plan.step)
-                result = await self._result_of(plan.step.step_id)
+                result = await self._step_result
             except WorkerLost as exc:
-                await self._on_worker_lost(exc)
+                self._lost = exc
                 continue
+            finally:
+                self._step_result = None
             if isinstance(result, StepFailed):
                 log.error("step %d failed: %s", result.step_id, result.message)
                 failed = self.scheduler.fail(result.req_ids or list(plan.seqs))
@@ -174,15 +186,33 @@ class AsyncEngine:
                 if queue is not None:
                     queue.put_nowait(event)
 
-    async def _result_of(self, step_id: int) -> StepResult | StepFailed:
-        while True:
-            rank, msg = await self.workers.recv()
-            if isinstance(msg, (StepResult, StepFailed)) and msg.step_id == step_id:
-                return msg
-            log.warning("ignoring %s from rank %d while waiting for step %d",
-                        type(msg).__name__, rank, step_id)
+    def _start_reader(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._read(), name="worker-reader")
 
-    async def _on_worker_lost(self, exc: WorkerLost) -> None:
+    async def _read(self) -> None:
+        """The one reader of the worker socket: step results to the step loop, the rest to
+        their handlers. A lost worker fails the pending step or wakes the loop."""
+        while True:
+            try:
+                rank, msg = await self.workers.recv()
+            except WorkerLost as exc:
+                self._lost = exc
+                if self._step_result is not None and not self._step_result.done():
+                    self._step_result.set_exception(exc)
+                self._wake.set()
+                return
+            handler = self._handlers.get(type(msg))
+            if handler is None:
+                log.warning("ignoring %s from rank %d", type(msg).__name__, rank)
+            else:
+                handler(msg)
+
+    def _on_step_result(self, msg: StepResult | StepFailed) -> None:
+        future = self._step_result
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _on_worker_lost(self, exc: WorkerLost) -> asyncio.Task:
         log.error("%s; failing running requests and restarting the workers", exc)
         self._serving = False
         failed = self.scheduler.fail_all_running()
@@ -197,7 +227,9 @@ class AsyncEngine:
             self._fail(waiting, Unavailable(f"no healthy worker: {err}"))
             raise
         self._serving = True
+        self._lost = None
         log.info("workers are back; serving")
+        return self._start_reader()
 
     def _fail(self, req_ids: list[int], error: Exception) -> None:
         for req_id in req_ids:
