@@ -13,15 +13,16 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from loraxd import __version__
+from loraxd.engine.adapters import AdapterManager, adapter_key
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
-from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent,
-                                   Unavailable)
-from loraxd.engine.scheduler import AdapterSlots, Scheduler, SchedulerLimits
+from loraxd.engine.request import (AdapterError, AdapterRef, EngineError, FinishEvent,
+                                   GenerationRequest, TokenEvent, Unavailable)
+from loraxd.engine.scheduler import Scheduler, SchedulerLimits
 from loraxd.engine.sequence import Sequence
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
-from loraxd.protocol.worker import Ready, StepFailed, StepResult
+from loraxd.protocol.worker import AdapterLoaded, LoadAdapter, Ready, StepFailed, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,19 @@ _HEALTH_PROBE_TIMEOUT_S = 30.0
 
 class AsyncEngine:
     def __init__(self, config, tokenizer: Tokenizer, workers: WorkerClient, ready: Ready,
-                 recover: Callable[[], Awaitable[Ready]], adapters: AdapterSlots | None = None):
+                 recover: Callable[[], Awaitable[Ready]], sources=None):
         self.config = config
         self.model_id = config.model.model_id
         self.tokenizer = tokenizer
         self.workers = workers
         self.ready = ready
         self._recover = recover
+        self.sources = sources  # loraxd.adapters.sources.AdapterSources, or None: base only
+        self.adapters = AdapterManager(
+            num_slots=config.adapters.max_active_adapters,
+            cycle_time_s=config.adapters.adapter_cycle_time_s,
+            fetch=self._fetch_adapter, load=self._load_adapter,
+            on_failed=self._adapter_failed, wake=self._wake_up)
         sched = config.scheduler
         self.scheduler = Scheduler(
             SchedulerLimits(sched.max_batch_prefill_tokens, sched.waiting_served_ratio,
@@ -47,7 +54,7 @@ class AsyncEngine:
             eos_ids=frozenset(ready.eos_token_ids),
             special_ids=tokenizer.special_ids,
             decode_one=lambda i: tokenizer.decode([i]),
-            adapters=adapters)
+            adapters=self.adapters)
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
@@ -57,13 +64,19 @@ class AsyncEngine:
         self._step_result: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self._lost: WorkerLost | None = None
-        self._handlers = {StepResult: self._on_step_result, StepFailed: self._on_step_result}
+        self._handlers = {StepResult: self._on_step_result, StepFailed: self._on_step_result,
+                          AdapterLoaded: self._on_adapter_loaded}
         self.num_steps = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="step-loop")
+        for adapter_id in self.config.adapters.preloaded_adapter_ids:
+            self.adapters.preload(AdapterRef(adapter_id, self.config.adapters.adapter_source))
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     async def stop(self) -> None:
         self._serving = False
@@ -78,6 +91,8 @@ class AsyncEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         if not self._serving:
             raise Unavailable("no healthy worker")
+        if req.adapter is not None:
+            await self._authorize(req.adapter)
         req_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self.tokenizer.special_ids)
@@ -150,6 +165,41 @@ class AsyncEngine:
         s = self.scheduler
         return {"num_waiting": s.num_waiting, "num_running": len(s.running),
                 "kv_cache_usage": s.blocks.usage, "num_steps": self.num_steps}
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    async def _authorize(self, ref: AdapterRef) -> None:
+        if self.sources is None:
+            raise AdapterError(f"adapter {ref.adapter_id!r}: this server serves no adapters")
+        from loraxd.adapters.sources import AdapterFetchError
+        try:
+            await asyncio.to_thread(self.sources.authorize, ref.source, ref.adapter_id,
+                                    ref.api_token)
+        except AdapterFetchError as exc:
+            raise AdapterError(str(exc)) from exc
+
+    async def _fetch_adapter(self, ref: AdapterRef):
+        if self.sources is None:
+            raise AdapterError("this server serves no adapters")
+        return await asyncio.to_thread(self.sources.fetch, ref.source, ref.adapter_id,
+                                       ref.api_token)
+
+    async def _load_adapter(self, slot: int, key: str, path: str) -> None:
+        try:
+            await self.workers.broadcast(LoadAdapter(slot, key, path))
+        except WorkerLost as exc:
+            self.adapters.on_loaded(slot, key, f"the workers are restarting ({exc})")
+
+    def _on_adapter_loaded(self, msg: AdapterLoaded) -> None:
+        self.adapters.on_loaded(msg.slot, msg.adapter_key, msg.error)
+
+    def _adapter_failed(self, key: str, error: str) -> None:
+        doomed = [s for s in self.scheduler.waiting
+                  if s.request.adapter is not None and adapter_key(s.request.adapter) == key]
+        for seq in doomed:
+            self.scheduler.waiting.remove(seq)
+        self._fail([s.req_id for s in doomed],
+                   AdapterError(f"Request failed during generation: adapter {key}: {error}"))
 
     # -- the step loop -----------------------------------------------------------------------
 
@@ -226,6 +276,7 @@ class AsyncEngine:
             self.scheduler.waiting.clear()
             self._fail(waiting, Unavailable(f"no healthy worker: {err}"))
             raise
+        self.adapters.reset_slots()
         self._serving = True
         self._lost = None
         log.info("workers are back; serving")

@@ -1,0 +1,189 @@
+"""Which adapter sits in which device slot, and when each one moves.
+
+An adapter's life: fetching (download to disk, in a thread) → fetched, waiting for a slot
+→ loading (the workers read it into host memory and copy it into the slot) → loaded. The
+scheduler asks `acquire()` for each waiting request: a slot when the adapter is loaded,
+None otherwise, so a request whose adapter is still on its way never holds up the others.
+
+With more adapters wanted than slots, slots rotate: an adapter loaded for longer than
+`adapter_cycle_time_s` takes no new requests while others wait for a slot; once its running
+requests finish, its slot goes to the adapter that has waited longest. Preloaded adapters
+are pinned and never rotate out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from loraxd.engine.request import AdapterRef
+from loraxd.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+FETCHING, FETCHED, LOADING, LOADED = "fetching", "fetched", "loading", "loaded"
+
+
+def adapter_key(ref: AdapterRef) -> str:
+    return f"{ref.source}:{ref.adapter_id}"
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    key: str
+    ref: AdapterRef
+    status: str = FETCHING
+    path: Path | None = None
+    slot: int = -1
+    num_running: int = 0
+    loaded_at: float = 0.0
+    last_used: float = 0.0
+    pinned: bool = False
+    waiters: int = field(default=0)  # requests seen waiting for it, for metrics
+
+
+class AdapterManager:
+    def __init__(self, *, num_slots: int, cycle_time_s: float,
+                 fetch: Callable[[AdapterRef], Awaitable[Path]],
+                 load: Callable[[int, str, str], Awaitable[None]],
+                 on_failed: Callable[[str, str], None], wake: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self.num_slots = num_slots
+        self.cycle_time_s = cycle_time_s
+        self._fetch = fetch
+        self._load = load
+        self._on_failed = on_failed
+        self._wake = wake
+        self._clock = clock
+        self.entries: dict[str, AdapterEntry] = {}
+        self.slots: list[str | None] = [None] * num_slots
+        self.pending: OrderedDict[str, None] = OrderedDict()  # fetched, waiting for a slot
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- the scheduler's side ----------------------------------------------------------------
+
+    def acquire(self, seq: Sequence) -> int | None:
+        ref = seq.request.adapter
+        if ref is None:
+            return -1
+        entry = self.entries.get(adapter_key(ref))
+        if entry is None:
+            self._start_fetch(ref)
+            return None
+        if entry.status == FETCHED and entry.key not in self.pending:
+            self.pending[entry.key] = None
+            self._assign_slots()
+        if entry.status != LOADED or self._draining(entry):
+            return None
+        entry.num_running += 1
+        entry.last_used = self._clock()
+        return entry.slot
+
+    def release(self, seq: Sequence) -> None:
+        ref = seq.request.adapter
+        entry = self.entries.get(adapter_key(ref)) if ref is not None else None
+        if entry is None or entry.status != LOADED:
+            return
+        entry.num_running -= 1
+        if entry.num_running == 0 and self.pending:
+            self._assign_slots()
+
+    def _draining(self, entry: AdapterEntry) -> bool:
+        """Refuse new requests so the slot frees up, when others have waited their turn."""
+        return (bool(self.pending) and not entry.pinned and self._free_slot() is None
+                and self._clock() - entry.loaded_at >= self.cycle_time_s)
+
+    # -- moving adapters ---------------------------------------------------------------------
+
+    def preload(self, ref: AdapterRef) -> None:
+        self._start_fetch(ref).pinned = True
+
+    def _start_fetch(self, ref: AdapterRef) -> AdapterEntry:
+        entry = AdapterEntry(adapter_key(ref), ref)
+        self.entries[entry.key] = entry
+        self._spawn(self._fetch_then_queue(entry))
+        return entry
+
+    async def _fetch_then_queue(self, entry: AdapterEntry) -> None:
+        try:
+            entry.path = await self._fetch(entry.ref)
+        except Exception as exc:  # noqa: BLE001 - reported to every request for it
+            self._failed(entry, str(exc))
+            return
+        entry.status = FETCHED
+        self.pending[entry.key] = None
+        self._assign_slots()
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the least recently used idle one."""
+        idle = []
+        for slot, key in enumerate(self.slots):
+            if key is None:
+                return slot
+            entry = self.entries[key]
+            if entry.status == LOADED and entry.num_running == 0 and not entry.pinned:
+                idle.append((entry.last_used, slot))
+        return min(idle)[1] if idle else None
+
+    def _assign_slots(self) -> None:
+        while self.pending:
+            slot = self._free_slot()
+            if slot is None:
+                return
+            key, _ = self.pending.popitem(last=False)
+            evicted = self.slots[slot]
+            if evicted is not None:
+                old = self.entries[evicted]
+                old.status, old.slot = FETCHED, -1
+                log.info("adapter %s leaves slot %d for %s", evicted, slot, key)
+            entry = self.entries[key]
+            entry.status, entry.slot = LOADING, slot
+            self.slots[slot] = key
+            self._spawn(self._load(slot, key, str(entry.path)))
+
+    def on_loaded(self, slot: int, key: str, error: str | None) -> None:
+        entry = self.entries.get(key)
+        if entry is None or entry.slot != slot or entry.status != LOADING:
+            return
+        if error is not None:
+            self.slots[slot] = None
+            self._failed(entry, error)
+            self._assign_slots()
+            return
+        entry.status = LOADED
+        entry.loaded_at = entry.last_used = self._clock()
+        log.info("adapter %s loaded into slot %d", key, slot)
+        self._wake()
+
+    def _failed(self, entry: AdapterEntry, error: str) -> None:
+        log.warning("adapter %s failed: %s", entry.key, error)
+        self.entries.pop(entry.key, None)  # a later request tries again
+        self.pending.pop(entry.key, None)
+        self._on_failed(entry.key, error)
+        self._wake()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def reset_slots(self) -> None:
+        """The workers restarted with empty slots: everything must load again."""
+        for entry in self.entries.values():
+            if entry.status in (LOADED, LOADING):
+                entry.status, entry.slot, entry.num_running = FETCHED, -1, 0
+                self.pending[entry.key] = None
+        self.slots = [None] * self.num_slots
+        self._assign_slots()
+
+    # -- read-outs ---------------------------------------------------------------------------
+
+    def running_adapters(self) -> list[str]:
+        return [k for k in self.slots if k is not None and self.entries[k].num_running > 0]
+
+    def waiting_adapters(self) -> list[str]:
+        return [k for k, e in self.entries.items() if e.status != LOADED]

@@ -1,0 +1,111 @@
+"""Adapter slot management, driven with fake fetch/load and a fake clock."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from loraxd.engine.adapters import AdapterManager, adapter_key
+from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.request import AdapterRef, GenerationRequest
+from loraxd.engine.sequence import Sequence
+
+
+class Harness:
+    def __init__(self, num_slots=2, cycle=1.0, fail=()):
+        self.now = 0.0
+        self.loads: list[tuple[int, str]] = []
+        self.failed: list[tuple[str, str]] = []
+        self.fail = set(fail)
+        self.m = AdapterManager(num_slots=num_slots, cycle_time_s=cycle, fetch=self.fetch,
+                                load=self.load, on_failed=lambda k, e: self.failed.append((k, e)),
+                                wake=lambda: None, clock=lambda: self.now)
+
+    async def fetch(self, ref):
+        if ref.adapter_id in self.fail:
+            raise RuntimeError("no such adapter")
+        return Path("/adapters") / ref.adapter_id
+
+    async def load(self, slot, key, path):
+        self.loads.append((slot, key))
+        self.m.on_loaded(slot, key, None)
+
+
+def seq(adapter: str | None, req_id=1):
+    ref = AdapterRef(adapter, "local") if adapter else None
+    return Sequence(req_id, GenerationRequest([1], 4, adapter=ref),
+                    IncrementalDetokenizer(None, [], frozenset()))
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_base_requests_need_no_slot():
+    h = Harness()
+    assert h.m.acquire(seq(None)) == -1
+
+
+async def test_fetch_load_then_acquire():
+    h = Harness()
+    s = seq("a")
+    assert h.m.acquire(s) is None  # starts the fetch
+    await settle()
+    assert h.loads == [(0, "local:a")]
+    assert h.m.acquire(s) == 0
+    assert h.m.running_adapters() == ["local:a"]
+    h.m.release(s)
+    assert h.m.running_adapters() == []
+
+
+async def test_failure_is_reported_and_retried_later():
+    h = Harness(fail={"bad"})
+    assert h.m.acquire(seq("bad")) is None
+    await settle()
+    assert h.failed and h.failed[0][0] == "local:bad" and "no such adapter" in h.failed[0][1]
+    assert "local:bad" not in h.m.entries
+
+
+async def test_lru_idle_slot_is_reused():
+    h = Harness(num_slots=2)
+    for name in "abc":
+        s = seq(name)
+        h.m.acquire(s)
+        await settle()
+        h.now += 1
+        assert h.m.acquire(s) is not None
+        h.m.release(s)
+    # c took the slot of a (least recently used)
+    assert h.loads == [(0, "local:a"), (1, "local:b"), (0, "local:c")]
+
+
+async def test_busy_slots_rotate_after_cycle_time_and_nobody_starves():
+    h = Harness(num_slots=1, cycle=1.0)
+    a1 = seq("a", 1)
+    h.m.acquire(a1)
+    await settle()
+    assert h.m.acquire(a1) == 0  # a is running
+    b = seq("b", 2)
+    assert h.m.acquire(b) is None
+    await settle()
+    assert h.m.acquire(seq("a", 3)) == 0  # within the cycle time a still takes requests
+    h.m.release(seq("a", 3))
+    h.now = 2.0
+    assert h.m.acquire(seq("a", 4)) is None  # b has waited a cycle: a drains
+    h.m.release(a1)  # a's last request ends: b gets the slot
+    await settle()
+    assert h.loads[-1] == (0, "local:b")
+    assert h.m.acquire(b) == 0
+    assert h.m.acquire(seq("a", 5)) is None  # a waits its turn now
+
+
+async def test_pinned_adapters_never_rotate_out():
+    h = Harness(num_slots=1, cycle=0.0)
+    h.m.preload(AdapterRef("p", "local"))
+    await settle()
+    assert h.m.entries[adapter_key(AdapterRef("p", "local"))].slot == 0
+    assert h.m.acquire(seq("q")) is None
+    await settle()
+    h.now = 10
+    assert h.m.acquire(seq("p")) == 0
+    assert h.m.entries["local:q"].status == "fetched"
