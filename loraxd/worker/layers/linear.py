@@ -7,7 +7,7 @@ fast as `F.linear` (MKL) and the LM head four times (notes/cpu-performance.md); 
 here it is also as fast or faster for 500-row prefills, so there is no per-call choice.
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
 
-Layers are filled by `load`/`load_shard` calls with full (unsharded) HF tensors, each
+Layers are filled by `load_weight`/`load_bias` calls with full (unsharded) HF tensors, each
 slicing its own rank's part, then `finalize()` builds the kernel.
 """
 from __future__ import annotations
@@ -97,16 +97,14 @@ class ColumnParallelLinear:
         self.bias = torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None
         self.kernel: DenseKernel | None = None
 
-    def load_shard(self, shard: int, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        """Place full HF tensor `shard` (e.g. 0 = q_proj) into this rank's rows."""
+    def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
+        """Place full HF weight `shard` (e.g. 0 = q_proj of a fused qkv) into this rank's rows."""
         size, start = self.output_sizes[shard], self.offsets[shard]
-        rows = slice(self.rank * size, (self.rank + 1) * size)
-        self.weight[start:start + size].copy_(weight[rows])
-        if bias is not None and self.bias is not None:
-            self.bias[start:start + size].copy_(bias[rows])
+        self.weight[start:start + size].copy_(weight[self.rank * size:(self.rank + 1) * size])
 
-    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.load_shard(0, weight, bias)
+    def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
+        size, start = self.output_sizes[shard], self.offsets[shard]
+        self.bias[start:start + size].copy_(bias[self.rank * size:(self.rank + 1) * size])
 
     def finalize(self, allow_packed: bool = True) -> None:
         self.kernel = DenseKernel(self.weight, self.bias, allow_packed=allow_packed)
@@ -139,11 +137,12 @@ class RowParallelLinear:
         self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
         self.kernel: DenseKernel | None = None
 
-    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
         cols = slice(self.rank * self.in_features, (self.rank + 1) * self.in_features)
         self.weight.copy_(weight[:, cols])
-        if bias is not None and self.bias is not None:
-            self.bias.copy_(bias)
+
+    def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
+        self.bias.copy_(bias)
 
     def finalize(self, allow_packed: bool = True) -> None:
         fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum

@@ -1,0 +1,74 @@
+"""The paged KV cache and the page tables that index it.
+
+One preallocated tensor holds every layer's pages: `[num_layers, num_blocks * block_size,
+2, num_kv_heads, head_dim]`, a token's K and V side by side under one flat slot index
+`block_id * block_size + offset`. The fused qkv output already lays out a token's K and V
+that way (`qkv[:, q_size:]` viewed as `[num_tokens, 2, kv_heads, head_dim]`), so a layer
+writes its step's K/V with one `index_copy_` and reads a decode batch's pages with one
+`index_select`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, *, dtype: torch.dtype, device: str | torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # zeros, not empty: padded reads of unused slots must never see NaN garbage
+        self.data = torch.zeros(num_layers, num_blocks * block_size, 2, num_kv_heads, head_dim,
+                                dtype=dtype, device=device)
+
+    def write(self, layer_idx: int, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """kv [num_tokens, 2, kv_heads, head_dim] into the slots of slot_mapping [num_tokens]."""
+        self.data[layer_idx].index_copy_(0, slot_mapping, kv)
+
+    def gather(self, layer_idx: int, slots: torch.Tensor) -> torch.Tensor:
+        """[len(slots), 2, kv_heads, head_dim], the K/V of the given flat slots."""
+        return self.data[layer_idx].index_select(0, slots)
+
+
+class BlockTables:
+    """Every running sequence's page table, one row of a tensor each, so a step indexes the
+    rows of its sequences at once instead of rebuilding tables from Python lists."""
+
+    def __init__(self, device: str | torch.device, rows: int = 64, cols: int = 64):
+        self.device = device
+        self.table = torch.zeros(rows, cols, dtype=torch.long, device=device)
+        self.lengths: list[int] = [0] * rows  # blocks in each row
+        self.free_rows = list(range(rows - 1, -1, -1))
+
+    def add(self, block_ids: list[int]) -> int:
+        """A new sequence's table; returns its row."""
+        if not self.free_rows:
+            self._grow_rows()
+        row = self.free_rows.pop()
+        self.lengths[row] = 0
+        self.append(row, block_ids)
+        return row
+
+    def append(self, row: int, block_ids: list[int]) -> None:
+        start, end = self.lengths[row], self.lengths[row] + len(block_ids)
+        if end > self.table.shape[1]:
+            self._grow_cols(end)
+        if block_ids:
+            self.table[row, start:end] = torch.tensor(block_ids, dtype=torch.long)
+        self.lengths[row] = end
+
+    def free(self, row: int) -> None:
+        self.lengths[row] = 0
+        self.free_rows.append(row)
+
+    def _grow_rows(self) -> None:
+        rows, cols = self.table.shape
+        extra = torch.zeros(rows, cols, dtype=torch.long, device=self.device)
+        self.table = torch.cat((self.table, extra))
+        self.lengths.extend([0] * rows)
+        self.free_rows.extend(range(2 * rows - 1, rows - 1, -1))
+
+    def _grow_cols(self, needed: int) -> None:
+        rows, cols = self.table.shape
+        new_cols = max(needed, 2 * cols)
+        extra = torch.zeros(rows, new_cols - cols, dtype=torch.long, device=self.device)
+        self.table = torch.cat((self.table, extra), 1)

@@ -1,0 +1,171 @@
+"""Attention over the paged KV cache, and the per-step context every layer reads.
+
+A step's tokens are flat: first each prefill sequence's prompt (rows
+`[prefill_starts[i], prefill_starts[i] + query_lens[i])`), then one row per decode sequence.
+Each layer writes the step's K/V to the cache (one index op), runs causal SDPA per prefill
+sequence on its own tokens (a prompt never reads the cache: no prefix sharing), and one
+batched SDPA for all decode sequences over their pages gathered into `[B, max_len]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from loraxd.worker.kv_cache import PagedKVCache
+from loraxd.worker.layers.rotary import apply_rotary
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+class LoraStep(Protocol):
+    """What the LoRA code hands `ModelRunner.execute` (see layers/linear.py for the call site).
+
+    `apply(layer_idx, group, x, y)` adds the LoRA delta of group "qkv", "o", "gate_up" or
+    "down" into y [num_tokens, out] in place, for input x [num_tokens, in]. If the object
+    also has `prepare(ctx)`, the runner calls it once per step before the forward pass, with
+    the StepContext (token_slots, req_ids, seq_slots, query_lens …).
+    """
+
+    def apply(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+@dataclass(eq=False)
+class StepContext:
+    # per token, [num_tokens]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor  # flat cache slot of each token's K/V: block_id*block_size+offset
+    token_slots: torch.Tensor  # adapter slot of each token's sequence, -1: base model
+    # per sequence, in output order (prefill sequences, then decode sequences)
+    req_ids: list[int]
+    seq_slots: list[int]  # adapter slot, -1: base model
+    query_lens: list[int]  # rows of this step's batch
+    seq_lens: list[int]  # tokens in the cache after this step
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    prefill_starts: list[int]  # first row of each prefill sequence
+    # decode sequences (rows num_prefill_tokens..)
+    decode_slots: torch.Tensor | None  # [num_decode * decode_max_len] cache slots, padded
+    decode_lens: torch.Tensor | None  # [num_decode] context lengths incl. this step's token
+    decode_max_len: int
+    # which final hidden rows get logits, and each sequence's sampling row among them
+    logits_idx: torch.Tensor  # [num_logit_rows]
+    sample_idx: torch.Tensor  # [num_seqs]
+    dtype: torch.dtype
+    lora: Any = None  # a LoraStep, or None when no sequence of the step uses an adapter
+    rope_cos: torch.Tensor | None = None  # [num_tokens, 1, head_dim], set by the model
+    rope_sin: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_decode(self) -> int:
+        return len(self.req_ids) - self.num_prefill_seqs
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """Additive mask [num_decode, 1, 1, max_len]: 0 where a decode token attends, else -inf."""
+        key = ("decode", window)
+        mask = self._masks.get(key)
+        if mask is None:
+            cols = torch.arange(self.decode_max_len, device=self.decode_lens.device)
+            lens = self.decode_lens[:, None]
+            keep = cols[None, :] < lens
+            if window is not None:
+                keep &= cols[None, :] >= lens - window  # the new token is at lens - 1
+            mask = torch.zeros(keep.shape, dtype=self.dtype, device=keep.device)
+            mask.masked_fill_(~keep, float("-inf"))
+            mask = mask[:, None, None, :]
+            self._masks[key] = mask
+        return mask
+
+    def prefill_mask(self, seq: int, window: int | None) -> torch.Tensor | None:
+        """A bool mask [n, n] for prefill sequence `seq` when a sliding window cuts its
+        prompt; None when plain causal attention is exact."""
+        n = self.query_lens[seq]
+        if window is None or n <= window:
+            return None
+        key = ("prefill", n, window)
+        mask = self._masks.get(key)
+        if mask is None:
+            rows = torch.arange(n, device=self.input_ids.device)
+            distance = rows[:, None] - rows[None, :]
+            mask = (distance >= 0) & (distance < window)
+            self._masks[key] = mask
+        return mask
+
+
+class PagedAttention:
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 *, scale: float, sliding_window: int | None = None):
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, qkv: torch.Tensor, ctx: StepContext, kv_cache: PagedKVCache
+                ) -> torch.Tensor:
+        """qkv [num_tokens, q|k|v] (rotated here, in place) -> [num_tokens, num_heads*head_dim]."""
+        num_tokens = qkv.shape[0]
+        qk = qkv[:, :self.q_size + self.kv_size]
+        apply_rotary(qk.view(num_tokens, -1, self.head_dim), ctx.rope_cos, ctx.rope_sin)
+        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
+        kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
+
+        if ctx.num_prefill_seqs == 0:
+            return self._decode(qkv, ctx, kv_cache)
+        if ctx.num_decode == 0 and ctx.num_prefill_seqs == 1:
+            return self._prefill(qkv, ctx, 0)
+        out = qkv.new_empty(num_tokens, self.q_size)
+        for seq, start in enumerate(ctx.prefill_starts):
+            out[start:start + ctx.query_lens[seq]] = self._prefill(qkv, ctx, seq)
+        if ctx.num_decode:
+            out[ctx.num_prefill_tokens:] = self._decode(qkv, ctx, kv_cache)
+        return out
+
+    def _prefill(self, qkv: torch.Tensor, ctx: StepContext, seq: int) -> torch.Tensor:
+        start = ctx.prefill_starts[seq]
+        n = ctx.query_lens[seq]
+        rows = qkv[start:start + n]
+        d = self.head_dim
+        q = rows[:, :self.q_size].view(n, self.num_heads, d).transpose(0, 1)
+        k = rows[:, self.q_size:self.q_size + self.kv_size].view(n, -1, d).transpose(0, 1)
+        v = rows[:, self.q_size + self.kv_size:].view(n, -1, d).transpose(0, 1)
+        mask = ctx.prefill_mask(seq, self.sliding_window)
+        o = _sdpa(q[None], k[None], v[None], mask, mask is None, self.scale)  # [1, H, n, d]
+        return o[0].transpose(0, 1).reshape(n, self.q_size)
+
+    def _decode(self, qkv: torch.Tensor, ctx: StepContext, kv_cache: PagedKVCache
+                ) -> torch.Tensor:
+        num_decode, max_len, d = ctx.num_decode, ctx.decode_max_len, self.head_dim
+        q = qkv[ctx.num_prefill_tokens:, :self.q_size].view(num_decode, self.num_heads, 1, d)
+        pages = kv_cache.gather(self.layer_idx, ctx.decode_slots)
+        pages = pages.view(num_decode, max_len, 2, self.num_kv_heads, d)
+        k = pages[:, :, 0].transpose(1, 2)  # [B, kv_heads, max_len, d]
+        v = pages[:, :, 1].transpose(1, 2)
+        mask = ctx.decode_mask(self.sliding_window)
+        o = _sdpa(q, k, v, mask, False, self.scale)  # [B, H, 1, d]
+        return o.reshape(num_decode, self.q_size)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          is_causal: bool, scale: float) -> torch.Tensor:
+    """SDPA with grouped K/V heads: q [B, H, n, d], k and v [B, kv_heads, m, d]."""
+    if q.shape[1] == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              scale=scale)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          scale=scale)

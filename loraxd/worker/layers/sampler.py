@@ -1,0 +1,199 @@
+"""Next-token choice for a batch of sequences, each with its own SamplingParams.
+
+Work is vectorised over the batch; the one per-sequence loop is the draw of the sampled
+rows (each sequence has its own seeded generator, so a seed gives the same tokens whatever
+batch the sequence shares). When every sequence is greedy without a repetition penalty, a
+fast path does an argmax and a logsumexp and nothing else.
+
+Semantics (transformers / OpenAI / LoRAX):
+- greedy (`do_sample` False): argmax after the repetition penalty; temperature, top-k/p,
+  typical-p and frequency/presence penalties do not apply;
+- sampled: repetition penalty (HF, over prompt + generated ids), frequency and presence
+  penalties (OpenAI, over generated ids), temperature, then top-k, top-p, typical-p (HF's
+  warpers, in HF's order) and a draw;
+- `logprob` is the log-softmax of the scores after penalties and temperature (before the
+  top-k/p/typical filters), and so are the alternatives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraxd.protocol.worker import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+@dataclass(eq=False)
+class SeqSampling:
+    """What the sampler needs to remember about a running sequence."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + generated so far
+    prompt_len: int
+    generator: torch.Generator | None = None
+    fast: bool = field(init=False)  # plain greedy: argmax of the raw logits
+
+    def __post_init__(self):
+        p = self.params
+        self.fast = not self.is_sampled() and p.repetition_penalty == 1.0
+        if self.is_sampled() and self.generator is None:
+            self.generator = torch.Generator().manual_seed(p.seed)
+
+    def is_sampled(self) -> bool:
+        return self.params.do_sample and self.params.temperature > 0
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]  # best first; empty lists where no alternatives were asked
+    top_logprobs: list[list[float]]
+
+
+def sample(logits: torch.Tensor, seqs: list[SeqSampling]) -> SampleOutput:
+    """logits [num_seqs, vocab] (fp32) -> one token per sequence."""
+    if all(s.fast for s in seqs):
+        scores = logits
+        tokens = scores.argmax(-1)
+    else:
+        scores = _penalised_scores(logits, seqs)
+        tokens = scores.argmax(-1)  # the greedy rows' choice
+        sampled = [i for i, s in enumerate(seqs) if s.is_sampled()]
+        if sampled:
+            _draw(scores, seqs, sampled, tokens)
+    lse = torch.logsumexp(scores, -1, keepdim=True)  # [num_seqs, 1]
+    chosen = (scores.gather(1, tokens[:, None]) - lse)[:, 0]
+    top_ids, top_logprobs = _alternatives(scores, lse, seqs)
+    return SampleOutput(tokens.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float]:
+    """logits [prompt_len, vocab] of a prompt's rows -> logprob of tokens 1.. given their prefix."""
+    if len(prompt_ids) < 2:
+        return []
+    targets = torch.tensor(prompt_ids[1:], device=logits.device)[:, None]
+    rows = logits[:-1]
+    return (rows.gather(1, targets) - torch.logsumexp(rows, -1, keepdim=True))[:, 0].tolist()
+
+
+def _penalised_scores(logits: torch.Tensor, seqs: list[SeqSampling]) -> torch.Tensor:
+    scores = logits.clone()
+    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+    if rows:
+        ids = [seqs[i].token_ids for i in rows]
+        penalty = [seqs[i].params.repetition_penalty for i in rows]
+        scores[rows] = repetition_penalty(scores[rows], ids, penalty)
+    rows = [i for i, s in enumerate(seqs) if s.is_sampled()
+            and (s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0)]
+    if rows:
+        ids = [seqs[i].token_ids[seqs[i].prompt_len:] for i in rows]
+        freq = [seqs[i].params.frequency_penalty for i in rows]
+        presence = [seqs[i].params.presence_penalty for i in rows]
+        scores[rows] = frequency_presence_penalty(scores[rows], ids, freq, presence)
+    rows = [i for i, s in enumerate(seqs) if s.is_sampled() and s.params.temperature != 1.0]
+    if rows:
+        temperature = torch.tensor([seqs[i].params.temperature for i in rows],
+                                   device=scores.device)
+        scores[rows] = scores[rows] / temperature[:, None]
+    return scores
+
+
+def _pad(ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded [n, max_len] ids (padding repeats index 0) and the mask of real entries."""
+    width = max(1, max(len(row) for row in ids))
+    padded = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=device)
+    lens = torch.tensor([len(row) for row in ids], device=device)
+    valid = torch.arange(width, device=device)[None, :] < lens[:, None]
+    return padded, valid
+
+
+def repetition_penalty(scores: torch.Tensor, ids: list[list[int]], penalty: list[float]
+                       ) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, a penalty per row."""
+    padded, valid = _pad(ids, scores.device)
+    seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, padded, valid)
+    p = torch.tensor(penalty, device=scores.device, dtype=scores.dtype)[:, None]
+    penalised = torch.where(scores < 0, scores * p, scores / p)
+    return torch.where(seen, penalised, scores)
+
+
+def frequency_presence_penalty(scores: torch.Tensor, ids: list[list[int]], freq: list[float],
+                               presence: list[float]) -> torch.Tensor:
+    """OpenAI's penalties: minus count*frequency and minus presence once a token appeared."""
+    padded, valid = _pad(ids, scores.device)
+    counts = torch.zeros_like(scores).scatter_add_(1, padded, valid.to(scores.dtype))
+    f = torch.tensor(freq, device=scores.device, dtype=scores.dtype)[:, None]
+    pr = torch.tensor(presence, device=scores.device, dtype=scores.dtype)[:, None]
+    return scores - counts * f - (counts > 0).to(scores.dtype) * pr
+
+
+def _draw(scores: torch.Tensor, seqs: list[SeqSampling], sampled: list[int],
+          tokens: torch.Tensor) -> None:
+    params = [seqs[i].params for i in sampled]
+    warped = scores[sampled]  # [num_sampled, vocab], a copy
+    if any(p.top_k > 0 for p in params):
+        warped = top_k_filter(warped, [p.top_k for p in params])
+    if any(p.top_p < 1.0 for p in params):
+        warped = top_p_filter(warped, [p.top_p for p in params])
+    if any(p.typical_p < 1.0 for p in params):
+        warped = typical_filter(warped, [p.typical_p for p in params])
+    probs = warped.softmax(-1)
+    draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator)
+             for j, i in enumerate(sampled)]
+    tokens[sampled] = torch.cat(draws).to(tokens.device)
+
+
+def top_k_filter(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """transformers' TopKLogitsWarper per row; k 0 keeps every token."""
+    vocab = scores.shape[-1]
+    ks = [min(k, vocab) if k > 0 else 0 for k in top_k]
+    kth_values = torch.topk(scores, max(ks), -1).values  # [n, max_k]
+    k = torch.tensor(ks, device=scores.device)
+    kth = kth_values.gather(1, (k - 1).clamp(min=0)[:, None])
+    kth = kth.masked_fill((k == 0)[:, None], NEG_INF)
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def top_p_filter(scores: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """transformers' TopPLogitsWarper per row; p >= 1 keeps every token."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    threshold = torch.tensor([1 - p if p < 1.0 else -1.0 for p in top_p],
+                             device=scores.device, dtype=scores.dtype)[:, None]
+    remove = cumulative <= threshold
+    remove[:, -1] = False  # min_tokens_to_keep = 1
+    remove = remove.scatter(1, sorted_indices, remove)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def typical_filter(scores: torch.Tensor, typical_p: list[float]) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper per row; p >= 1 keeps every token."""
+    normalized = torch.log_softmax(scores, -1)
+    p = torch.exp(normalized)
+    entropy = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs(-normalized - entropy)
+    sorted_scores, sorted_indices = torch.sort(shifted, descending=False)
+    sorted_logits = scores.gather(-1, sorted_indices)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    mass = torch.tensor(typical_p, device=scores.device, dtype=scores.dtype)[:, None]
+    last_ind = (cumulative < mass).sum(1).clamp_(max=sorted_scores.shape[-1] - 1)
+    remove = sorted_scores > sorted_scores.gather(1, last_ind[:, None])
+    remove[:, :1] = False  # min_tokens_to_keep = 1
+    remove &= (mass < 1.0)
+    remove = remove.scatter(1, sorted_indices, remove)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def _alternatives(scores: torch.Tensor, lse: torch.Tensor, seqs: list[SeqSampling]
+                  ) -> tuple[list[list[int]], list[list[float]]]:
+    counts = [min(s.params.num_alternatives, scores.shape[-1]) for s in seqs]
+    most = max(counts, default=0)
+    if most <= 0:
+        return [[] for _ in seqs], [[] for _ in seqs]
+    values, ids = torch.topk(scores, most, -1)
+    ids, logprobs = ids.tolist(), (values - lse).tolist()
+    return ([row[:k] for row, k in zip(ids, counts)],
+            [row[:k] for row, k in zip(logprobs, counts)])

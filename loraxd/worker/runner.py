@@ -1,0 +1,213 @@
+"""ModelRunner: the worker's tensors. Loads the model, owns the KV cache and each running
+sequence's state, and turns a `Step` into one forward pass and one token per sequence.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from loraxd.protocol.worker import NewSeq, SeqOutput, Step
+from loraxd.worker import loader
+from loraxd.worker.kv_cache import BlockTables, PagedKVCache
+from loraxd.worker.layers.attention import StepContext
+from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
+from loraxd.worker.models import UnsupportedModel, resolve
+
+__all__ = ["ModelRunner", "StepContext", "UnsupportedModel"]
+
+SPARE_BLOCKS = 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(eq=False)
+class SeqState:
+    req_id: int
+    row: int  # of the block tables
+    num_cached: int  # tokens whose K/V are in the cache
+    last_token: int  # the input of its next decode step
+    adapter_slot: int
+    sampling: SeqSampling
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
+                 max_batch_total_tokens: int = 32768, block_size: int = 16,
+                 num_threads: int = 0):
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, device)
+        self.model_dir = model_dir
+        config = loader.load_config(model_dir)
+        self.architecture, model_cls, arch = resolve(config)
+        self.arch = arch
+        self.eos_token_ids = loader.eos_token_ids(model_dir, config)
+        with torch.inference_mode():
+            self.model = model_cls(arch, dtype=self.dtype, device=self.device)
+            self.model.load_weights(loader.iter_weights(model_dir))
+        self.num_layers = arch.num_layers
+        self.module_shapes: dict[str, tuple[int, int]] = arch.module_shapes()
+        self.block_size = block_size
+        self.num_blocks = math.ceil(max_batch_total_tokens / block_size) + SPARE_BLOCKS
+        self.kv_cache = PagedKVCache(arch.num_layers, self.num_blocks, block_size,
+                                     arch.num_kv_heads, arch.head_dim, dtype=self.dtype,
+                                     device=self.device)
+        self.tables = BlockTables(self.device)
+        self.seqs: dict[int, SeqState] = {}
+
+    def ready_info(self) -> dict:
+        return {
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "vocab_size": self.arch.vocab_size,
+            "eos_token_ids": list(self.eos_token_ids),
+            "max_position_embeddings": self.arch.max_position_embeddings,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "architecture": self.architecture,
+        }
+
+    # -- a step -------------------------------------------------------------------------
+
+    def execute(self, step: Step, lora=None) -> list[SeqOutput]:
+        for req_id in step.finished_ids:
+            self._free(req_id)
+        for req_id, block_ids in step.new_blocks.items():
+            self.tables.append(self.seqs[req_id].row, block_ids)
+        new = [self._admit(seq) for seq in step.new_seqs]
+        try:
+            decode = [self.seqs[req_id] for req_id in step.decode_ids]
+            if not new and not decode:
+                return []
+            with torch.inference_mode():
+                return self._run(step.new_seqs, new, decode, lora)
+        except BaseException:
+            for state in new:  # a failed step leaves no half-admitted sequence behind
+                self._free(state.req_id)
+            raise
+
+    def _run(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
+             lora) -> list[SeqOutput]:
+        ctx = self._context(new_seqs, new, decode, lora)
+        if ctx.lora is not None and hasattr(ctx.lora, "prepare"):
+            ctx.lora.prepare(ctx)
+        hidden, residual = self.model.forward(ctx, self.kv_cache)
+        logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)
+        states = new + decode
+        result = sample(logits[ctx.sample_idx], [s.sampling for s in states])
+        prompt_lps = self._prompt_logprobs(logits, new_seqs)
+        outputs = []
+        for i, state in enumerate(states):
+            token = result.token_ids[i]
+            state.num_cached = ctx.seq_lens[i]
+            state.last_token = token
+            state.sampling.token_ids.append(token)
+            outputs.append(SeqOutput(state.req_id, token, result.logprobs[i], result.top_ids[i],
+                                     result.top_logprobs[i], prompt_lps.get(i)))
+        return outputs
+
+    def _admit(self, seq: NewSeq) -> SeqState:
+        if not seq.prompt_ids:
+            raise ValueError(f"request {seq.req_id}: empty prompt")
+        self._free(seq.req_id)
+        sampling = SeqSampling(seq.sampling, list(seq.prompt_ids), len(seq.prompt_ids))
+        state = SeqState(seq.req_id, self.tables.add(seq.block_ids), 0, -1,
+                         seq.adapter_slot, sampling)
+        self.seqs[seq.req_id] = state
+        return state
+
+    def _free(self, req_id: int) -> None:
+        state = self.seqs.pop(req_id, None)
+        if state is not None:
+            self.tables.free(state.row)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, new_seqs: list[NewSeq]
+                         ) -> dict[int, list[float]]:
+        """Sequence index -> prompt logprobs, for the new sequences that asked."""
+        out, row = {}, 0
+        for i, seq in enumerate(new_seqs):
+            if seq.sampling.prompt_logprobs:
+                n = len(seq.prompt_ids)
+                out[i] = prompt_logprobs(logits[row:row + n], seq.prompt_ids)
+                row += n
+            else:
+                row += 1
+        return out
+
+    # -- the step's index tensors, built once and shared by every layer ------------------
+
+    def _context(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
+                 lora) -> StepContext:
+        states = new + decode
+        query_lens = [len(s.prompt_ids) for s in new_seqs] + [1] * len(decode)
+        past_lens = [0] * len(new) + [s.num_cached for s in decode]
+        seq_lens = [p + q for p, q in zip(past_lens, query_lens)]
+        num_prefill_tokens = sum(query_lens[:len(new)])
+        starts = [0] * len(states)
+        for i in range(1, len(states)):
+            starts[i] = starts[i - 1] + query_lens[i - 1]
+        num_tokens = num_prefill_tokens + len(decode)
+        self.model.rotary.ensure(max(seq_lens))
+
+        dev = self.device
+        input_ids = [t for s in new_seqs for t in s.prompt_ids] + [s.last_token for s in decode]
+        rows = torch.tensor([s.row for s in states], device=dev)
+        q_lens = torch.tensor(query_lens, device=dev)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(states), device=dev), q_lens,
+                                               output_size=num_tokens)
+        offset = torch.tensor([p - s for p, s in zip(past_lens, starts)], device=dev)
+        positions = torch.arange(num_tokens, device=dev) + offset[seq_of_token]
+        slot_mapping = self._slots(rows[seq_of_token], positions)
+        seq_slots = [s.adapter_slot for s in states]
+        token_slots = torch.tensor(seq_slots, device=dev)[seq_of_token]
+
+        decode_slots = decode_lens = None
+        decode_max_len = 0
+        if decode:
+            decode_max_len = max(seq_lens[len(new):])
+            decode_lens = torch.tensor(seq_lens[len(new):], device=dev)
+            cols = torch.arange(decode_max_len, device=dev)
+            decode_slots = self._slots(rows[len(new):, None], cols[None, :]).flatten()
+
+        logits_idx, sample_idx = self._logit_rows(new_seqs, starts, query_lens, len(decode))
+        return StepContext(
+            input_ids=torch.tensor(input_ids, device=dev), positions=positions,
+            slot_mapping=slot_mapping, token_slots=token_slots,
+            req_ids=[s.req_id for s in states], seq_slots=seq_slots, query_lens=query_lens,
+            seq_lens=seq_lens, num_prefill_seqs=len(new), num_prefill_tokens=num_prefill_tokens,
+            prefill_starts=starts[:len(new)], decode_slots=decode_slots, decode_lens=decode_lens,
+            decode_max_len=decode_max_len, logits_idx=logits_idx, sample_idx=sample_idx,
+            dtype=self.dtype, lora=lora if any(s >= 0 for s in seq_slots) else None)
+
+    def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat cache slots of the given positions in the given block-table rows."""
+        bs = self.block_size
+        return self.tables.table[rows, positions // bs] * bs + positions % bs
+
+    def _logit_rows(self, new_seqs: list[NewSeq], starts: list[int], query_lens: list[int],
+                    num_decode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that need logits (each sequence's last token; every prompt token of a
+        sequence asking prompt logprobs) and each sequence's sampling row among them."""
+        dev = self.device
+        last = [start + n - 1 for start, n in zip(starts, query_lens)]
+        if not any(s.sampling.prompt_logprobs for s in new_seqs):
+            return torch.tensor(last, device=dev), torch.arange(len(last), device=dev)
+        logit_rows, sample_rows = [], []
+        for i, (start, n) in enumerate(zip(starts, query_lens)):
+            if i < len(new_seqs) and new_seqs[i].sampling.prompt_logprobs:
+                logit_rows.extend(range(start, start + n))
+            else:
+                logit_rows.append(start + n - 1)
+            sample_rows.append(len(logit_rows) - 1)
+        return torch.tensor(logit_rows, device=dev), torch.tensor(sample_rows, device=dev)

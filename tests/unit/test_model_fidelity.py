@@ -1,0 +1,204 @@
+"""Greedy tokens of ModelRunner == transformers' generate(do_sample=False), same weights.
+
+Tiny random models of each family (2 layers, hidden 64, GQA, vocab 256), made decisive
+with a large initializer_range so that logits are never near ties; then the same check on
+the real default model when LORAXD_TEST_MODEL_DIR names its converted directory.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from loraxd.protocol.worker import NewSeq, SamplingParams, SeqOutput, Step  # noqa: E402
+from loraxd.worker.runner import ModelRunner  # noqa: E402
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.5)
+
+FAMILIES = {
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama-untied-llama3-rope": ("LlamaConfig", dict(
+        tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-linear-rope-bias": ("LlamaConfig", dict(
+        tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral-sliding-window": ("MistralConfig", dict(sliding_window=7, head_dim=16)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "qwen2-tied-mha": ("Qwen2Config", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+}
+
+
+def build_tiny_model(family: str, out_dir: Path):
+    """Save a tiny random model of `family` to out_dir; return the HF model (eval, fp32)."""
+    config_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**TINY, **extra})
+    torch.manual_seed(1234)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases start at zero; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+class Driver:
+    """Plays the scheduler: a trivial block allocator (shuffled, so pages are scattered)
+    and the Step messages of continuous batching."""
+
+    def __init__(self, runner: ModelRunner, seed: int = 0):
+        self.runner = runner
+        self.block_size = runner.block_size
+        self.free = list(range(runner.num_blocks))
+        random.Random(seed).shuffle(self.free)
+        self.tables: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+        self.step_id = 0
+
+    def _take(self, n: int) -> list[int]:
+        return [self.free.pop() for _ in range(n)]
+
+    def step(self, new: list[tuple[int, list[int], SamplingParams, int]] = (),
+             decode: list[int] = (), finished: list[int] = (), lora=None) -> list[SeqOutput]:
+        for req_id in finished:
+            self.free.extend(self.tables.pop(req_id))
+            del self.lens[req_id]
+        new_seqs = []
+        for req_id, prompt, sampling, slot in new:
+            blocks = self._take(math.ceil(len(prompt) / self.block_size))
+            self.tables[req_id], self.lens[req_id] = blocks, len(prompt)
+            new_seqs.append(NewSeq(req_id, list(prompt), blocks, sampling, slot))
+        new_blocks = {}
+        for req_id in decode:
+            self.lens[req_id] += 1
+            missing = math.ceil(self.lens[req_id] / self.block_size) - len(self.tables[req_id])
+            if missing > 0:
+                new_blocks[req_id] = self._take(missing)
+                self.tables[req_id] += new_blocks[req_id]
+        step = Step(self.step_id, new_seqs=new_seqs, decode_ids=list(decode),
+                    new_blocks=new_blocks, finished_ids=list(finished))
+        self.step_id += 1
+        return self.runner.execute(step, lora=lora)
+
+    def run(self, requests: list[tuple[int, list[int], int, int]],
+            sampling: SamplingParams = SamplingParams(), lora=None, slots=None
+            ) -> dict[int, list[SeqOutput]]:
+        """requests: (req_id, prompt, join_step, max_new_tokens); returns outputs per req."""
+        slots = slots or {}
+        outputs: dict[int, list[SeqOutput]] = {r[0]: [] for r in requests}
+        budget = {r[0]: r[3] for r in requests}
+        pending = list(requests)
+        running: list[int] = []
+        finished: list[int] = []
+        t = 0
+        while pending or running or finished:
+            joining = [(r[0], r[1], sampling, slots.get(r[0], -1)) for r in pending
+                       if r[2] == t]
+            pending = [r for r in pending if r[2] != t]
+            outs = self.step(joining, running, finished, lora=lora)
+            finished, running = [], []
+            for out in outs:
+                outputs[out.req_id].append(out)
+                done = len(outputs[out.req_id]) >= budget[out.req_id]
+                (finished if done else running).append(out.req_id)
+            t += 1
+        return outputs
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny(request, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp(request.param)
+    model = build_tiny_model(request.param, out_dir)
+    runner = ModelRunner(str(out_dir), block_size=4, max_batch_total_tokens=1024,
+                         num_threads=2)
+    return model, runner
+
+
+def test_single_sequence_matches_transformers(tiny):
+    model, runner = tiny
+    prompt = [5, 9, 33, 100, 7, 8, 41, 250, 17]
+    expected = hf_greedy(model, prompt, 14)
+    outputs = Driver(runner).run([(1, prompt, 0, 14)])[1]
+    assert [o.token_id for o in outputs] == expected
+    assert all(o.logprob <= 0.0 for o in outputs)
+
+
+def test_continuous_batch_matches_transformers(tiny):
+    """8 prompts of different lengths join at different steps: prefills share steps with
+    other sequences' decodes, and sequences finish and free their pages mid-run."""
+    model, runner = tiny
+    rng = random.Random(7)
+    lengths = [3, 17, 9, 1, 12, 25, 6, 14]
+    joins = [0, 0, 1, 3, 3, 4, 6, 9]
+    budgets = [10, 6, 12, 8, 9, 5, 11, 7]
+    requests = [(100 + i, [rng.randrange(256) for _ in range(n)], join, budget)
+                for i, (n, join, budget) in enumerate(zip(lengths, joins, budgets))]
+    got = Driver(runner, seed=3).run(requests)
+    for req_id, prompt, _, budget in requests:
+        assert [o.token_id for o in got[req_id]] == hf_greedy(model, prompt, budget), req_id
+    assert not runner.seqs  # every sequence was freed
+
+
+def test_logprobs_match_transformers(tiny):
+    model, runner = tiny
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    sampling = SamplingParams(prompt_logprobs=True, num_alternatives=3)
+    out = Driver(runner).run([(7, prompt, 0, 1)], sampling=sampling)[7][0]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    expected_prompt = logprobs[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert out.prompt_logprobs == pytest.approx(expected_prompt.tolist(), abs=1e-4)
+    top = torch.topk(logprobs[-1], 3)
+    assert out.top_ids == top.indices.tolist()
+    assert out.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert out.token_id == out.top_ids[0]
+    assert out.logprob == pytest.approx(out.top_logprobs[0], abs=1e-6)
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a binary search does.",
+    "Give me three tips for sleeping better.",
+    "What is 17 times 23?",
+    "Translate 'good morning' into Spanish.",
+    "Name the planets of the solar system.",
+    "Why is the sky blue?",
+]
+
+
+@pytest.mark.skipif(not os.environ.get("LORAXD_TEST_MODEL_DIR")
+                    or not Path(os.environ["LORAXD_TEST_MODEL_DIR"], "config.json").is_file(),
+                    reason="LORAXD_TEST_MODEL_DIR does not name a converted model directory")
+def test_default_model_matches_transformers():
+    model_dir = os.environ["LORAXD_TEST_MODEL_DIR"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True)
+               for text in CHAT_PROMPTS]
+    runner = ModelRunner(model_dir)
+    got = Driver(runner).run([(i, p, 0, 24) for i, p in enumerate(prompts)])
+    del runner
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    for i, prompt in enumerate(prompts):
+        assert [o.token_id for o in got[i]] == hf_greedy(model, prompt, 24), CHAT_PROMPTS[i]
