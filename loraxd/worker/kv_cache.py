@@ -19,14 +19,22 @@ class PagedKVCache:
         # zeros, not empty: padded reads of unused slots must never see NaN garbage
         self.data = torch.zeros(num_layers, num_blocks * block_size, 2, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
+        # reused by every layer's gather: a fresh 1-2 MB tensor per layer would cost page
+        # faults (glibc maps large blocks anew) that take longer than the copy itself
+        self._gather_buf = torch.zeros(0, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
 
     def write(self, layer_idx: int, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """kv [num_tokens, 2, kv_heads, head_dim] into the slots of slot_mapping [num_tokens]."""
         self.data[layer_idx].index_copy_(0, slot_mapping, kv)
 
     def gather(self, layer_idx: int, slots: torch.Tensor) -> torch.Tensor:
-        """[len(slots), 2, kv_heads, head_dim], the K/V of the given flat slots."""
-        return self.data[layer_idx].index_select(0, slots)
+        """[len(slots), 2, kv_heads, head_dim], the K/V of the given flat slots. The result
+        is a shared buffer, valid until the next gather."""
+        n = slots.shape[0]
+        if n > self._gather_buf.shape[0]:
+            shape = (max(n, 2 * self._gather_buf.shape[0]),) + self._gather_buf.shape[1:]
+            self._gather_buf = self._gather_buf.new_zeros(shape)
+        return torch.index_select(self.data[layer_idx], 0, slots, out=self._gather_buf[:n])
 
 
 class BlockTables:

@@ -65,6 +65,28 @@ class ModelRunner:
                                      device=self.device)
         self.tables = BlockTables(self.device)
         self.seqs: dict[int, SeqState] = {}
+        self.lora_pool = None  # see attach_lora
+
+    # -- LoRA: the slot pool lives in loraxd.worker.lora; the runner only hands it each
+    # step's token slots and puts what it returns into the step context ----------------
+
+    def attach_lora(self, pool) -> None:
+        """`pool.step_context(token_slots) -> LoraStep | None` is then called for every step
+        whose sequences use an adapter (unless execute gets an explicit `lora`)."""
+        self.lora_pool = pool
+
+    def enable_lora(self, num_slots: int, max_rank: int = 64) -> None:
+        from loraxd.worker.lora import LoraSlotPool
+        self.attach_lora(LoraSlotPool(num_slots, self.module_shapes, self.num_layers,
+                                      max_rank=max_rank, dtype=self.dtype, device=self.device))
+
+    def load_adapter(self, slot: int, path: str) -> None:
+        """Load the PEFT adapter in directory `path` into slot `slot` of the attached pool."""
+        if self.lora_pool is None:
+            raise RuntimeError("LoRA is not enabled on this worker (no slot pool)")
+        from loraxd.worker.lora import load_peft_adapter
+        adapter = load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype)
+        self.lora_pool.load(slot, adapter)
 
     def ready_info(self) -> dict:
         return {
@@ -81,8 +103,7 @@ class ModelRunner:
     # -- a step -------------------------------------------------------------------------
 
     def execute(self, step: Step, lora=None) -> list[SeqOutput]:
-        for req_id in step.finished_ids:
-            self._free(req_id)
+        self.forget(step.finished_ids)
         for req_id, block_ids in step.new_blocks.items():
             self.tables.append(self.seqs[req_id].row, block_ids)
         new = [self._admit(seq) for seq in step.new_seqs]
@@ -100,7 +121,9 @@ class ModelRunner:
     def _run(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
              lora) -> list[SeqOutput]:
         ctx = self._context(new_seqs, new, decode, lora)
-        if ctx.lora is not None and hasattr(ctx.lora, "prepare"):
+        if ctx.lora is None and self.lora_pool is not None and max(ctx.seq_slots) >= 0:
+            ctx.lora = self.lora_pool.step_context(ctx.token_slots)
+        elif ctx.lora is not None and hasattr(ctx.lora, "prepare"):
             ctx.lora.prepare(ctx)
         hidden, residual = self.model.forward(ctx, self.kv_cache)
         logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)
@@ -116,6 +139,11 @@ class ModelRunner:
             outputs.append(SeqOutput(state.req_id, token, result.logprobs[i], result.top_ids[i],
                                      result.top_logprobs[i], prompt_lps.get(i)))
         return outputs
+
+    def forget(self, req_ids) -> None:
+        """Drop the state of these sequences (finished, or failed); unknown ids are ignored."""
+        for req_id in req_ids:
+            self._free(req_id)
 
     def _admit(self, seq: NewSeq) -> SeqState:
         if not seq.prompt_ids:

@@ -1,0 +1,174 @@
+"""ModelRunner: what it tells the scheduler, the LoRA seam, state across steps, bf16."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from loraxd.protocol.worker import NewSeq, Ready, SamplingParams, Step  # noqa: E402
+from loraxd.worker.runner import ModelRunner, UnsupportedModel  # noqa: E402
+from tests.unit.test_model_fidelity import Driver, build_tiny_model, hf_greedy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("llama")
+    model = build_tiny_model("llama-untied-llama3-rope", out_dir)
+    runner = ModelRunner(str(out_dir), block_size=4, max_batch_total_tokens=512, num_threads=2)
+    return model, runner, out_dir
+
+
+def test_ready_info_has_the_ready_fields(llama):
+    _, runner, _ = llama
+    info = runner.ready_info()
+    assert set(info) == set(Ready.__struct_fields__) - {"rank"}
+    Ready(rank=0, **info)  # the types fit
+    assert info["num_blocks"] >= 512 // 4 and info["block_size"] == 4
+    assert info["vocab_size"] == 256 and info["architecture"] == "LlamaForCausalLM"
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+
+
+def test_module_shapes_for_lora_validation(llama):
+    _, runner, _ = llama
+    assert runner.num_layers == 2
+    assert runner.module_shapes == {
+        "q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+        "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModel) as err:
+        ModelRunner(str(tmp_path))
+    assert str(err.value) == ("architecture GPT2LMHeadModel is not supported; supported: "
+                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+
+
+def test_model_type_fallback_and_eos_list(llama, tmp_path):
+    _, _, model_dir = llama
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("architectures")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    (tmp_path / "model.safetensors").symlink_to(model_dir / "model.safetensors")
+    runner = ModelRunner(str(tmp_path), max_batch_total_tokens=64, num_threads=2)
+    assert runner.ready_info()["architecture"] == "LlamaForCausalLM"
+    assert runner.ready_info()["eos_token_ids"] == [2, 7]
+
+
+class DenseLora:
+    """A stand-in for the LoRA code: one adapter (slot 0), a random low-rank delta on every
+    group of every layer, applied to the tokens of slot 0 only (from ctx.token_slots)."""
+
+    def __init__(self, runner: ModelRunner, rank: int = 4, scale: float = 0.3):
+        g = torch.Generator().manual_seed(11)
+        shapes = runner.module_shapes
+        widths = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                  "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+        self.deltas = {}  # (layer, group) -> [out, in]
+        for layer in range(runner.num_layers):
+            for group, names in widths.items():
+                fan_in = shapes[names[0]][0]
+                out = sum(shapes[n][1] for n in names)
+                a = torch.randn(rank, fan_in, generator=g) * scale
+                b = torch.randn(out, rank, generator=g) * scale
+                self.deltas[layer, group] = b @ a
+        self.prepared = []
+        self.mask = None
+
+    def prepare(self, ctx):
+        self.prepared.append(ctx.token_slots.tolist())
+        self.mask = ctx.token_slots == 0
+
+    def apply(self, layer_idx, group, x, y):
+        y[self.mask] += x[self.mask] @ self.deltas[layer_idx, group].T
+
+    def merged_into(self, model):
+        merged = copy.deepcopy(model)
+        names = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+                 "down": ("mlp.down_proj",)}
+        params = dict(merged.named_parameters())
+        with torch.no_grad():
+            for (layer, group), delta in self.deltas.items():
+                row = 0
+                for name in names[group]:
+                    weight = params[f"model.layers.{layer}.{name}.weight"]
+                    weight += delta[row:row + weight.shape[0]]
+                    row += weight.shape[0]
+        return merged
+
+
+def test_lora_seam_equals_merged_weights(llama):
+    """Each group's hook gets the linear's input and its [q|k|v] / [gate|up] output: a delta
+    added there gives the tokens of the model with the delta merged into its weights, and
+    only for the sequences using the adapter."""
+    model, runner, _ = llama
+    lora = DenseLora(runner)
+    prompts = {1: [5, 9, 33, 100, 7], 2: [8, 1, 200, 45], 3: [17, 17, 3]}
+    got = Driver(runner).run([(1, prompts[1], 0, 8), (2, prompts[2], 0, 8),
+                              (3, prompts[3], 2, 6)], lora=lora, slots={1: 0, 3: 0})
+    merged = lora.merged_into(model)
+    with_adapter = hf_greedy(merged, prompts[1], 8)
+    assert [o.token_id for o in got[1]] == with_adapter
+    assert with_adapter != hf_greedy(model, prompts[1], 8)  # the delta does change tokens
+    assert [o.token_id for o in got[3]] == hf_greedy(merged, prompts[3], 6)
+    assert [o.token_id for o in got[2]] == hf_greedy(model, prompts[2], 8)
+    assert lora.prepared[0] == [0] * 5 + [-1] * 4  # token_slots of the first step
+    assert lora.prepared[1] == [0, -1]  # decode steps remember each sequence's slot
+
+
+def test_ctx_lora_is_none_without_adapters(llama):
+    _, runner, _ = llama
+
+    class Exploding:
+        def prepare(self, ctx):
+            raise AssertionError("prepare called for a base-only step")
+
+        def apply(self, *args):
+            raise AssertionError("apply called for a base-only step")
+
+    Driver(runner).run([(1, [1, 2, 3], 0, 3)], lora=Exploding())
+
+
+def test_seeded_sampling_same_tokens_alone_or_in_a_batch(llama):
+    _, runner, _ = llama
+    sampling = SamplingParams(do_sample=True, temperature=1.3, top_p=0.95, seed=1234)
+    prompt = [4, 4, 90, 12, 6]
+    alone = Driver(runner).run([(1, prompt, 0, 12)], sampling=sampling)[1]
+    batch = Driver(runner, seed=5).run([(9, [7, 7, 7, 7, 7, 7, 7], 0, 12), (1, prompt, 1, 12),
+                                        (4, [1], 2, 5)], sampling=sampling)[1]
+    assert [o.token_id for o in alone] == [o.token_id for o in batch]
+
+
+def test_failed_step_leaves_no_state(llama):
+    _, runner, _ = llama
+    bad = NewSeq(77, [1, 2, 3], [0], SamplingParams())  # a block id, then a bad decode id
+    with pytest.raises(KeyError):
+        runner.execute(Step(0, new_seqs=[bad], decode_ids=[12345]))
+    assert 77 not in runner.seqs
+    runner.execute(Step(1, new_seqs=[bad]))  # the same request can be retried
+    runner.execute(Step(2, finished_ids=[77]))
+    assert not runner.seqs
+
+
+def test_empty_step_and_unknown_finished_ids(llama):
+    _, runner, _ = llama
+    assert runner.execute(Step(0, finished_ids=[424242])) == []
+
+
+def test_bfloat16_runs(llama):
+    model, _, model_dir = llama
+    runner = ModelRunner(str(model_dir), dtype="bfloat16", block_size=4,
+                         max_batch_total_tokens=128, num_threads=2)
+    assert runner.ready_info()["dtype"] == "bfloat16"
+    prompt = [5, 9, 33, 100, 7, 8, 41]
+    out = Driver(runner).run([(1, prompt, 0, 6), (2, prompt[:3], 1, 4)])
+    expected = hf_greedy(model, prompt, 6)
+    tokens = [o.token_id for o in out[1]]
+    assert all(0 <= t < 256 for t in tokens) and all(o.logprob <= 0 for o in out[1])
+    assert tokens[0] == expected[0]  # a decisive model: bf16 agrees at least at first
