@@ -20,6 +20,7 @@ import uvloop
 from aiohttp import web
 
 from loraxd import __version__
+from loraxd.adapters.sources import AdapterSources
 from loraxd.config import load_or_exit
 from loraxd.daemon.model_files import ModelNotFound, resolve_model
 from loraxd.daemon.notify import sd_notify
@@ -77,7 +78,11 @@ async def serve(config, model_dir: Path) -> None:
     tokenizer = Tokenizer(model_dir)
     sd_notify("STATUS=starting workers")
     ready = await supervisor.start()
-    engine = AsyncEngine(config, tokenizer, workers, ready, recover=supervisor.restart)
+    sources = AdapterSources(local_adapter_dirs=config.adapters.local_adapter_dirs,
+                             cache_dir=config.paths.cache_dir,
+                             hub_cache=config.model.huggingface_hub_cache)
+    engine = AsyncEngine(config, tokenizer, workers, ready, recover=supervisor.restart,
+                         sources=sources)
     engine.start()
     runner = web.AppRunner(make_app(engine, config), handler_cancellation=True,
                            access_log=None)

@@ -43,6 +43,7 @@ class Supervisor:
             "max_batch_total_tokens": c.scheduler.max_batch_total_tokens,
             "num_threads": c.worker.num_threads,
             "max_active_adapters": c.adapters.max_active_adapters,
+            "adapter_memory_bytes": c.adapters.adapter_memory_bytes,
             "log_level": logging.getLevelName(logging.getLogger().level),
         })
 

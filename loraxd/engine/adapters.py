@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -43,7 +43,7 @@ class AdapterEntry:
     loaded_at: float = 0.0
     last_used: float = 0.0
     pinned: bool = False
-    waiters: int = field(default=0)  # requests seen waiting for it, for metrics
+    fetched: asyncio.Future | None = None  # resolves once the files are on disk
 
 
 class AdapterManager:
@@ -102,8 +102,14 @@ class AdapterManager:
     def preload(self, ref: AdapterRef) -> None:
         self._start_fetch(ref).pinned = True
 
+    async def ensure_fetched(self, ref: AdapterRef) -> None:
+        """Wait until the adapter's files are on disk; raises the fetch's error."""
+        entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
+        await asyncio.shield(entry.fetched)
+
     def _start_fetch(self, ref: AdapterRef) -> AdapterEntry:
         entry = AdapterEntry(adapter_key(ref), ref)
+        entry.fetched = asyncio.get_running_loop().create_future()
         self.entries[entry.key] = entry
         self._spawn(self._fetch_then_queue(entry))
         return entry
@@ -112,8 +118,11 @@ class AdapterManager:
         try:
             entry.path = await self._fetch(entry.ref)
         except Exception as exc:  # noqa: BLE001 - reported to every request for it
+            entry.fetched.set_exception(exc)
+            entry.fetched.exception()  # retrieved: waiters may all be gone
             self._failed(entry, str(exc))
             return
+        entry.fetched.set_result(None)
         entry.status = FETCHED
         self.pending[entry.key] = None
         self._assign_slots()

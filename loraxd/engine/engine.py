@@ -63,6 +63,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._step_result: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
+        self._step_id = -1
         self._lost: WorkerLost | None = None
         self._handlers = {StepResult: self._on_step_result, StepFailed: self._on_step_result,
                           AdapterLoaded: self._on_adapter_loaded}
@@ -169,14 +170,16 @@ class AsyncEngine:
     # -- adapters ----------------------------------------------------------------------------
 
     async def _authorize(self, ref: AdapterRef) -> None:
+        """Fetch first (the fetch learns whether the adapter is private), then check this
+        request's token: every request, not only the one that triggered the download."""
         if self.sources is None:
             raise AdapterError(f"adapter {ref.adapter_id!r}: this server serves no adapters")
-        from loraxd.adapters.sources import AdapterFetchError
         try:
+            await self.adapters.ensure_fetched(ref)
             await asyncio.to_thread(self.sources.authorize, ref.source, ref.adapter_id,
                                     ref.api_token)
-        except AdapterFetchError as exc:
-            raise AdapterError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - every fetch/authorize failure is a 424
+            raise AdapterError(f"Request failed during generation: {exc}") from exc
 
     async def _fetch_adapter(self, ref: AdapterRef):
         if self.sources is None:
@@ -215,6 +218,7 @@ class AsyncEngine:
                 await self._wake.wait()
                 continue
             self._step_result = asyncio.get_running_loop().create_future()
+            self._step_id = plan.step.step_id
             try:
                 await self.workers.broadcast(plan.step)
                 result = await self._step_result
@@ -259,7 +263,7 @@ class AsyncEngine:
 
     def _on_step_result(self, msg: StepResult | StepFailed) -> None:
         future = self._step_result
-        if future is not None and not future.done():
+        if future is not None and not future.done() and msg.step_id == self._step_id:
             future.set_result(msg)
 
     async def _on_worker_lost(self, exc: WorkerLost) -> asyncio.Task:

@@ -19,9 +19,10 @@ import traceback
 
 import zmq
 
+from loraxd.worker.adapter_loader import AdapterLoader
 from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
-from loraxd.protocol.worker import (AdapterLoaded, Hello, LoadAdapter, Ready, Shutdown, Step,
-                                    StepFailed, StepResult, WorkerError)
+from loraxd.protocol.worker import (Hello, LoadAdapter, Ready, Shutdown, Step, StepFailed,
+                                    StepResult, WorkerError)
 
 log = logging.getLogger("loraxd.worker")
 
@@ -47,31 +48,42 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Worker:
-    def __init__(self, runner, sock: zmq.Socket, rank: int):
+    def __init__(self, runner, sock: zmq.Socket, rank: int, adapters: AdapterLoader):
         self.runner = runner
         self.sock = sock
         self.rank = rank
+        self.adapters = adapters
         self.handlers = {Step: self.on_step, LoadAdapter: self.on_load_adapter}
 
     def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.adapters.fileno(), zmq.POLLIN)
         while True:
-            frame = self.sock.recv(copy=False)
+            events = dict(poller.poll())
+            if self.adapters.fileno() in events:
+                for reply in self.adapters.install_ready():
+                    self._send(reply)
+            if self.sock not in events:
+                continue
             try:
-                msg = decode_to_worker(frame.bytes)
+                msg = decode_to_worker(self.sock.recv(copy=False).bytes)
             except DecodeError as exc:
                 log.error("dropping an undecodable frame: %s", exc)
                 continue
             if isinstance(msg, Shutdown):
                 return
-            reply = self.handlers[type(msg)](msg)
-            if reply is not None:
-                self.sock.send(encode(reply), copy=False)
+            self._send(self.handlers[type(msg)](msg))
+
+    def _send(self, reply) -> None:
+        if reply is not None and (self.rank == 0 or not isinstance(reply, StepResult)):
+            self.sock.send(encode(reply), copy=False)
 
     def on_step(self, step: Step):
         start = time.perf_counter()
         if not step.new_seqs and not step.decode_ids:  # only forgets finished sequences
             self.runner.forget(step.finished_ids)
-            return StepResult(step.step_id, [], 0.0) if self.rank == 0 else None
+            return StepResult(step.step_id, [], 0.0)
         try:
             outputs = self.runner.execute(step)
         except Exception as exc:  # noqa: BLE001 - a bad step fails its requests, not the worker
@@ -79,16 +91,10 @@ class Worker:
             ids = [s.req_id for s in step.new_seqs] + list(step.decode_ids)
             self.runner.forget(ids)
             return StepFailed(step.step_id, ids, f"{type(exc).__name__}: {exc}")
-        if self.rank != 0:
-            return None
         return StepResult(step.step_id, outputs, time.perf_counter() - start)
 
-    def on_load_adapter(self, msg: LoadAdapter):
-        try:
-            self.runner.load_adapter(msg.slot, msg.path)
-        except Exception as exc:  # noqa: BLE001 - reported to the requests that wanted it
-            return AdapterLoaded(msg.slot, msg.adapter_key, f"{type(exc).__name__}: {exc}")
-        return AdapterLoaded(msg.slot, msg.adapter_key, None)
+    def on_load_adapter(self, msg: LoadAdapter) -> None:
+        self.adapters.submit(msg)  # answered by AdapterLoaded once installed
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -123,8 +129,14 @@ def worker_main(argv: list[str] | None = None) -> int:
             log.debug("%s", traceback.format_exc())
             sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}")))
             return 1
+        runner.enable_lora(options.get("max_active_adapters", 32),
+                           max_rank=options.get("max_adapter_rank", 64))
+        adapters = AdapterLoader(runner, options.get("adapter_memory_bytes", 2 << 30))
         sock.send(encode(Ready(rank=args.rank, **runner.ready_info())))
-        Worker(runner, sock, args.rank).serve()
+        try:
+            Worker(runner, sock, args.rank, adapters).serve()
+        finally:
+            adapters.close()
         return 0
     finally:
         sock.close()
