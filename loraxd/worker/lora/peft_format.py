@@ -1,0 +1,339 @@
+"""Load a LoRA adapter saved by PEFT (adapter_config.json + adapter_model.safetensors).
+
+The result is a `LoraAdapter`: per (layer, module) an `A [r, in]` and a `B [out, r]` with the
+scale (lora_alpha / r, or / sqrt(r) with rsLoRA) already folded into B, so the hot path never
+scales. Anything loraxd cannot apply exactly as PEFT would is refused with
+`AdapterIncompatible(reason)`, a one-line reason naming the key, module or shape at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+
+# Where each LoRA-capable module sits in a Llama-family decoder layer (HF names).
+MODULE_PARENTS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+_EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
+_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
+
+# Config fields whose non-default value changes what the adapter computes in a way we don't do.
+_REFUSED_FIELDS = {
+    "use_dora": "DoRA (use_dora) is not supported",
+    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
+    "lora_bias": "LoRA bias (lora_bias) is not supported",
+    "target_parameters": "target_parameters is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "trainable_token_indices": "trainable_token_indices (embedding update) is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "use_qalora": "QA-LoRA (use_qalora) is not supported",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+}
+
+
+class AdapterIncompatible(Exception):
+    """The adapter can't be served by loraxd; `reason` says why in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One adapter's weights, scale folded into B. Keys are (layer_idx, HF module name)."""
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # A [r, in], B [out, r]
+    ranks: dict[tuple[int, str], int]
+    num_bytes: int
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values())
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        return frozenset(module for _, module in self.weights)
+
+
+def load_peft_adapter(
+    path: str,
+    module_shapes: dict[str, tuple[int, int]],
+    num_layers: int,
+    dtype: torch.dtype = torch.float32,
+) -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory; `module_shapes`: module name -> (in, out)."""
+    config = _read_config(path)
+    _check_config(config)
+    tensors = _read_tensors(path)
+    pairs = _group_keys(tensors, module_shapes, num_layers, config)
+    targeted = _targeted_modules(config, pairs, module_shapes, num_layers)
+    for full_name in pairs:
+        if full_name not in targeted:
+            raise AdapterIncompatible(
+                f"weights for {full_name} but adapter_config.json's target_modules "
+                f"does not target it")
+    weights, ranks, num_bytes = {}, {}, 0
+    for full_name, (layer_idx, module) in targeted.items():
+        ab = pairs.get(full_name, {})
+        for part in ("A", "B"):
+            if part not in ab:
+                raise AdapterIncompatible(
+                    f"missing lora_{part} weight for targeted module {full_name}")
+        a, b = _check_shapes(full_name, ab["A"], ab["B"], module_shapes[module], config)
+        r, scale = _rank_and_scale(config, full_name)
+        if a.shape[0] != r:
+            raise AdapterIncompatible(
+                f"{full_name}: lora_A has rank {a.shape[0]} but adapter_config.json says r={r}")
+        a = a.to(torch.float32).to(dtype).contiguous()
+        b = (b.to(torch.float32) * scale).to(dtype).contiguous()
+        weights[(layer_idx, module)] = (a, b)
+        ranks[(layer_idx, module)] = r
+        num_bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+    if not weights:
+        raise AdapterIncompatible("adapter targets no module of this model")
+    return LoraAdapter(weights=weights, ranks=ranks, num_bytes=num_bytes)
+
+
+def _read_config(path: str) -> dict:
+    config_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise AdapterIncompatible(f"{config_path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterIncompatible(f"{config_path}: unreadable: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterIncompatible(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _check_config(config: dict) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterIncompatible(f"peft_type {peft_type!r} is not supported (only LORA)")
+    for field, reason in _REFUSED_FIELDS.items():
+        if config.get(field):
+            raise AdapterIncompatible(f"{reason} ({field}={config[field]!r})")
+    if config.get("bias", "none") != "none":
+        raise AdapterIncompatible(f"bias={config['bias']!r} is not supported (only 'none')")
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterIncompatible(f"adapter_config.json: r={r!r} is not a positive integer")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterIncompatible(f"adapter_config.json: lora_alpha={alpha!r} is not a number")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise AdapterIncompatible(f"adapter_config.json: {field} must be an object")
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    st_path, bin_path = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
+    try:
+        if os.path.exists(st_path):
+            from safetensors.torch import load_file
+
+            tensors = load_file(st_path, device="cpu")
+        elif os.path.exists(bin_path):
+            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        else:
+            raise AdapterIncompatible(f"neither {SAFETENSORS_FILE} nor {BIN_FILE} in {path}")
+    except AdapterIncompatible:
+        raise
+    except Exception as e:  # safetensors / unpickler raise many types on a bad file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterIncompatible(f"adapter weights in {path} unreadable: {first_line}") from None
+    if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise AdapterIncompatible(f"adapter weights in {path}: not a name -> tensor mapping")
+    return tensors
+
+
+def _layer_index(full_name: str, config: dict) -> int | None:
+    """The first numbered segment (after `layers_pattern` when given), as PEFT finds it."""
+    patterns = config.get("layers_pattern") or None
+    if patterns is None:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", full_name) or re.match(
+            r"^[^.]*\.(?P<idx>\d+)\.", full_name)
+        return int(match["idx"]) if match else None
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", full_name)
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def _group_keys(tensors, module_shapes, num_layers, config) -> dict[str, dict[str, torch.Tensor]]:
+    """full module name -> {"A": tensor, "B": tensor}; refuses keys we can't place."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    adapter_names: set[str] = set()
+    for key, tensor in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise AdapterIncompatible(f"DoRA weights ({key}) are not supported")
+        if "lora_embedding_" in key or any(f".{m}." in f".{key}" for m in _EMBEDDING_MODULES):
+            raise AdapterIncompatible(f"embedding / lm_head weights ({key}) are not supported")
+        match = _KEY_RE.match(key)
+        if match is None:
+            raise AdapterIncompatible(f"unexpected key {key} in adapter weights")
+        adapter_names.add(match["name"] or "")
+        full_name = match["module"].removeprefix(_PREFIX)
+        module = full_name.rsplit(".", 1)[-1]
+        if module not in module_shapes:
+            raise AdapterIncompatible(
+                f"key {key}: module {module!r} is not a LoRA target loraxd supports "
+                f"({', '.join(sorted(module_shapes))})")
+        layer_idx = _layer_index(full_name, config)
+        if layer_idx is None:
+            raise AdapterIncompatible(f"key {key}: no layer index in the module name")
+        if layer_idx >= num_layers:
+            raise AdapterIncompatible(
+                f"key {key}: layer {layer_idx} but the model has {num_layers} layers")
+        if tensor.dim() != 2:
+            raise AdapterIncompatible(
+                f"key {key}: expected a 2-d tensor, got shape {tuple(tensor.shape)}")
+        pairs.setdefault(full_name, {})[match["ab"]] = tensor
+    if len(adapter_names) > 1:
+        raise AdapterIncompatible(
+            f"weights of several adapters in one file: {sorted(adapter_names)}")
+    if not pairs:
+        raise AdapterIncompatible("adapter weights file holds no lora_A/lora_B weights")
+    return pairs
+
+
+def _candidate_names(pairs, module_shapes, num_layers, config) -> dict[str, tuple[int, str]]:
+    """Every module of the model a config could target, named as in this adapter's file."""
+    templates: dict[str, str] = {}  # module -> name with "{}" for the layer index
+    prefix = None
+    for full_name in pairs:
+        layer_idx = _layer_index(full_name, config)
+        match = re.search(rf"(?:^|\.){layer_idx}\.", full_name)
+        head, tail = full_name[:match.start()], full_name[match.end():]
+        sep = "." if match.group().startswith(".") else ""
+        templates[full_name.rsplit(".", 1)[-1]] = f"{head}{sep}{{}}.{tail}"
+        prefix = prefix or f"{head}{sep}"
+    names = {}
+    for module in module_shapes:
+        parent = MODULE_PARENTS.get(module, "")
+        template = templates.get(module) or f"{prefix}{{}}.{parent}.{module}"
+        for layer_idx in range(num_layers):
+            names[template.format(layer_idx)] = (layer_idx, module)
+    return names
+
+
+def _matches(config: dict, target, full_name: str, layer_idx: int) -> bool:
+    """PEFT's check_target_module_exists, exclusions aside: a regex is matched against the full
+    name and ignores layers_to_transform; a list entry matches the full name or a suffix."""
+    if isinstance(target, str):
+        return re.fullmatch(target, full_name) is not None
+    if full_name in target:
+        return True
+    if not any(full_name.endswith(f".{t}") for t in target):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    return layer_idx == layers if isinstance(layers, int) else layer_idx in layers
+
+
+def _excluded(config: dict, full_name: str) -> bool:
+    exclude = config.get("exclude_modules")
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, full_name) is not None
+    return full_name in exclude or any(full_name.endswith(f".{e}") for e in exclude)
+
+
+def _targeted_modules(config, pairs, module_shapes, num_layers) -> dict[str, tuple[int, str]]:
+    """full name -> (layer, module) for every module the config targets."""
+    candidates = _candidate_names(pairs, module_shapes, num_layers, config)
+    target = config.get("target_modules")
+    if target is None:  # PEFT filled in defaults when training; the weights say which
+        return {name: candidates.get(name) or _place(name, config) for name in pairs}
+    if isinstance(target, str) and target.lower() == "all-linear":
+        target = list(module_shapes)
+    if not isinstance(target, (str, list)):
+        raise AdapterIncompatible(f"target_modules={target!r}: expected a list or a regex string")
+    if isinstance(target, str):
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise AdapterIncompatible(f"target_modules regex {target!r} is invalid: {e}") from None
+    _check_targets_known(target, candidates, module_shapes)
+    return {
+        name: place for name, place in candidates.items()
+        if _matches(config, target, name, place[0]) and not _excluded(config, name)
+    }
+
+
+def _place(full_name: str, config: dict) -> tuple[int, str]:
+    return _layer_index(full_name, config), full_name.rsplit(".", 1)[-1]
+
+
+def _check_targets_known(target, candidates, module_shapes) -> None:
+    prefixes = {name.split(".layers.")[0] for name in candidates if ".layers." in name} or {"model"}
+    embeddings = [*_EMBEDDING_MODULES, *(f"{p}.{m}" for p in prefixes for m in _EMBEDDING_MODULES)]
+    if isinstance(target, str):
+        hit = [name for name in embeddings if re.fullmatch(target, name)]
+        if hit:
+            raise AdapterIncompatible(
+                f"target_modules regex {target!r} targets {hit[0]}, not supported")
+        if not any(re.fullmatch(target, name) for name in candidates):
+            raise AdapterIncompatible(
+                f"target_modules regex {target!r} matches no module loraxd supports")
+        return
+    for entry in target:
+        if not isinstance(entry, str):
+            raise AdapterIncompatible(f"target_modules entry {entry!r} is not a string")
+        if entry.rsplit(".", 1)[-1] in _EMBEDDING_MODULES:
+            raise AdapterIncompatible(
+                f"target module {entry!r} (embedding / lm_head) is not supported")
+        if not any(name == entry or name.endswith(f".{entry}") for name in candidates):
+            raise AdapterIncompatible(
+                f"target module {entry!r} is not one loraxd supports "
+                f"({', '.join(sorted(module_shapes))})")
+
+
+def _check_shapes(full_name, a, b, shape, config) -> tuple[torch.Tensor, torch.Tensor]:
+    in_features, out_features = shape
+    if config.get("fan_in_fan_out") and a.shape[1] != in_features and a.shape[0] == in_features:
+        a, b = a.t(), b.t()  # stored transposed ([in, r], [r, out])
+    if a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+        raise AdapterIncompatible(
+            f"{full_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} don't fit a "
+            f"{in_features} -> {out_features} linear (adapter made for another model?)")
+    return a, b
+
+
+def _pattern_value(patterns: dict, full_name: str, default):
+    """PEFT's get_pattern_key: the first key that matches a suffix of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", full_name):
+            return patterns[key]
+    return default
+
+
+def _rank_and_scale(config: dict, full_name: str) -> tuple[int, float]:
+    r = _pattern_value(config.get("rank_pattern") or {}, full_name, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, full_name,
+                           config.get("lora_alpha", 8))
+    if not isinstance(r, int) or r <= 0:
+        raise AdapterIncompatible(f"{full_name}: rank {r!r} is not a positive integer")
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, scale

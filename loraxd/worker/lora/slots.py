@@ -1,0 +1,142 @@
+"""Device slots for LoRA adapters: a fixed pool of `num_slots`, allocated once.
+
+Layout per (layer, group), chosen for the op (see ops.py):
+  a[slot]              [in * cap]      A's of the group's modules stacked and transposed,
+                                       `[in, r_tot]` row-major at the start of the slot
+  b[module][slot rows] [max_rank, out] `B^T [r, out]` in the first r rows of the slot
+Each adapter keeps its own ranks (no padding is ever read), so memory is fixed by num_slots and
+max_rank while the bytes a step reads are those of the adapters it uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraxd.worker.lora.ops import (
+    GroupStore, LoraOp, LoraStepContext, LoraStorage, SlotViews, TorchLoraOp,
+    group_specs,
+)
+from loraxd.worker.lora.peft_format import AdapterIncompatible, LoraAdapter
+
+
+class LoraSlotPool:
+    def __init__(
+        self,
+        num_slots: int,
+        module_shapes: dict[str, tuple[int, int]],
+        num_layers: int,
+        max_rank: int = 64,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        op: LoraOp | None = None,
+    ) -> None:
+        if num_slots <= 0 or max_rank <= 0 or num_layers <= 0:
+            raise ValueError("num_slots, max_rank and num_layers must be positive")
+        self.num_slots, self.num_layers, self.max_rank = num_slots, num_layers, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self.op: LoraOp = op or TorchLoraOp()
+        specs = group_specs(module_shapes)
+        # Nothing reads past an adapter's own ranks, so on the CPU the rest is left untouched
+        # (never-written pages cost no memory); elsewhere it is zeroed for future kernels.
+        self._zero_tails = self.device.type != "cpu"
+        alloc = torch.zeros if self._zero_tails else torch.empty
+        stores = []
+        for _ in range(num_layers):
+            layer = {}
+            for name, spec in specs.items():
+                cap = len(spec.modules) * max_rank
+                a = alloc(num_slots, spec.in_features * cap, dtype=dtype, device=self.device)
+                b = tuple(alloc(num_slots * max_rank, out, dtype=dtype, device=self.device)
+                          for out in spec.outs)
+                layer[name] = GroupStore(a, b, [None] * num_slots)
+            stores.append(layer)
+        ranks = [{name: self._no_ranks(spec) for name, spec in specs.items()}
+                 for _ in range(num_slots)]
+        self.storage = LoraStorage(specs, stores, ranks, max_rank, self.device)
+        self._adapters: list[LoraAdapter | None] = [None] * num_slots
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes the pool reserves (fixed at construction; on the CPU only the pages of loaded
+        adapters' ranks are ever touched)."""
+        return sum(t.numel() * t.element_size()
+                   for layer in self.storage.stores for store in layer.values()
+                   for t in (store.a, *store.b))
+
+    def adapter(self, slot: int) -> LoraAdapter | None:
+        return self._adapters[slot]
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy `adapter` into `slot`, replacing what was there."""
+        self._check_slot(slot)
+        self._check_fits(adapter)
+        self.unload(slot)
+        for name, spec in self.storage.specs.items():
+            per_layer = []
+            for layer_idx in range(self.num_layers):
+                store = self.storage.stores[layer_idx][name]
+                pairs = [adapter.weights.get((layer_idx, m)) for m in spec.modules]
+                store.views[slot] = self._write_group(store, spec, slot, pairs)
+                per_layer.append(tuple(0 if p is None else p[0].shape[0] for p in pairs))
+            self.storage.set_ranks(slot, name, tuple(per_layer))
+        self._adapters[slot] = adapter
+
+    def unload(self, slot: int) -> None:
+        self._check_slot(slot)
+        for name, spec in self.storage.specs.items():
+            self.storage.set_ranks(slot, name, self._no_ranks(spec))
+            for layer in self.storage.stores:
+                layer[name].views[slot] = None
+        self._adapters[slot] = None
+
+    def step_context(self, token_slots: torch.Tensor) -> LoraStepContext | None:
+        """Per-step LoRA for `token_slots` [num_tokens] (-1: base model); None if all are -1."""
+        return self.op.step(self.storage, token_slots)
+
+    def _write_group(self, store: GroupStore, spec, slot: int, pairs) -> SlotViews | None:
+        a_slot = store.a[slot]  # [in * cap]
+        rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
+        if self._zero_tails:
+            a_slot.zero_()
+            for b in store.b:
+                b[rows].zero_()
+        present = [(j, a, b) for j, pair in enumerate(pairs) if pair is not None for a, b in [pair]]
+        if not present:
+            return None
+        r_tot = sum(a.shape[0] for _, a, _ in present)
+        at = a_slot[: spec.in_features * r_tot].view(spec.in_features, r_tot)
+        at.copy_(torch.cat([a for _, a, _ in present]).t())
+        expands, h0 = [], 0
+        for j, a, b in present:
+            r = a.shape[0]
+            bt = store.b[j][rows][:r]  # [r, out]
+            bt.copy_(b.t())
+            c0 = spec.col_starts[j]
+            expands.append((c0, c0 + spec.outs[j], h0, h0 + r, bt))
+            h0 += r
+        return SlotViews(at, tuple(expands))
+
+    def _no_ranks(self, spec) -> tuple[tuple[int, ...], ...]:
+        return ((0,) * len(spec.modules),) * self.num_layers
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    def _check_fits(self, adapter: LoraAdapter) -> None:
+        specs = self.storage.specs
+        for (layer_idx, module), (a, b) in adapter.weights.items():
+            if layer_idx >= self.num_layers:
+                raise AdapterIncompatible(f"layer {layer_idx} >= num_layers {self.num_layers}")
+            spec = next((s for s in specs.values() if module in s.modules), None)
+            if spec is None:
+                raise AdapterIncompatible(f"module {module!r} is not LoRA-capable here")
+            out = spec.outs[spec.modules.index(module)]
+            r = a.shape[0]
+            if r > self.max_rank:
+                raise AdapterIncompatible(
+                    f"layer {layer_idx} {module}: rank {r} > pool max_rank {self.max_rank}")
+            if tuple(a.shape) != (r, spec.in_features) or tuple(b.shape) != (out, r):
+                raise AdapterIncompatible(
+                    f"layer {layer_idx} {module}: A {tuple(a.shape)} / B {tuple(b.shape)} "
+                    f"don't fit {spec.in_features} -> {out}")
