@@ -106,9 +106,11 @@ class ModelRunner:
         self.forget(step.finished_ids)
         for req_id, block_ids in step.new_blocks.items():
             self.tables.append(self.seqs[req_id].row, block_ids)
-        new = [self._admit(seq) for seq in step.new_seqs]
+        new: list[SeqState] = []
         try:
-            decode = [self.seqs[req_id] for req_id in step.decode_ids]
+            for seq in step.new_seqs:
+                new.append(self._admit(seq))
+            decode = [self._decoding(req_id) for req_id in step.decode_ids]
             if not new and not decode:
                 return []
             with torch.inference_mode():
@@ -148,11 +150,23 @@ class ModelRunner:
     def _admit(self, seq: NewSeq) -> SeqState:
         if not seq.prompt_ids:
             raise ValueError(f"request {seq.req_id}: empty prompt")
+        if len(seq.block_ids) * self.block_size < len(seq.prompt_ids):
+            raise ValueError(f"request {seq.req_id}: {len(seq.block_ids)} blocks cannot hold "
+                             f"a prompt of {len(seq.prompt_ids)} tokens")
         self._free(seq.req_id)
         sampling = SeqSampling(seq.sampling, list(seq.prompt_ids), len(seq.prompt_ids))
         state = SeqState(seq.req_id, self.tables.add(seq.block_ids), 0, -1,
                          seq.adapter_slot, sampling)
         self.seqs[seq.req_id] = state
+        return state
+
+    def _decoding(self, req_id: int) -> SeqState:
+        state = self.seqs.get(req_id)
+        if state is None or state.num_cached == 0:
+            raise KeyError(f"request {req_id} is not running here (decode before prefill)")
+        if self.tables.lengths[state.row] * self.block_size <= state.num_cached:
+            raise ValueError(f"request {req_id}: its {self.tables.lengths[state.row]} blocks "
+                             f"have no room for token {state.num_cached + 1}")
         return state
 
     def _free(self, req_id: int) -> None:

@@ -172,3 +172,17 @@ def test_bfloat16_runs(llama):
     tokens = [o.token_id for o in out[1]]
     assert all(0 <= t < 256 for t in tokens) and all(o.logprob <= 0 for o in out[1])
     assert tokens[0] == expected[0]  # a decisive model: bf16 agrees at least at first
+
+
+def test_too_few_blocks_is_an_error_not_a_corruption(llama):
+    _, runner, _ = llama
+    good = NewSeq(5, [1, 2, 3, 4], [3], SamplingParams())
+    short = NewSeq(6, [1, 2, 3, 4, 5], [4], SamplingParams())  # 5 tokens, one 4-slot block
+    with pytest.raises(ValueError, match="cannot hold"):
+        runner.execute(Step(0, new_seqs=[good, short]))
+    assert not runner.seqs
+    runner.execute(Step(1, new_seqs=[good]))
+    with pytest.raises(ValueError, match="no room"):  # token 5 needs a second block
+        runner.execute(Step(2, decode_ids=[5]))
+    runner.forget([5])
+    assert not runner.seqs

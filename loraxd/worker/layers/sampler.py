@@ -140,7 +140,7 @@ def _draw(scores: torch.Tensor, seqs: list[SeqSampling], sampled: list[int],
         warped = top_p_filter(warped, [p.top_p for p in params])
     if any(p.typical_p < 1.0 for p in params):
         warped = typical_filter(warped, [p.typical_p for p in params])
-    probs = warped.softmax(-1)
+    probs = warped.softmax(-1).cpu()  # the generators are CPU ones, on every device
     draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator)
              for j, i in enumerate(sampled)]
     tokens[sampled] = torch.cat(draws).to(tokens.device)
