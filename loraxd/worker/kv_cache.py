@@ -5,7 +5,7 @@ One preallocated tensor holds every layer's pages: `[num_layers, num_blocks * bl
 `block_id * block_size + offset`. The fused qkv output already lays out a token's K and V
 that way (`qkv[:, q_size:]` viewed as `[num_tokens, 2, kv_heads, head_dim]`), so a layer
 writes its step's K/V with one `index_copy_` and reads a decode batch's pages with one
-`index_select`.
+`index_select` over whole pages.
 """
 from __future__ import annotations
 
@@ -21,20 +21,25 @@ class PagedKVCache:
                                 dtype=dtype, device=device)
         # reused by every layer's gather: a fresh 1-2 MB tensor per layer would cost page
         # faults (glibc maps large blocks anew) that take longer than the copy itself
-        self._gather_buf = torch.zeros(0, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self._gather_buf = torch.zeros(0, block_size, 2, num_kv_heads, head_dim, dtype=dtype,
+                                       device=device)
 
     def write(self, layer_idx: int, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """kv [num_tokens, 2, kv_heads, head_dim] into the slots of slot_mapping [num_tokens]."""
         self.data[layer_idx].index_copy_(0, slot_mapping, kv)
 
-    def gather(self, layer_idx: int, slots: torch.Tensor) -> torch.Tensor:
-        """[len(slots), 2, kv_heads, head_dim], the K/V of the given flat slots. The result
-        is a shared buffer, valid until the next gather."""
-        n = slots.shape[0]
+    def gather_blocks(self, layer_idx: int, block_ids: torch.Tensor) -> torch.Tensor:
+        """[len(block_ids) * block_size, 2, kv_heads, head_dim]: the K/V of whole pages, in
+        order. Copies one contiguous page per index (faster than a row per token). The
+        result is a shared buffer, valid until the next gather."""
+        n = block_ids.shape[0]
         if n > self._gather_buf.shape[0]:
             shape = (max(n, 2 * self._gather_buf.shape[0]),) + self._gather_buf.shape[1:]
             self._gather_buf = self._gather_buf.new_zeros(shape)
-        return torch.index_select(self.data[layer_idx], 0, slots, out=self._gather_buf[:n])
+        pages = self.data[layer_idx].view(self.num_blocks, -1)  # [num_blocks, page numel]
+        out = self._gather_buf[:n].view(n, -1)
+        torch.index_select(pages, 0, block_ids, out=out)
+        return self._gather_buf[:n].view(n * self.block_size, *self.data.shape[2:])
 
 
 class BlockTables:

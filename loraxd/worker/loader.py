@@ -37,7 +37,7 @@ def eos_token_ids(model_dir: str | Path, config: dict) -> list[int]:
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
-    """The weight files: the sharded index's files, else model.safetensors, else all *.safetensors."""
+    """The weight files: the sharded index's, else model.safetensors, else every *.safetensors."""
     root = Path(model_dir)
     index = root / INDEX_NAME
     if index.is_file():

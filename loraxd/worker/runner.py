@@ -32,6 +32,14 @@ class SeqState:
     sampling: SeqSampling
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -45,7 +53,7 @@ class ModelRunner:
                  max_batch_total_tokens: int = 32768, block_size: int = 16,
                  num_threads: int = 0):
         if torch.device(device).type == "cpu":
-            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
         self.model_dir = model_dir
@@ -214,13 +222,13 @@ class ModelRunner:
         seq_slots = [s.adapter_slot for s in states]
         token_slots = torch.tensor(seq_slots, device=dev)[seq_of_token]
 
-        decode_slots = decode_lens = None
+        decode_blocks = decode_lens = None
         decode_max_len = 0
         if decode:
-            decode_max_len = max(seq_lens[len(new):])
+            max_blocks = -(-max(seq_lens[len(new):]) // self.block_size)
+            decode_max_len = max_blocks * self.block_size
             decode_lens = torch.tensor(seq_lens[len(new):], device=dev)
-            cols = torch.arange(decode_max_len, device=dev)
-            decode_slots = self._slots(rows[len(new):, None], cols[None, :]).flatten()
+            decode_blocks = self.tables.table[rows[len(new):], :max_blocks].flatten()
 
         logits_idx, sample_idx = self._logit_rows(new_seqs, starts, query_lens, len(decode))
         return StepContext(
@@ -228,7 +236,7 @@ class ModelRunner:
             slot_mapping=slot_mapping, token_slots=token_slots,
             req_ids=[s.req_id for s in states], seq_slots=seq_slots, query_lens=query_lens,
             seq_lens=seq_lens, num_prefill_seqs=len(new), num_prefill_tokens=num_prefill_tokens,
-            prefill_starts=starts[:len(new)], decode_slots=decode_slots, decode_lens=decode_lens,
+            prefill_starts=starts[:len(new)], decode_blocks=decode_blocks, decode_lens=decode_lens,
             decode_max_len=decode_max_len, logits_idx=logits_idx, sample_idx=sample_idx,
             dtype=self.dtype, lora=lora if any(s >= 0 for s in seq_slots) else None)
 

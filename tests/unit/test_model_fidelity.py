@@ -7,7 +7,6 @@ the real default model when LORAXD_TEST_MODEL_DIR names its converted directory.
 from __future__ import annotations
 
 import math
-import os
 import random
 from pathlib import Path
 
@@ -186,11 +185,9 @@ CHAT_PROMPTS = [
 ]
 
 
-@pytest.mark.skipif(not os.environ.get("LORAXD_TEST_MODEL_DIR")
-                    or not Path(os.environ["LORAXD_TEST_MODEL_DIR"], "config.json").is_file(),
-                    reason="LORAXD_TEST_MODEL_DIR does not name a converted model directory")
-def test_default_model_matches_transformers():
-    model_dir = os.environ["LORAXD_TEST_MODEL_DIR"]
+def test_default_model_matches_transformers(default_model_dir):
+    """Skipped unless LORAXD_TEST_MODEL_DIR names the converted default model (conftest)."""
+    model_dir = str(default_model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                              add_generation_prompt=True)

@@ -186,3 +186,13 @@ def test_too_few_blocks_is_an_error_not_a_corruption(llama):
         runner.execute(Step(2, decode_ids=[5]))
     runner.forget([5])
     assert not runner.seqs
+
+
+def test_sharded_checkpoint_loads(llama, tmp_path):
+    model, runner, _ = llama
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    sharded = ModelRunner(str(tmp_path), block_size=4, max_batch_total_tokens=64, num_threads=2)
+    prompt = [9, 8, 7, 6]
+    assert ([o.token_id for o in Driver(sharded).run([(1, prompt, 0, 5)])[1]]
+            == [o.token_id for o in Driver(runner).run([(1, prompt, 0, 5)])[1]])

@@ -49,9 +49,9 @@ class StepContext:
     num_prefill_tokens: int
     prefill_starts: list[int]  # first row of each prefill sequence
     # decode sequences (rows num_prefill_tokens..)
-    decode_slots: torch.Tensor | None  # [num_decode * decode_max_len] cache slots, padded
+    decode_blocks: torch.Tensor | None  # [num_decode * max_blocks] each one's pages, padded
     decode_lens: torch.Tensor | None  # [num_decode] context lengths incl. this step's token
-    decode_max_len: int
+    decode_max_len: int  # max_blocks * block_size
     # which final hidden rows get logits, and each sequence's sampling row among them
     logits_idx: torch.Tensor  # [num_logit_rows]
     sample_idx: torch.Tensor  # [num_seqs]
@@ -147,7 +147,7 @@ class PagedAttention:
                 ) -> torch.Tensor:
         num_decode, max_len, d = ctx.num_decode, ctx.decode_max_len, self.head_dim
         q = qkv[ctx.num_prefill_tokens:, :self.q_size]
-        pages = kv_cache.gather(self.layer_idx, ctx.decode_slots)
+        pages = kv_cache.gather_blocks(self.layer_idx, ctx.decode_blocks)
         pages = pages.view(num_decode, max_len, 2, self.num_kv_heads, d)
         k = pages[:, :, 0].transpose(1, 2)  # [B, kv_heads, max_len, d]
         v = pages[:, :, 1].transpose(1, 2)

@@ -65,7 +65,7 @@ def no_all_reduce(y: torch.Tensor) -> torch.Tensor:
 
 
 class _LoraSite:
-    """Where a LoRA-capable linear sits: its layer index and group ("qkv", "o", "gate_up", "down")."""
+    """Where a LoRA-capable linear sits: layer index and group ("qkv", "o", "gate_up", "down")."""
 
     def __init__(self, layer_idx: int | None, group: str | None):
         self.layer_idx = layer_idx
