@@ -42,11 +42,11 @@ def random_adapter(shapes, num_layers, rank, modules=None, seed=0) -> LoraAdapte
 class GatherBmm:
     """Alternative: every token gathers its adapter's A and B (`A[idx]`), two bmm's."""
 
-    def __init__(self, adapters, slots, shapes, num_layers):
-        self.shapes, self.idx = shapes, torch.tensor(slots)
-        self.a = {(l, m): torch.stack([ad.weights[(l, m)][0] for ad in adapters])
+    def __init__(self, pool_adapters, token_slots, shapes, num_layers):
+        self.idx = torch.tensor(token_slots)
+        self.a = {(l, m): torch.stack([ad.weights[(l, m)][0] for ad in pool_adapters])
                   for l in range(num_layers) for m in shapes}
-        self.b = {(l, m): torch.stack([ad.weights[(l, m)][1] for ad in adapters])
+        self.b = {(l, m): torch.stack([ad.weights[(l, m)][1] for ad in pool_adapters])
                   for l in range(num_layers) for m in shapes}
 
     def apply(self, layer_idx, group, x, y):
@@ -59,30 +59,38 @@ class GatherBmm:
 
 
 class StackedMask:
-    """Alternative: all slots' A's stacked [slots * r, in]: one GEMM, a mask, a GEMM per module."""
+    """Alternative: every slot's A stacked [slots * r, in]: one GEMM, a mask keeping each
+    token's own slot, a GEMM per module; optionally with weights prepacked for oneDNN."""
 
-    def __init__(self, adapters, slots, shapes, num_layers):
-        self.shapes, n, r = shapes, len(adapters), adapters[0].max_rank
-        self.a, self.b = {}, {}
+    def __init__(self, pool_adapters, token_slots, shapes, num_layers, prepack=False):
+        n, r = len(pool_adapters), pool_adapters[0].max_rank
+        self.a, self.b, self.width = {}, {}, n * r
+        pack = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, len(token_slots))) \
+            if prepack else (lambda w: w)
+        self.linear = self._onednn if prepack else torch.nn.functional.linear
         for l in range(num_layers):
             for g, ms in GROUP_MODULES.items():
-                self.a[(l, g)] = torch.cat([torch.cat([ad.weights[(l, m)][0] for ad in adapters])
-                                            for m in ms])  # module-major [k * n * r, in]
-                self.b[(l, g)] = [torch.cat([ad.weights[(l, m)][1] for ad in adapters], 1)
-                                  for m in ms]  # [out, n * r]
-        one = torch.zeros(len(slots), n * r)
-        for t, s in enumerate(slots):
+                weights = [[ad.weights[(l, m)] for ad in pool_adapters] for m in ms]
+                self.a[(l, g)] = pack(torch.cat([a for w in weights for a, _ in w]))
+                self.b[(l, g)] = [pack(torch.cat([b for _, b in w], 1))  # [out, n * r]
+                                  for w in weights]
+        one = torch.zeros(len(token_slots), n * r)
+        for t, s in enumerate(token_slots):
             one[t, s * r:(s + 1) * r] = 1
         self.mask = {g: one.repeat(1, len(ms)) for g, ms in GROUP_MODULES.items()}
-        self.width = n * r
+
+    @staticmethod
+    def _onednn(x, packed):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
     def apply(self, layer_idx, group, x, y):
-        h = x @ self.a[(layer_idx, group)].T
+        h = self.linear(x, self.a[(layer_idx, group)])
         h.mul_(self.mask[group])
         col = 0
         for j, b in enumerate(self.b[(layer_idx, group)]):
-            y[:, col:col + b.shape[0]].addmm_(h[:, j * self.width:(j + 1) * self.width], b.T)
-            col += b.shape[0]
+            d = self.linear(h[:, j * self.width:(j + 1) * self.width].contiguous(), b)
+            y[:, col:col + d.shape[1]].add_(d)
+            col += d.shape[1]
 
 
 def time_steps(ctxs, shapes, num_layers, num_tokens, steps):
@@ -115,37 +123,67 @@ class BaseLinears:
 
 
 def run_cases(model, num_slots, steps, rank=16, report=print):
+    """A pool of `num_slots` slots, each holding one of 8 adapters (slot s: adapter s % 8)."""
     shapes, num_layers = module_shapes(**model), model["num_layers"]
     adapters = [random_adapter(shapes, num_layers, rank, seed=s) for s in range(8)]
-    pools = {name: LoraSlotPool(num_slots, shapes, num_layers, op=op) for name, op in [
-        ("chosen: TorchLoraOp() (bags if >= 3 adapters of < 8 tokens)", TorchLoraOp()),
-        ("embedding-bag for every adapter", TorchLoraOp(1 << 30, min_bag_adapters=1)),
-        ("loop over distinct adapters (GEMM pair per module)", TorchLoraOp(gemm_min_tokens=1)),
-    ]}
-    spread = [s * (num_slots // 8) for s in range(8)]  # the 8 adapters' slots in the pool
-    for pool in pools.values():
-        for slot, ad in zip(spread, adapters):
-            pool.load(slot, ad)
+    pool = LoraSlotPool(num_slots, shapes, num_layers)
+    pool_adapters = [adapters[s % 8] for s in range(num_slots)]
+    for slot, adapter in enumerate(pool_adapters):
+        pool.load(slot, adapter)
+    spread = [i + 8 * (i % (num_slots // 8)) for i in range(8)]  # adapter i's slot in the step
+    ops = {"chosen: TorchLoraOp() (bags if >= 3 adapters of < 8 tokens)": {},
+           "embedding-bag for every adapter": dict(gemm_min_tokens=1 << 30, min_bag_adapters=1),
+           "loop over distinct adapters (GEMM pair per module)": dict(gemm_min_tokens=1)}
     cases = {"8 decode tokens, 8 different adapters": list(range(8)),
              "8 decode tokens, one adapter": [3] * 8,
              "prefill 8 x 30 tokens, 8 adapters": [s for s in range(8) for _ in range(30)]}
     for case, which in cases.items():
-        token_slots = torch.tensor([spread[w] for w in which])
+        token_slots = [spread[w] for w in which]
         ctxs = {"base linears alone (F.linear), for scale": BaseLinears(shapes, num_layers)}
         notes = {}
-        for name, pool in pools.items():
-            pool.step_context(token_slots)  # warm-up; the second call below is not cached
-            pool.op._cache = None
+        for name, kwargs in ops.items():
+            TorchLoraOp(**kwargs).step(pool.storage, torch.tensor(token_slots))  # warm-up
             t0 = time.perf_counter()
-            ctxs[name] = pool.step_context(token_slots)
+            ctxs[name] = TorchLoraOp(**kwargs).step(pool.storage, torch.tensor(token_slots))
             notes[name] = f"  (step_context {(time.perf_counter() - t0) * 1e3:.2f} ms)"
-        if num_slots == 8 and len(which) <= 8:
-            used = [adapters[w] for w in range(8)]
-            ctxs["stacked all slots + mask"] = StackedMask(used, which, shapes, num_layers)
-            ctxs["gather each token's A, B + bmm"] = GatherBmm(used, which, shapes, num_layers)
+        if len(which) <= 8:
+            for name, alt, kwargs in [("stacked all slots + mask", StackedMask, {}),
+                                      ("  the same, oneDNN-prepacked", StackedMask, {"prepack": 1}),
+                                      ("gather each token's A, B + bmm", GatherBmm, {})]:
+                ctxs[name] = alt(pool_adapters, token_slots, shapes, num_layers, **kwargs)
         report(f"-- {case} (pool of {num_slots} slots, {torch.get_num_threads()} threads)")
         for name, ms in time_steps(ctxs, shapes, num_layers, len(which), steps).items():
             report(f"{name:64s} {ms:7.1f} ms{notes.get(name, '')}")
+        del ctxs
+    del pool
+    mixed_ranks(shapes, num_layers, steps, report)
+
+
+def padded(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    """The same adapter with zero rows / columns up to `rank`."""
+    weights = {key: (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
+                     torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1))
+               for key, (a, b) in adapter.weights.items()}
+    return LoraAdapter(weights, {key: rank for key in weights}, adapter.num_bytes)
+
+
+def mixed_ranks(shapes, num_layers, steps, report):
+    """8 decode tokens on 8 adapters of ranks 4 .. 64 and different target modules: each at
+    its own rank (what the pool does) against all padded to rank 64 in the same pool."""
+    ranks = [4, 8, 16, 16, 32, 64, 8, 16]
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    adapters = [random_adapter(shapes, num_layers, r, modules=None if i % 2 else attention, seed=i)
+                for i, r in enumerate(ranks)]
+    ctxs = {}
+    for name, ads in [("own ranks (chosen)", adapters),
+                      ("padded to rank 64", [padded(ad, 64) for ad in adapters])]:
+        pool = LoraSlotPool(8, shapes, num_layers)
+        for slot, ad in enumerate(ads):
+            pool.load(slot, ad)
+        ctxs[name] = pool.step_context(torch.arange(8))
+    report(f"-- 8 decode tokens, 8 adapters of ranks {ranks}, every other one on attention only")
+    for name, ms in time_steps(ctxs, shapes, num_layers, 8, steps).items():
+        report(f"{name:64s} {ms:7.1f} ms")
 
 
 def test_bench_runs_on_a_tiny_model():

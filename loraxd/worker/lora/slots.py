@@ -20,6 +20,10 @@ from loraxd.worker.lora.peft_format import AdapterIncompatible, LoraAdapter
 
 
 class LoraSlotPool:
+    """`num_slots` adapters on the device; `step_context(token_slots)` is what the model's
+    linears call (`ctx.apply(layer_idx, group, x, y)`), through `op` (TorchLoraOp by default).
+    load / unload happen between steps, never while a step context is in use."""
+
     def __init__(
         self,
         num_slots: int,
