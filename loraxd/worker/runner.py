@@ -88,13 +88,19 @@ class ModelRunner:
         self.attach_lora(LoraSlotPool(num_slots, self.module_shapes, self.num_layers,
                                       max_rank=max_rank, dtype=self.dtype, device=self.device))
 
-    def load_adapter(self, slot: int, path: str) -> None:
-        """Load the PEFT adapter in directory `path` into slot `slot` of the attached pool."""
+    def read_adapter(self, path: str):
+        """Read and check a PEFT adapter (thread-safe; no slot is touched)."""
+        from loraxd.worker.lora import load_peft_adapter
+        return load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype)
+
+    def install_adapter(self, slot: int, adapter) -> None:
+        """Put a read adapter into slot `slot`; only between steps."""
         if self.lora_pool is None:
             raise RuntimeError("LoRA is not enabled on this worker (no slot pool)")
-        from loraxd.worker.lora import load_peft_adapter
-        adapter = load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype)
         self.lora_pool.load(slot, adapter)
+
+    def load_adapter(self, slot: int, path: str) -> None:
+        self.install_adapter(slot, self.read_adapter(path))
 
     def ready_info(self) -> dict:
         return {
