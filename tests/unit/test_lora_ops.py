@@ -89,12 +89,13 @@ def check_step(pool, choice, atol=1e-5):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("choice", [
     [0],
+    [4] * 10,
     [-1, 2, 2, -1],
     [0, 1, 2, 3, 4, -1, 0, 3],        # every adapter, different ranks and targets
     [3] * 9 + [4] * 9 + [-1] * 3,     # contiguous runs (prefill-like)
     [1, 3, 1, 3, 1, 3, 1, 3, 1, 3],   # interleaved: non-contiguous tokens per adapter
     [2, -1, 2, 0, 2, 4, 2, 1, 2, 2, 2, 2, 2, 2, 2, 3],  # one many-token adapter + a few
-], ids=["one", "gaps", "all", "runs", "interleaved", "mixed"])
+], ids=["one", "same", "gaps", "all", "runs", "interleaved", "mixed"])
 def test_apply_matches_dense_reference(op, choice):
     check_step(make_pool(**OPS[op]), choice)
 

@@ -81,8 +81,9 @@ class SlotViews:
     """One slot's weights in one (layer, group), as views for the GEMM path."""
 
     at: torch.Tensor  # [in, r_tot]: A's of the group's modules stacked, transposed
-    # per targeted module: (col0, col1, h0, h1, B^T [r, out]): y[:, col0:col1] += h[:, h0:h1] @ B^T
-    expands: tuple[tuple[int, int, int, int, torch.Tensor], ...]
+    # per targeted module (cols, h_cols, B^T [r, out]): y[:, cols] += h[:, h_cols] @ B^T,
+    # a None slice meaning all columns
+    expands: tuple[tuple[slice | None, slice | None, torch.Tensor], ...]
 
 
 @dataclass
@@ -169,6 +170,7 @@ class _Segment:
     start: int
     end: int
     idx: torch.Tensor | None = None
+    whole: bool = False  # the step's every token
 
 
 @dataclass
@@ -213,17 +215,21 @@ def _apply_bags(layout: _BagLayout, store: GroupStore, spec: GroupSpec, x, y) ->
 
 
 def _apply_gemm(seg: _Segment, views: SlotViews, x, y) -> None:
-    if seg.idx is None:
-        h = x[seg.start:seg.end] @ views.at  # [n, r_tot]
-        ys = y[seg.start:seg.end]
-        for c0, c1, h0, h1, bt in views.expands:
-            ys[:, c0:c1].addmm_(h[:, h0:h1], bt)
-        return
-    h = x.index_select(0, seg.idx) @ views.at
-    d = torch.zeros(h.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-    for c0, c1, h0, h1, bt in views.expands:
-        d[:, c0:c1].addmm_(h[:, h0:h1], bt)
-    y.index_add_(0, seg.idx, d)
+    if seg.idx is not None:
+        h = x.index_select(0, seg.idx) @ views.at
+        d = torch.zeros(h.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+        _expand(views, h, d)
+        y.index_add_(0, seg.idx, d)
+    elif seg.whole:
+        _expand(views, x @ views.at, y)
+    else:
+        _expand(views, x[seg.start:seg.end] @ views.at, y[seg.start:seg.end])
+
+
+def _expand(views: SlotViews, h, y) -> None:
+    """y[:, cols] += h[:, h_cols] @ B^T for each of the slot's modules."""
+    for cols, h_cols, bt in views.expands:
+        (y if cols is None else y[:, cols]).addmm_(h if h_cols is None else h[:, h_cols], bt)
 
 
 class TorchLoraOp:
@@ -265,7 +271,8 @@ class TorchLoraOp:
             if slot in bag_slots:
                 continue
             if pos[-1] - pos[0] + 1 == len(pos):
-                ctx.segments.append(_Segment(slot, pos[0], pos[-1] + 1))
+                whole = len(pos) == len(slots)
+                ctx.segments.append(_Segment(slot, pos[0], pos[-1] + 1, whole=whole))
             else:
                 idx = torch.tensor(pos, dtype=torch.long, device=storage.device)
                 ctx.segments.append(_Segment(slot, 0, 0, idx))

@@ -116,7 +116,8 @@ class LoraSlotPool:
             bt = store.b[j][rows][:r]  # [r, out]
             bt.copy_(b.t())
             c0 = spec.col_starts[j]
-            expands.append((c0, c0 + spec.outs[j], h0, h0 + r, bt))
+            cols = None if spec.outs[j] == spec.out_features else slice(c0, c0 + spec.outs[j])
+            expands.append((cols, None if r == r_tot else slice(h0, h0 + r), bt))
             h0 += r
         return SlotViews(at, tuple(expands))
 
