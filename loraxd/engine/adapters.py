@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from loraxd.engine.request import AdapterRef
+from loraxd.engine.request import AdapterRef, MergedAdapters
 from loraxd.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -28,16 +28,24 @@ log = logging.getLogger(__name__)
 FETCHING, FETCHED, LOADING, LOADED = "fetching", "fetched", "loading", "loaded"
 
 
-def adapter_key(ref: AdapterRef) -> str:
-    return f"{ref.source}:{ref.adapter_id}"
+AdapterSpec = AdapterRef | MergedAdapters
+
+
+def adapter_key(spec: AdapterSpec) -> str:
+    """Identity of what sits in a slot: (source, id), or the whole merge recipe."""
+    if isinstance(spec, MergedAdapters):
+        parts = ",".join(f"{i}*{w!r}" for i, w in zip(spec.ids, spec.weights))
+        return (f"merge:{spec.source}:{spec.merge_strategy}:{spec.density!r}:"
+                f"{spec.majority_sign_method}:{parts}")
+    return f"{spec.source}:{spec.adapter_id}"
 
 
 @dataclass(eq=False)
 class AdapterEntry:
     key: str
-    ref: AdapterRef
+    ref: AdapterSpec
     status: str = FETCHING
-    path: Path | None = None
+    path: Path | list[Path] | None = None  # a list for a merge
     slot: int = -1
     num_running: int = 0
     loaded_at: float = 0.0
@@ -48,8 +56,8 @@ class AdapterEntry:
 
 class AdapterManager:
     def __init__(self, *, num_slots: int, cycle_time_s: float,
-                 fetch: Callable[[AdapterRef], Awaitable[Path]],
-                 load: Callable[[int, str, str], Awaitable[None]],
+                 fetch: Callable[[AdapterSpec], Awaitable[Path | list[Path]]],
+                 load: Callable[[int, AdapterEntry], Awaitable[None]],
                  on_failed: Callable[[str, str], None], wake: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic):
         self.num_slots = num_slots
@@ -67,7 +75,7 @@ class AdapterManager:
     # -- the scheduler's side ----------------------------------------------------------------
 
     def acquire(self, seq: Sequence) -> int | None:
-        ref = seq.request.adapter
+        ref = seq.request.adapter_spec
         if ref is None:
             return -1
         entry = self.entries.get(adapter_key(ref))
@@ -84,7 +92,7 @@ class AdapterManager:
         return entry.slot
 
     def release(self, seq: Sequence) -> None:
-        ref = seq.request.adapter
+        ref = seq.request.adapter_spec
         entry = self.entries.get(adapter_key(ref)) if ref is not None else None
         if entry is None or entry.status != LOADED:
             return
@@ -99,15 +107,15 @@ class AdapterManager:
 
     # -- moving adapters ---------------------------------------------------------------------
 
-    def preload(self, ref: AdapterRef) -> None:
+    def preload(self, ref: AdapterSpec) -> None:
         self._start_fetch(ref).pinned = True
 
-    async def ensure_fetched(self, ref: AdapterRef) -> None:
+    async def ensure_fetched(self, ref: AdapterSpec) -> None:
         """Wait until the adapter's files are on disk; raises the fetch's error."""
         entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
         await asyncio.shield(entry.fetched)
 
-    def _start_fetch(self, ref: AdapterRef) -> AdapterEntry:
+    def _start_fetch(self, ref: AdapterSpec) -> AdapterEntry:
         entry = AdapterEntry(adapter_key(ref), ref)
         entry.fetched = asyncio.get_running_loop().create_future()
         self.entries[entry.key] = entry
@@ -152,7 +160,7 @@ class AdapterManager:
             entry = self.entries[key]
             entry.status, entry.slot = LOADING, slot
             self.slots[slot] = key
-            self._spawn(self._load(slot, key, str(entry.path)))
+            self._spawn(self._load(slot, entry))
 
     def on_loaded(self, slot: int, key: str, error: str | None) -> None:
         entry = self.entries.get(key)

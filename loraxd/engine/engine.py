@@ -17,12 +17,13 @@ from loraxd.engine.adapters import AdapterManager, adapter_key
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
 from loraxd.engine.request import (AdapterError, AdapterRef, EngineError, FinishEvent,
-                                   GenerationRequest, TokenEvent, Unavailable)
+                                   GenerationRequest, MergedAdapters, TokenEvent, Unavailable)
 from loraxd.engine.scheduler import Scheduler, SchedulerLimits
 from loraxd.engine.sequence import Sequence
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
-from loraxd.protocol.worker import AdapterLoaded, LoadAdapter, Ready, StepFailed, StepResult
+from loraxd.protocol.worker import (AdapterLoaded, AdapterMerge, LoadAdapter, Ready, StepFailed,
+                                    StepResult)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ class AsyncEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         if not self._serving:
             raise Unavailable("no healthy worker")
-        if req.adapter is not None:
-            await self._authorize(req.adapter)
+        if req.adapter_spec is not None:
+            await self._authorize(req.adapter_spec)
         req_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self.tokenizer.special_ids)
@@ -169,36 +170,47 @@ class AsyncEngine:
 
     # -- adapters ----------------------------------------------------------------------------
 
-    async def _authorize(self, ref: AdapterRef) -> None:
-        """Fetch first (the fetch learns whether the adapter is private), then check this
+    async def _authorize(self, spec: AdapterRef | MergedAdapters) -> None:
+        """Fetch first (the fetch learns whether an adapter is private), then check this
         request's token: every request, not only the one that triggered the download."""
         if self.sources is None:
-            raise AdapterError(f"adapter {ref.adapter_id!r}: this server serves no adapters")
+            raise AdapterError("Request failed during generation: this server serves no "
+                               "adapters")
+        refs = spec.components if isinstance(spec, MergedAdapters) else (spec,)
         try:
-            await self.adapters.ensure_fetched(ref)
-            await asyncio.to_thread(self.sources.authorize, ref.source, ref.adapter_id,
-                                    ref.api_token)
+            await self.adapters.ensure_fetched(spec)
+            for ref in refs:
+                await asyncio.to_thread(self.sources.authorize, ref.source, ref.adapter_id,
+                                        ref.api_token)
         except Exception as exc:  # noqa: BLE001 - every fetch/authorize failure is a 424
             raise AdapterError(f"Request failed during generation: {exc}") from exc
 
-    async def _fetch_adapter(self, ref: AdapterRef):
-        if self.sources is None:
-            raise AdapterError("this server serves no adapters")
-        return await asyncio.to_thread(self.sources.fetch, ref.source, ref.adapter_id,
-                                       ref.api_token)
+    async def _fetch_adapter(self, spec: AdapterRef | MergedAdapters):
+        if isinstance(spec, MergedAdapters):
+            return list(await asyncio.gather(*(self._fetch_adapter(r)
+                                               for r in spec.components)))
+        return await asyncio.to_thread(self.sources.fetch, spec.source, spec.adapter_id,
+                                       spec.api_token)
 
-    async def _load_adapter(self, slot: int, key: str, path: str) -> None:
+    async def _load_adapter(self, slot: int, entry) -> None:
+        spec = entry.ref
+        if isinstance(spec, MergedAdapters):
+            msg = LoadAdapter(slot, entry.key, merge=AdapterMerge(
+                [str(p) for p in entry.path], list(spec.weights), spec.merge_strategy,
+                spec.density, spec.majority_sign_method))
+        else:
+            msg = LoadAdapter(slot, entry.key, str(entry.path))
         try:
-            await self.workers.broadcast(LoadAdapter(slot, key, path))
+            await self.workers.broadcast(msg)
         except WorkerLost as exc:
-            self.adapters.on_loaded(slot, key, f"the workers are restarting ({exc})")
+            self.adapters.on_loaded(slot, entry.key, f"the workers are restarting ({exc})")
 
     def _on_adapter_loaded(self, msg: AdapterLoaded) -> None:
         self.adapters.on_loaded(msg.slot, msg.adapter_key, msg.error)
 
     def _adapter_failed(self, key: str, error: str) -> None:
-        doomed = [s for s in self.scheduler.waiting
-                  if s.request.adapter is not None and adapter_key(s.request.adapter) == key]
+        doomed = [s for s in self.scheduler.waiting if s.request.adapter_spec is not None
+                  and adapter_key(s.request.adapter_spec) == key]
         for seq in doomed:
             self.scheduler.waiting.remove(seq)
         self._fail([s.req_id for s in doomed],

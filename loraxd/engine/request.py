@@ -29,6 +29,10 @@ class MergedAdapters:
     source: str = "hub"
     api_token: str | None = None
 
+    @property
+    def components(self) -> tuple[AdapterRef, ...]:
+        return tuple(AdapterRef(i, self.source, self.api_token) for i in self.ids)
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -39,6 +43,10 @@ class GenerationRequest:
     ignore_eos: bool = False
     adapter: AdapterRef | None = None  # None: the base model
     merged: MergedAdapters | None = None
+
+    @property
+    def adapter_spec(self) -> AdapterRef | MergedAdapters | None:
+        return self.adapter if self.adapter is not None else self.merged
 
 
 @dataclass(frozen=True)

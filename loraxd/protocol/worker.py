@@ -113,12 +113,23 @@ class Step(msgspec.Struct, tag=True, frozen=True):
     finished_ids: list[int] = []
 
 
+class AdapterMerge(msgspec.Struct, array_like=True, frozen=True):
+    """A per-request merge of several adapters (LoRAX's `merged_adapters`)."""
+
+    paths: list[str]
+    weights: list[float]
+    strategy: str = "linear"
+    density: float = 1.0
+    majority_sign_method: str = "total"
+
+
 class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
-    """Load the PEFT adapter in directory `path` into device slot `slot`."""
+    """Load the PEFT adapter in directory `path`, or the merge `merge`, into slot `slot`."""
 
     slot: int
     adapter_key: str
-    path: str
+    path: str = ""
+    merge: AdapterMerge | None = None
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):

@@ -7,6 +7,7 @@ out of its slot comes back without touching the disk.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -14,7 +15,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from loraxd.protocol.worker import AdapterLoaded, LoadAdapter
+from loraxd.protocol.worker import AdapterLoaded, AdapterMerge, LoadAdapter
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,32 @@ class AdapterLoader:
 
     def _read(self, msg: LoadAdapter) -> None:
         try:
-            adapter = self.cache.get(msg.path)
-            if adapter is None:
-                adapter = self.runner.read_adapter(msg.path)
-                self.cache.put(msg.path, adapter)
+            if msg.merge is None:
+                adapter = self._cached_read(msg.path)
+            else:
+                adapter = self.cache.get(msg.adapter_key)
+                if adapter is None:
+                    adapter = self._merge(msg.adapter_key, msg.merge)
+                    self.cache.put(msg.adapter_key, adapter)
             self._done.put((msg, adapter, None))
         except Exception as exc:  # noqa: BLE001 - reported to the requests that wanted it
             self._done.put((msg, None, f"{exc}"))
         os.write(self._wake_w, b"\0")
+
+    def _cached_read(self, path: str):
+        adapter = self.cache.get(path)
+        if adapter is None:
+            adapter = self.runner.read_adapter(path)
+            self.cache.put(path, adapter)
+        return adapter
+
+    def _merge(self, key: str, merge: AdapterMerge):
+        from loraxd.worker.lora.merge import merge_adapters
+        components = [self._cached_read(p) for p in merge.paths]
+        # Seeded by the recipe: a DARE merge built again is the same merge.
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        return merge_adapters(components, merge.weights, merge.strategy, merge.density,
+                              merge.majority_sign_method, seed=seed)
 
     def install_ready(self) -> list[AdapterLoaded]:
         try:

@@ -25,9 +25,9 @@ class Harness:
             raise RuntimeError("no such adapter")
         return Path("/adapters") / ref.adapter_id
 
-    async def load(self, slot, key, path):
-        self.loads.append((slot, key))
-        self.m.on_loaded(slot, key, None)
+    async def load(self, slot, entry):
+        self.loads.append((slot, entry.key))
+        self.m.on_loaded(slot, entry.key, None)
 
 
 def seq(adapter: str | None, req_id=1):
