@@ -4,6 +4,10 @@ Workload: N concurrent streaming requests of `--new-tokens` tokens each, EOS ign
 Rounds alternate between the baseline and loraxd so that both see the same machine noise;
 the report gives medians and the ratio of medians. It also reports the median time an idle
 daemon takes to answer a 1-token request (the IPC path's overhead over one forward pass).
+
+`--adapters`: the multi-LoRA workload instead: N distinct random rank-`--rank` adapters on
+all linears, one per stream, against loraxd base-only and transformers + PEFT batch-N
+`generate(adapter_names=…)`.
 """
 from __future__ import annotations
 
@@ -37,12 +41,56 @@ def baseline_round(model, tok, batch: int, new_tokens: int) -> float:
     return batch * new_tokens / elapsed
 
 
-async def loraxd_round(url: str, batch: int, new_tokens: int) -> float:
+def make_adapters(model_dir: Path, out: Path, count: int, rank: int) -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    names = []
+    for i in range(count):
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                         "up_proj", "down_proj"])
+        model = get_peft_model(base, cfg)
+        names.append(f"bench-r{rank}-{i}")
+        model.save_pretrained(out / names[-1])
+        base = model.unload()
+    return names
+
+
+def peft_model(model_dir: Path, adapter_root: Path, names: list[str], dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = PeftModel.from_pretrained(base, adapter_root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_root / name, adapter_name=name)
+    return model
+
+
+def peft_round(model, tok, names: list[str], new_tokens: int) -> float:
+    import torch
+    batch = len(names)
+    enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt",
+              padding=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id,
+                             adapter_names=names)
+    elapsed = time.perf_counter() - t0
+    assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
+    return batch * new_tokens / elapsed
+
+
+async def loraxd_round(url: str, batch: int, new_tokens: int,
+                       adapters: list[str] | None = None) -> float:
     import aiohttp
     async with aiohttp.ClientSession() as session:
         async def one(i: int) -> int:
             body = {"inputs": PROMPTS[i % len(PROMPTS)],
-                    "parameters": {"max_new_tokens": new_tokens, "ignore_eos_token": True}}
+                    "parameters": {"max_new_tokens": new_tokens, "ignore_eos_token": True,
+                                   "adapter_id": adapters[i] if adapters else None}}
             n = 0
             async with session.post(url + "/generate_stream", json=body) as resp:
                 async for line in resp.content:
@@ -77,6 +125,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--adapters", action="store_true", help="the multi-LoRA workload")
+    p.add_argument("--rank", type=int, default=16)
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args()
@@ -84,46 +134,69 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraxd.daemon.model_files import EMBEDDED_MODEL_ID, resolve_model
     from loraxd.config import load
+    from loraxd.daemon.model_files import EMBEDDED_MODEL_ID, resolve_model
     from tests.integration.daemon import Daemon
 
     config, _ = load([], {}, default_config_path="/nonexistent")
     model_dir = Path(args.model_dir) if args.model_dir else resolve_model(
         EMBEDDED_MODEL_ID, revision=None, cache_dir=config.paths.cache_dir, hub_cache=None)
-    torch.set_num_threads(torch.get_num_threads())
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = None
-    if not args.skip_baseline:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
-        baseline_round(model, tok, args.batch, 4)  # warm-up
+    dtype = getattr(torch, args.dtype)
 
-    results = {"baseline_tok_s": [], "loraxd_tok_s": []}
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(model_dir, Path(tmp), "--dtype", args.dtype).wait_ready()
+        tmp = Path(tmp)
+        names = None
+        if args.adapters:
+            names = make_adapters(model_dir, tmp / "adapters", args.batch, args.rank)
+        model = None
+        if not args.skip_baseline:
+            if names:
+                model = peft_model(model_dir, tmp / "adapters", names, dtype)
+                baseline = lambda n: peft_round(model, tok, names, n)  # noqa: E731
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+                baseline = lambda n: baseline_round(model, tok, args.batch, n)  # noqa: E731
+            baseline(4)  # warm-up
+        extra = ["--local-adapter-dir", str(tmp / "adapters"), "--adapter-source", "local",
+                 "--max-active-adapters", str(args.batch)] if names else []
+        daemon = Daemon(model_dir, tmp, "--dtype", args.dtype, *extra).wait_ready()
+        results = {"baseline_tok_s": [], "loraxd_tok_s": []}
+        if names:
+            results["loraxd_base_only_tok_s"] = []
         try:
-            asyncio.run(loraxd_round(daemon.url, args.batch, 4))  # warm-up
+            asyncio.run(loraxd_round(daemon.url, args.batch, 4, names))  # warm-up, loads
             for _ in range(args.rounds):
                 if model is not None:
-                    results["baseline_tok_s"].append(
-                        baseline_round(model, tok, args.batch, args.new_tokens))
+                    results["baseline_tok_s"].append(baseline(args.new_tokens))
                 gc.collect()
-                results["loraxd_tok_s"].append(
-                    asyncio.run(loraxd_round(daemon.url, args.batch, args.new_tokens)))
+                results["loraxd_tok_s"].append(asyncio.run(
+                    loraxd_round(daemon.url, args.batch, args.new_tokens, names)))
+                if names:
+                    results["loraxd_base_only_tok_s"].append(asyncio.run(
+                        loraxd_round(daemon.url, args.batch, args.new_tokens)))
             results["idle_1_token_ms"] = 1000 * asyncio.run(idle_latency(daemon.url, 20))
         finally:
             daemon.stop()
-
     report(results, args)
 
 
 def report(results: dict, args) -> None:
     base = statistics.median(results["baseline_tok_s"]) if results["baseline_tok_s"] else None
     ours = statistics.median(results["loraxd_tok_s"])
-    summary = {"workload": f"{args.batch} streams x {args.new_tokens} tokens, {args.dtype}",
+    base_only = (statistics.median(results["loraxd_base_only_tok_s"])
+                 if results.get("loraxd_base_only_tok_s") else None)
+    workload = f"{args.batch} streams x {args.new_tokens} tokens, {args.dtype}"
+    if args.adapters:
+        workload += f", {args.batch} distinct rank-{args.rank} all-linear adapters"
+    baseline_name = ("transformers + PEFT generate(adapter_names)" if args.adapters
+                     else "transformers generate")
+    summary = {"workload": workload,
                "loraxd_tok_s_median": round(ours, 1),
+               "loraxd_base_only_tok_s_median": round(base_only, 1) if base_only else None,
+               "mixed_over_base_only": round(ours / base_only, 2) if base_only else None,
                "baseline_tok_s_median": round(base, 1) if base else None,
                "ratio": round(ours / base, 2) if base else None,
                "idle_1_token_ms_median": round(results["idle_1_token_ms"], 1),
@@ -134,10 +207,13 @@ def report(results: dict, args) -> None:
         return
     print(f"workload: {summary['workload']}")
     if base:
-        print(f"transformers generate (batch {args.batch}): {base:8.1f} tok/s (median)")
-    print(f"loraxd ({args.batch} concurrent streams):    {ours:8.1f} tok/s (median)")
+        print(f"{baseline_name} (batch {args.batch}): {base:8.1f} tok/s (median)")
+    print(f"loraxd ({args.batch} concurrent streams): {ours:8.1f} tok/s (median)")
+    if base_only:
+        print(f"loraxd, same streams on the base model: {base_only:8.1f} tok/s (median)")
+        print(f"mixed adapters / base only: {ours / base_only:8.2f}")
     if base:
-        print(f"ratio loraxd / baseline:            {ours / base:8.2f}x")
+        print(f"ratio loraxd / baseline: {ours / base:8.2f}x")
     print(f"idle daemon, 1-token request:       {summary['idle_1_token_ms_median']:8.1f} ms "
           "(median of 20)")
 
