@@ -149,3 +149,28 @@ def test_cold_adapter_first_token_latency(daemon, adapter_dir):
     assert r.status_code == 200
     print(f"cold adapter adds {1000 * (cold_s - base_s):.0f} ms to the first token")
     assert cold_s - base_s < 1.0  # generous bound for a shared CI machine; bench reports it
+
+
+def test_merged_adapters(daemon, adapter_dir):
+    """A linear merge of one adapter at weight 1 is that adapter; other strategies run,
+    are cached and reproducible; a bad strategy is a 422."""
+    alone = generate(daemon, PROMPTS[5], "r16-all")
+    merged = generate(daemon, PROMPTS[5], merged_adapters={
+        "ids": ["r16-all"], "weights": [1.0], "merge_strategy": "linear"})
+    assert merged.status_code == 200, merged.text
+    assert [t["id"] for t in merged.json()["details"]["tokens"]] == \
+        [t["id"] for t in alone.json()["details"]["tokens"]]
+    for strategy in ("ties", "dare_linear", "dare_ties"):
+        spec = {"ids": ["r8-all", "r16-all"], "weights": [0.6, 0.4],
+                "merge_strategy": strategy, "density": 0.5,
+                "majority_sign_method": "frequency"}
+        first = generate(daemon, PROMPTS[1], merged_adapters=spec)
+        again = generate(daemon, PROMPTS[1], merged_adapters=spec)
+        assert first.status_code == 200, first.text
+        assert first.json()["generated_text"] == again.json()["generated_text"]
+    r = generate(daemon, "Hi", merged_adapters={"ids": ["r8-all"], "weights": [1.0],
+                                                "merge_strategy": "nope"})
+    assert r.status_code == 422
+    r = generate(daemon, "Hi", merged_adapters={"ids": ["r8-all", "missing"],
+                                                "weights": [0.5, 0.5]})
+    assert r.status_code == 424 and "missing" in r.json()["error"]
