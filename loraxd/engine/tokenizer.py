@@ -20,6 +20,11 @@ class Tokenizer:
             int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.config = _read_json(model_dir / "tokenizer_config.json")
+        # For /v1/chat/completions: the jinja source (None: the model has none) and the
+        # special token strings a template reads (bos_token, eos_token, ...).
+        self.chat_template = read_chat_template(model_dir, self.config)
+        self.special_tokens = special_token_strings(
+            self.config, _read_json(model_dir / "special_tokens_map.json"))
         # One thread: encoding is quick, and the worker owns the cores.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
@@ -45,6 +50,38 @@ class Tokenizer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
+                        "cls_token", "mask_token")
+
+
+def read_chat_template(model_dir: Path, config: dict) -> str | None:
+    """chat_template.jinja beside tokenizer.json, else chat_template.json's `chat_template`,
+    else tokenizer_config.json's (a string, or named templates: "default" or the first)."""
+    jinja_path = model_dir / "chat_template.jinja"
+    if jinja_path.exists():
+        return jinja_path.read_text()
+    source = _read_json(model_dir / "chat_template.json").get("chat_template")
+    if source is None:
+        source = config.get("chat_template")
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default") or next(iter(named.values()), None)
+    return source if isinstance(source, str) and source else None
+
+
+def special_token_strings(config: dict, special_map: dict) -> dict[str, str]:
+    """{"bos_token": "<s>", ...} from tokenizer_config.json, else special_tokens_map.json;
+    a token saved as an AddedToken object gives its `content`."""
+    out = {}
+    for name in _SPECIAL_TOKEN_NAMES:
+        value = config.get(name, special_map.get(name))
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def _read_json(path: Path) -> dict:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from loraxd.http.errors import error_middleware
 from loraxd.http.native import NativeRoutes
+from loraxd.http.openai import OpenAIRoutes
 from loraxd.http.service import Frontend
 
 FRONTEND_KEY = web.AppKey("frontend", Frontend)
@@ -35,6 +36,7 @@ def make_app(engine: Any, config: Any) -> web.Application:
     if origins:
         app.on_response_prepare.append(_cors_headers(origins))
     NativeRoutes(frontend, config).register(app)
+    OpenAIRoutes(frontend, config).register(app)
     return app
 
 

@@ -72,9 +72,13 @@ class Prepared:
         return None
 
 
-async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limits) -> Prepared:
-    """Tokenize (off the loop), truncate, check the lengths, build the engine requests."""
-    prompt_ids = await engine.tokenizer.encode(inputs)
+async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limits, *,
+                  add_special_tokens: bool = True) -> Prepared:
+    """Tokenize (off the loop), truncate, check the lengths, build the engine requests.
+
+    `add_special_tokens=False` for a rendered chat template, which holds its own.
+    """
+    prompt_ids = await engine.tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
     if params.truncate is not None:
         prompt_ids = prompt_ids[-params.truncate:]
     num_input = len(prompt_ids)

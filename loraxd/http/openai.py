@@ -1,0 +1,350 @@
+"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+A request becomes one engine request per choice (prompts x n), all run concurrently and
+read through one fan-in (`merged_events`). Errors have real HTTP status codes and OpenAI's
+`{"error": {message, type, ...}}` body, so the openai client raises the class that matches
+the status with a useful message. A stream opens only once the first event is in, so an
+adapter that cannot be loaded is still a 424, not an error inside a 200 stream; later
+errors are one `data: {"error": ...}` event (the openai client raises APIError on it).
+Streamed text never shows a stop sequence, nor a part of one that may still complete, nor
+a special token: the deltas concatenate to exactly the non-streamed text.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable
+
+from aiohttp import web
+
+from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, TokenEvent
+from loraxd.http import sse
+from loraxd.http.bodies import json_response, read_json_object
+from loraxd.http.chat_template import ChatTemplates, parse_messages
+from loraxd.http.errors import as_api_error
+from loraxd.http.openai_schemas import (OpenAIRequest, chat_logprobs, check_num_choices,
+                                        completion_logprobs, error_body, finish_reason,
+                                        parse_prompts, parse_request, usage)
+from loraxd.http.service import Frontend, Prepared, prepare
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "data: "
+
+
+class StopHoldback:
+    """Text deltas that never show a stop sequence, or a prefix of one that may complete."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.text = ""
+        self.num_sent = 0
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        safe = len(self.text)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.num_sent - len(s) + 1))
+            if at >= 0:
+                safe = min(safe, at)
+                continue
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        return self._send_to(max(safe, self.num_sent))
+
+    def finish(self, generated_text: str) -> str:
+        """The rest of the final text (which has any stop sequence cut off)."""
+        self.text = generated_text
+        return self._send_to(len(generated_text))
+
+    def _send_to(self, end: int) -> str:
+        out = self.text[self.num_sent:end]
+        self.num_sent = max(end, self.num_sent)
+        return out
+
+
+@dataclass
+class Choice:
+    index: int
+    prepared: Prepared  # of its prompt
+    request: GenerationRequest
+    deltas: StopHoldback
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish: FinishEvent | None = None
+    offset: int = 0  # where the next token's text starts (completions' text_offset)
+
+
+async def merged_events(engine: Any, requests: list[GenerationRequest]
+                        ) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+    """(request index, event) from all requests as they come; the first failure is raised.
+
+    One task per request, owned here: closing this generator cancels them, which closes
+    the engine's generators and frees their KV blocks.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, req: GenerationRequest) -> None:
+        try:
+            async with contextlib.aclosing(engine.generate(req)) as events:
+                async for event in events:
+                    queue.put_nowait((i, event))
+                    if isinstance(event, FinishEvent):
+                        return
+            queue.put_nowait((i, EngineError("the engine ended a request without finishing it")))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, who reports it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        num_open = len(tasks)
+        while num_open:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            num_open -= isinstance(item, FinishEvent)
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+def _openai_errors(handler: Callable) -> Callable:
+    """Render every error of a /v1 route in the OpenAI shape (the middleware does the rest)."""
+    @functools.wraps(handler)
+    async def wrapped(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(self, request)
+        except (web.HTTPException, ConnectionResetError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - logged in as_api_error when unexpected
+            err = as_api_error(exc)
+            return json_response(error_body(err), status=err.status)
+    return wrapped
+
+
+class OpenAIRoutes:
+    def __init__(self, frontend: Frontend, config: Any):
+        self.fe = frontend
+        self.config = config
+        self.created = int(time.time())
+        self._templates: ChatTemplates | None = None
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+
+    @property
+    def templates(self) -> ChatTemplates:
+        if self._templates is None:  # built on first use: the tokenizer is the engine's
+            self._templates = ChatTemplates(self.fe.engine.tokenizer)
+        return self._templates
+
+    def _parse(self, body: dict, chat: bool) -> OpenAIRequest:
+        return parse_request(body, chat=chat, limits=self.fe.limits,
+                             base_model_id=self.fe.model_id)
+
+    # -- routes ------------------------------------------------------------------------------
+
+    @_openai_errors
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json_object(request, self.fe.max_request_bytes)
+        with self.fe.limiter.slot():
+            job = self._parse(body, chat=False)
+            prompts = parse_prompts(body)
+            check_num_choices(len(prompts), job.n)
+            prepared = [await self._prepare(job, p, add_special_tokens=True) for p in prompts]
+            return await self._respond(request, job, _CompletionShape(job), prepared)
+
+    @_openai_errors
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json_object(request, self.fe.max_request_bytes)
+        with self.fe.limiter.slot():
+            job = self._parse(body, chat=True)
+            messages = parse_messages(body.get("messages"))
+            template = await self.templates.template_for(job.params.adapter)
+            prompt = template.render(messages, add_generation_prompt=True)
+            prepared = [await self._prepare(job, prompt, add_special_tokens=False)]
+            return await self._respond(request, job, _ChatShape(job), prepared)
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The base model and the adapters the engine knows. An adapter first fetched with
+        a token is left out: it may be private, and its id is not everyone's to see."""
+        base = self.fe.model_id
+        data = [{"id": base, "object": "model", "created": self.created, "owned_by": "loraxd"}]
+        seen = {base}
+        entries = getattr(getattr(self.fe.engine, "adapters", None), "entries", None) or {}
+        for entry in list(entries.values()):
+            ref = entry.ref
+            if ref.adapter_id in seen or ref.api_token:
+                continue
+            seen.add(ref.adapter_id)
+            data.append({"id": ref.adapter_id, "object": "model", "created": self.created,
+                         "owned_by": "loraxd", "root": ref.adapter_id, "parent": base})
+        return json_response({"object": "list", "data": data})
+
+    # -- shared ------------------------------------------------------------------------------
+
+    async def _prepare(self, job: OpenAIRequest, prompt: str, *,
+                       add_special_tokens: bool) -> Prepared:
+        """One engine request per choice: n sequences with seeds seed, seed+1, ..."""
+        params = replace(job.params, best_of=job.n)
+        return await prepare(self.fe.engine, prompt, params, self.fe.limits,
+                             add_special_tokens=add_special_tokens)
+
+    async def _respond(self, request: web.Request, job: OpenAIRequest, shape: Any,
+                       prepared: list[Prepared]) -> web.StreamResponse:
+        choices = [Choice(index=len(prepared[0].requests) * p + j, prepared=prep, request=req,
+                          deltas=StopHoldback(req.stop),
+                          offset=len(prep.inputs) if job.echo else 0)
+                   for p, prep in enumerate(prepared) for j, req in enumerate(prep.requests)]
+        num_prompt = sum(len(p.prompt_ids) for p in prepared)
+        events = merged_events(self.fe.engine, [c.request for c in choices])
+        async with contextlib.aclosing(events):
+            first = await anext(events)  # before any header: an early failure keeps its status
+            if job.stream:
+                return await _Stream(request, job, shape, choices, num_prompt).run(first, events)
+            for i, event in [first] + [e async for e in events]:
+                _record(choices[i], event)
+        return json_response({**shape.envelope(), "choices": [shape.choice(c) for c in choices],
+                              "usage": usage(num_prompt, _num_generated(choices))})
+
+
+def _record(choice: Choice, event: TokenEvent | FinishEvent) -> None:
+    if isinstance(event, TokenEvent):
+        choice.tokens.append(event)
+    else:
+        choice.finish = event
+
+
+def _num_generated(choices: list[Choice]) -> int:
+    return sum(c.finish.generated_tokens for c in choices if c.finish is not None)
+
+
+class _Stream:
+    """One SSE response: chunks per token, the finish per choice, usage, `[DONE]`."""
+
+    def __init__(self, request: web.Request, job: OpenAIRequest, shape: Any,
+                 choices: list[Choice], num_prompt: int):
+        self.request, self.job, self.shape = request, job, shape
+        self.choices, self.num_prompt = choices, num_prompt
+        self.envelope = shape.envelope(chunk=True)
+        if job.include_usage:
+            self.envelope["usage"] = None
+
+    async def run(self, first: tuple, events: AsyncIterator) -> web.StreamResponse:
+        response = await sse.open_stream(self.request)
+        try:
+            for choice in self.choices:
+                opening = self.shape.opening(choice)
+                if opening is not None:
+                    await self._send(response, [opening])
+            await self._on_event(response, *first)
+            async for i, event in events:
+                await self._on_event(response, i, event)
+            if self.job.include_usage:
+                await self._send(response, [], usage=usage(self.num_prompt,
+                                                           _num_generated(self.choices)))
+            await sse.send_raw(response, sse.DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            log.debug("client left a stream; its requests are cancelled")
+        except Exception as exc:  # noqa: BLE001 - the stream's last event says what failed
+            with contextlib.suppress(ConnectionResetError):
+                await sse.send(response, error_body(as_api_error(exc)), prefix=_PREFIX)
+                await sse.send_raw(response, sse.DONE)
+                await response.write_eof()
+        return response
+
+    async def _on_event(self, response: web.StreamResponse, i: int,
+                        event: TokenEvent | FinishEvent) -> None:
+        choice = self.choices[i]
+        _record(choice, event)
+        if isinstance(event, TokenEvent):
+            delta = choice.deltas.push("" if event.special else event.text)
+            tokens = [event]
+            offset = choice.offset
+            choice.offset += 0 if event.special else len(event.text)
+            if delta or self.job.num_logprobs is not None:
+                await self._send(response, [self.shape.delta(choice, delta, tokens, offset, None)])
+        else:
+            delta = choice.deltas.finish(event.generated_text)
+            await self._send(response, [self.shape.delta(choice, delta, [], choice.offset,
+                                                          finish_reason(event))])
+
+    async def _send(self, response: web.StreamResponse, choices: list[dict], **extra) -> None:
+        await sse.send(response, {**self.envelope, "choices": choices, **extra}, prefix=_PREFIX)
+
+
+# -- the two response shapes ------------------------------------------------------------------
+
+
+class _CompletionShape:
+    def __init__(self, job: OpenAIRequest):
+        self.job = job
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def envelope(self, chunk: bool = False) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.job.model}
+
+    def choice(self, c: Choice) -> dict:
+        prefix = c.prepared.inputs if self.job.echo else ""
+        logprobs = None
+        if self.job.num_logprobs is not None:
+            prefill = c.finish.prefill if self.job.echo else ()
+            logprobs = completion_logprobs(c.tokens, self.job.num_logprobs, len(prefix), prefill)
+        return {"index": c.index, "text": prefix + c.finish.generated_text, "logprobs": logprobs,
+                "finish_reason": finish_reason(c.finish)}
+
+    def opening(self, c: Choice) -> dict | None:
+        if not self.job.echo:
+            return None
+        return {"index": c.index, "text": c.prepared.inputs, "logprobs": None,
+                "finish_reason": None}
+
+    def delta(self, c: Choice, text: str, tokens: list[TokenEvent], offset: int,
+              reason: str | None) -> dict:
+        logprobs = None
+        if self.job.num_logprobs is not None and tokens:
+            logprobs = completion_logprobs(tokens, self.job.num_logprobs, offset)
+        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+class _ChatShape:
+    def __init__(self, job: OpenAIRequest):
+        self.job = job
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def envelope(self, chunk: bool = False) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk" if chunk else "chat.completion",
+                "created": self.created, "model": self.job.model}
+
+    def _logprobs(self, tokens: list[TokenEvent]) -> dict | None:
+        if self.job.num_logprobs is None:
+            return None
+        return chat_logprobs(tokens, self.job.num_logprobs)
+
+    def choice(self, c: Choice) -> dict:
+        return {"index": c.index,
+                "message": {"role": "assistant", "content": c.finish.generated_text},
+                "logprobs": self._logprobs(c.tokens), "finish_reason": finish_reason(c.finish)}
+
+    def opening(self, c: Choice) -> dict:
+        return {"index": c.index, "delta": {"role": "assistant", "content": ""},
+                "logprobs": None, "finish_reason": None}
+
+    def delta(self, c: Choice, text: str, tokens: list[TokenEvent], offset: int,
+              reason: str | None) -> dict:
+        return {"index": c.index, "delta": {"content": text} if text or reason is None else {},
+                "logprobs": self._logprobs(tokens) if tokens else None, "finish_reason": reason}
