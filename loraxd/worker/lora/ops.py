@@ -150,13 +150,15 @@ class _Shrink:
     width: int  # D (normally r_tot): row width of the A table
     idx: torch.Tensor  # [num_bags * in]
     offsets: torch.Tensor  # [num_bags + 1]
-    bag_tokens: torch.Tensor | None  # [num_bags] token of each bag; None: bag t is token t
+    rows: slice | None  # its tokens' rows of x_sorted (None: all), one bag each ...
+    bag_tokens: torch.Tensor | None = None  # ... or, when D < r_tot, the token of each bag
 
 
 @dataclass
 class _BagLayout:
     """Embedding-bag plan of one group for one rank layout of the step's adapters."""
 
+    x_order: torch.Tensor | None  # x_sorted = x[x_order]: tokens by r_tot; None: x itself
     shrinks: list[_Shrink]
     h_perm: torch.Tensor | None  # shrink outputs, token by token -> module by module; None: same
     expands: list[_Expand]
@@ -198,9 +200,13 @@ def _bag_sum(table, idx, offsets, weights) -> torch.Tensor:
 
 
 def _apply_bags(layout: _BagLayout, store: GroupStore, spec: GroupSpec, x, y) -> None:
+    xs = x if layout.x_order is None else x.index_select(0, layout.x_order)
     hs = []
     for sh in layout.shrinks:
-        w = x if sh.bag_tokens is None else x.index_select(0, sh.bag_tokens)  # [num_bags, in]
+        if sh.bag_tokens is not None:
+            w = x.index_select(0, sh.bag_tokens)
+        else:
+            w = xs if sh.rows is None else xs[sh.rows]  # [num_bags, in]
         hs.append(_bag_sum(store.a.view(-1, sh.width), sh.idx, sh.offsets, w.reshape(-1)))
     h = hs[0].view(-1) if len(hs) == 1 else torch.cat([h.view(-1) for h in hs])
     if layout.h_perm is not None:
@@ -315,6 +321,7 @@ def _build_layout(storage, spec: GroupSpec, ranks, bag_tokens, num_tokens) -> _B
         return None
     slot_len = storage.stores[0][spec.name].a.shape[1]  # in * cap
     shrinks, starts, h_len = [], {}, 0  # starts: token -> offset of its A_cat x in h
+    x_order = []
     for r_tot in dict.fromkeys(r_tots.values()):
         width = math.gcd(slot_len, r_tot)
         bag_tok, bag_row, chunks = [], [], r_tot // width  # chunks: 1 unless D < r_tot
@@ -325,11 +332,14 @@ def _build_layout(storage, spec: GroupSpec, ranks, bag_tokens, num_tokens) -> _B
                 bag_tok.extend([t] * chunks)
                 bag_row.extend(range(base, base + chunks))
                 starts[t], h_len = h_len, h_len + r_tot
+                x_order.append(t)
         i = torch.arange(spec.in_features) * chunks
         idx = (torch.tensor(bag_row)[:, None] + i[None, :]).view(-1)
         offsets = torch.arange(0, idx.numel() + 1, spec.in_features)
-        tokens = None if bag_tok == list(range(num_tokens)) else _on(bag_tok, storage)
-        shrinks.append(_Shrink(width, idx.to(storage.device), offsets.to(storage.device), tokens))
+        n = len(bag_tok) // chunks
+        rows = None if n == num_tokens else slice(len(x_order) - n, len(x_order))
+        shrinks.append(_Shrink(width, idx.to(storage.device), offsets.to(storage.device), rows,
+                               None if chunks == 1 else _on(bag_tok, storage)))
     perm, expands = [], []
     for j in range(len(spec.modules)):
         counts, rows, h0 = [0] * num_tokens, [], len(perm)
@@ -343,7 +353,8 @@ def _build_layout(storage, spec: GroupSpec, ranks, bag_tokens, num_tokens) -> _B
             offsets = torch.tensor([0] + counts).cumsum(0)
             expands.append(_Expand(j, h0, len(perm), _on(rows, storage),
                                    offsets.to(storage.device)))
-    return _BagLayout(shrinks, None if perm == list(range(h_len)) else _on(perm, storage), expands)
+    return _BagLayout(None if x_order == list(range(num_tokens)) else _on(x_order, storage),
+                      shrinks, None if perm == list(range(h_len)) else _on(perm, storage), expands)
 
 
 def _on(values: list[int], storage: LoraStorage) -> torch.Tensor:
