@@ -93,13 +93,14 @@ class AsyncEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         if not self._serving:
             raise Unavailable("no healthy worker")
+        arrival = time.monotonic()  # queue time includes fetching the adapter
         if req.adapter_spec is not None:
             await self._authorize(req.adapter_spec)
         req_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self.tokenizer.special_ids)
         self._streams[req_id] = queue
-        self.scheduler.add(Sequence(req_id, req, detok))
+        self.scheduler.add(Sequence(req_id, req, detok, arrival=arrival))
         self._wake.set()
         finished = False
         try:
