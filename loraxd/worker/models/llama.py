@@ -270,7 +270,7 @@ class LlamaForCausalLM:
     def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor,
                        rows: torch.Tensor) -> torch.Tensor:
         """fp32 logits [len(rows), vocab] of the given token rows."""
-        if rows.shape[0] != hidden.shape[0]:
+        if rows.shape[0] != hidden.shape[0]:  # rows ascend: as many as tokens means all
             hidden, residual = hidden[rows], residual[rows]
         normed, _ = self.norm.forward(hidden, residual)
         return self.lm_head(normed).float()
