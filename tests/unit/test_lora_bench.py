@@ -1,6 +1,6 @@
 """Heterogeneous-LoRA step benchmark (SmolLM2-135M shapes, LoRA part only).
 
-    .venv/bin/python tests/unit/test_lora_bench.py [--threads 2] [--steps 15] [--slots 8]
+    .venv/bin/python -m tests.unit.test_lora_bench [--threads 2] [--steps 15] [--slots 8]
 
 prints ms per step (median) for the chosen op and the alternatives it was picked against;
 the test below only runs every way once on a small model so this file keeps working.
