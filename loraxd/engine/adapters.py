@@ -48,6 +48,7 @@ class AdapterEntry:
     path: Path | list[Path] | None = None  # a list for a merge
     slot: int = -1
     num_running: int = 0
+    num_waiting: int = 0  # queued requests that want it: a loaded adapter they wait for stays
     loaded_at: float = 0.0
     last_used: float = 0.0
     pinned: bool = False
@@ -90,6 +91,20 @@ class AdapterManager:
         entry.num_running += 1
         entry.last_used = self._clock()
         return entry.slot
+
+    def enqueue(self, seq: Sequence) -> None:
+        entry = self._entry_of(seq)
+        if entry is not None:
+            entry.num_waiting += 1
+
+    def dequeue(self, seq: Sequence) -> None:
+        entry = self._entry_of(seq)
+        if entry is not None:
+            entry.num_waiting -= 1
+
+    def _entry_of(self, seq: Sequence) -> AdapterEntry | None:
+        spec = seq.request.adapter_spec
+        return self.entries.get(adapter_key(spec)) if spec is not None else None
 
     def release(self, seq: Sequence) -> None:
         ref = seq.request.adapter_spec
@@ -136,15 +151,22 @@ class AdapterManager:
         self._assign_slots()
 
     def _free_slot(self) -> int | None:
-        """An empty slot, else the least recently used idle one."""
+        """An empty slot, else the least recently used idle one. An idle adapter that
+        requests still wait for keeps its slot until it has had its cycle, so a fresh load
+        is never evicted before its requests run."""
         idle = []
+        now = self._clock()
         for slot, key in enumerate(self.slots):
             if key is None:
                 return slot
             entry = self.entries[key]
-            if entry.status == LOADED and entry.num_running == 0 and not entry.pinned:
-                idle.append((entry.last_used, slot))
-        return min(idle)[1] if idle else None
+            if entry.status != LOADED or entry.num_running or entry.pinned:
+                continue
+            if entry.num_waiting == 0:
+                idle.append((0, entry.last_used, slot))
+            elif now - entry.loaded_at >= self.cycle_time_s:
+                idle.append((1, entry.last_used, slot))
+        return min(idle)[2] if idle else None
 
     def _assign_slots(self) -> None:
         while self.pending:
@@ -191,8 +213,9 @@ class AdapterManager:
     def reset_slots(self) -> None:
         """The workers restarted with empty slots: everything must load again."""
         for entry in self.entries.values():
+            entry.num_running = 0
             if entry.status in (LOADED, LOADING):
-                entry.status, entry.slot, entry.num_running = FETCHED, -1, 0
+                entry.status, entry.slot = FETCHED, -1
                 self.pending[entry.key] = None
         self.slots = [None] * self.num_slots
         self._assign_slots()

@@ -213,7 +213,7 @@ class AsyncEngine:
         doomed = [s for s in self.scheduler.waiting if s.request.adapter_spec is not None
                   and adapter_key(s.request.adapter_spec) == key]
         for seq in doomed:
-            self.scheduler.waiting.remove(seq)
+            self.scheduler.remove_waiting(seq)
         self._fail([s.req_id for s in doomed],
                    AdapterError(f"Request failed during generation: adapter {key}: {error}"))
 
@@ -289,9 +289,10 @@ class AsyncEngine:
             self.ready = await self._recover()
         except Exception as err:  # noqa: BLE001 - any failure to restart leaves us unavailable
             log.error("could not restart the workers: %s", err)
-            waiting = [s.req_id for s in self.scheduler.waiting]
-            self.scheduler.waiting.clear()
-            self._fail(waiting, Unavailable(f"no healthy worker: {err}"))
+            waiting = list(self.scheduler.waiting)
+            for seq in waiting:
+                self.scheduler.remove_waiting(seq)
+            self._fail([s.req_id for s in waiting], Unavailable(f"no healthy worker: {err}"))
             raise
         self.adapters.reset_slots()
         self._serving = True

@@ -27,12 +27,24 @@ class AdapterSlots(Protocol):
 
     def release(self, seq: Sequence) -> None: ...
 
+    def enqueue(self, seq: Sequence) -> None:
+        """`seq` joined the waiting queue."""
+
+    def dequeue(self, seq: Sequence) -> None:
+        """`seq` left the waiting queue (admitted, aborted or failed)."""
+
 
 class BaseModelOnly:
     def acquire(self, seq: Sequence) -> int | None:
         return -1
 
     def release(self, seq: Sequence) -> None:
+        pass
+
+    def enqueue(self, seq: Sequence) -> None:
+        pass
+
+    def dequeue(self, seq: Sequence) -> None:
         pass
 
 
@@ -73,6 +85,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.adapters.enqueue(seq)
 
     def abort(self, req_id: int) -> bool:
         """Drop a request wherever it is; True if it was known."""
@@ -81,9 +94,13 @@ class Scheduler:
             return True
         for seq in self.waiting:
             if seq.req_id == req_id:
-                self.waiting.remove(seq)
+                self.remove_waiting(seq)
                 return True
         return False
+
+    def remove_waiting(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        self.adapters.dequeue(seq)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._to_free)
@@ -144,7 +161,7 @@ class Scheduler:
             self._reserved_blocks += need
             prefill_tokens += seq.prompt_len
             admitted.append(seq)
-            self.waiting.remove(seq)
+            self.remove_waiting(seq)
         if admitted:
             self._steps_since_admission = 0
         return admitted

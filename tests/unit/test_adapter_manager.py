@@ -109,3 +109,19 @@ async def test_pinned_adapters_never_rotate_out():
     h.now = 10
     assert h.m.acquire(seq("p")) == 0
     assert h.m.entries["local:q"].status == "fetched"
+
+
+async def test_a_fresh_load_is_not_evicted_before_its_waiting_requests_run():
+    h = Harness(num_slots=1, cycle=1.0)
+    a, b = seq("a", 1), seq("b", 2)
+    h.m.acquire(a)
+    await settle()
+    h.m.enqueue(a)  # a's request waits in the queue; a is loaded but idle
+    assert h.m.acquire(b) is None  # b wants the only slot
+    await settle()
+    assert h.loads == [(0, "local:a")]  # a keeps it: its request has not run yet
+    h.m.dequeue(a)
+    assert h.m.acquire(a) == 0
+    h.m.release(a)  # done, nobody waits for a: b gets the slot
+    await settle()
+    assert h.loads[-1] == (0, "local:b")

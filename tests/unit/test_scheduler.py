@@ -6,7 +6,7 @@ import pytest
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
 from loraxd.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from loraxd.engine.scheduler import Scheduler, SchedulerLimits
+from loraxd.engine.scheduler import BaseModelOnly, Scheduler, SchedulerLimits
 from loraxd.engine.sequence import Sequence
 from loraxd.protocol.worker import SeqOutput, StepResult
 
@@ -163,7 +163,7 @@ def test_result_for_a_request_aborted_mid_step_is_ignored():
     assert events == []
 
 
-class SlowAdapter:
+class SlowAdapter(BaseModelOnly):
     def __init__(self):
         self.loaded = False
 
