@@ -156,3 +156,16 @@ def test_zero_temperature_sampling_is_greedy(logits):
     out = sample(logits, seqs_for([SamplingParams(do_sample=True, temperature=0.0)] * 4))
     assert out.token_ids == logits.argmax(-1).tolist()
     assert all(math.isfinite(lp) for lp in out.logprobs)
+
+
+def test_frequency_and_presence_penalties_apply_to_greedy_too():
+    from loraxd.protocol.worker import SamplingParams
+    from loraxd.worker.layers.sampler import SeqSampling, sample
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    plain = SeqSampling(SamplingParams(), token_ids=[2, 0], prompt_len=1)
+    assert sample(logits, [plain]).token_ids == [0]
+    penalised = SeqSampling(SamplingParams(frequency_penalty=0.5), token_ids=[2, 0],
+                            prompt_len=1)
+    assert sample(logits, [penalised]).token_ids == [1]  # token 0 appeared once: 2.0-0.5
+    present = SeqSampling(SamplingParams(presence_penalty=0.2), token_ids=[2, 0], prompt_len=1)
+    assert sample(logits, [present]).token_ids == [1]

@@ -2,15 +2,16 @@
 
 Work is vectorised over the batch; the one per-sequence loop is the draw of the sampled
 rows (each sequence has its own seeded generator, so a seed gives the same tokens whatever
-batch the sequence shares). When every sequence is greedy without a repetition penalty, a
+batch the sequence shares). When every sequence is greedy without penalties, a
 fast path does an argmax and a logsumexp and nothing else.
 
 Semantics (transformers / OpenAI / LoRAX):
-- greedy (`do_sample` False): argmax after the repetition penalty; temperature, top-k/p,
-  typical-p and frequency/presence penalties do not apply;
-- sampled: repetition penalty (HF, over prompt + generated ids), frequency and presence
-  penalties (OpenAI, over generated ids), temperature, then top-k, top-p, typical-p (HF's
-  warpers, in HF's order) and a draw;
+- penalties apply to greedy and sampled sequences alike (as LoRAX does): repetition penalty
+  (HF, over prompt + generated ids), frequency and presence penalties (OpenAI, over
+  generated ids);
+- greedy (`do_sample` False): argmax of the penalised scores;
+- sampled: temperature, then top-k, top-p, typical-p (HF's warpers, in HF's order) and a
+  draw;
 - `logprob` is the log-softmax of the scores after penalties and temperature (before the
   top-k/p/typical filters), and so are the alternatives.
 """
@@ -37,7 +38,8 @@ class SeqSampling:
 
     def __post_init__(self):
         p = self.params
-        self.fast = not self.is_sampled() and p.repetition_penalty == 1.0
+        self.fast = (not self.is_sampled() and p.repetition_penalty == 1.0
+                     and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
         if self.is_sampled() and self.generator is None:
             self.generator = torch.Generator().manual_seed(p.seed)
 
@@ -86,8 +88,8 @@ def _penalised_scores(logits: torch.Tensor, seqs: list[SeqSampling]) -> torch.Te
         ids = [seqs[i].token_ids for i in rows]
         penalty = [seqs[i].params.repetition_penalty for i in rows]
         scores[rows] = repetition_penalty(scores[rows], ids, penalty)
-    rows = [i for i, s in enumerate(seqs) if s.is_sampled()
-            and (s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0)]
+    rows = [i for i, s in enumerate(seqs)
+            if s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0]
     if rows:
         ids = [seqs[i].token_ids[seqs[i].prompt_len:] for i in rows]
         freq = [seqs[i].params.frequency_penalty for i in rows]
