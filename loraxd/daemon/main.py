@@ -22,6 +22,7 @@ from aiohttp import web
 from loraxd import __version__
 from loraxd.adapters.sources import AdapterSources
 from loraxd.config import load_or_exit
+from loraxd.control.server import ControlServer
 from loraxd.daemon.model_files import ModelNotFound, resolve_model
 from loraxd.daemon.notify import sd_notify
 from loraxd.daemon.supervisor import Supervisor, WorkerStartError
@@ -84,10 +85,12 @@ async def serve(config, model_dir: Path) -> None:
     engine = AsyncEngine(config, tokenizer, workers, ready, recover=supervisor.restart,
                          sources=sources)
     engine.start()
+    control = ControlServer(config.paths.control_socket, engine, supervisor)
     runner = web.AppRunner(make_app(engine, config), handler_cancellation=True,
                            access_log=None)
     await runner.setup()
     try:
+        await control.start()
         site = web.TCPSite(runner, config.server.hostname, config.server.port)
         await site.start()
         log.info("serving %s on http://%s:%d", config.model.model_id, config.server.hostname,
@@ -97,6 +100,7 @@ async def serve(config, model_dir: Path) -> None:
         log.info("stopping")
         sd_notify("STOPPING=1")
     finally:
+        await control.stop()
         await runner.cleanup()
         await engine.stop()
         await supervisor.stop()

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from loraxd.http.errors import error_middleware
+from loraxd.http.metrics import MetricsRoutes
 from loraxd.http.native import NativeRoutes
 from loraxd.http.openai import OpenAIRoutes
 from loraxd.http.service import Frontend
@@ -37,6 +38,7 @@ def make_app(engine: Any, config: Any) -> web.Application:
         app.on_response_prepare.append(_cors_headers(origins))
     NativeRoutes(frontend, config).register(app)
     OpenAIRoutes(frontend, config).register(app)
+    MetricsRoutes(engine, config.model.model_id).register(app)
     return app
 
 

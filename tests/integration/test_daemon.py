@@ -159,3 +159,27 @@ def test_a_dead_worker_is_restarted(daemon):
         pytest.fail(f"worker not restarted:\n{daemon.log()}")
     assert generate(daemon, chat(QUESTIONS[0]), max_new_tokens=20)["generated_text"] == \
         "The capital of France is Paris."
+
+
+def test_loraxctl_status_reads_the_live_daemon(daemon, default_model_dir):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "loraxd.cli.loraxctl", "--socket",
+                          str(daemon.runtime_dir / "control.sock"), "status", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["model_id"] == str(default_model_dir)
+    assert status["pid"] == daemon.proc.pid
+    assert status["worker_pids"] == daemon.worker_pids() and status["serving"]
+    assert status["num_steps"] > 0 and 0.0 <= status["kv_cache_usage"] <= 1.0
+
+
+def test_metrics_carry_the_gateway_gauges(daemon):
+    r = requests.get(daemon.url + "/metrics", timeout=5)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    lines = r.text.splitlines()
+    assert any(line.startswith("vllm:num_requests_waiting{") for line in lines)
+    assert any(line.startswith("vllm:lora_requests_info{max_lora=") for line in lines)
+    assert requests.get(daemon.url + "/metrics", timeout=5,
+                        headers={"Accept": "application/json"}).json()["num_steps"] > 0
