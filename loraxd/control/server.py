@@ -196,11 +196,7 @@ class ControlServer:
             return Error("this server serves no adapters")
         ref = AdapterRef(req.adapter_id, req.source or engine.config.adapters.adapter_source)
         manager = engine.adapters
-        entry = manager.entries.get(adapter_key(ref))
-        if entry is not None:
-            entry.pinned = True  # already known: pin it where it is
-        else:
-            manager.preload(ref)
+        manager.preload(ref)
         try:
             await manager.ensure_fetched(ref)
         except Exception as exc:  # noqa: BLE001 - the fetch error, in words, is the answer
@@ -222,7 +218,4 @@ def _adapter_info(entry: AdapterEntry) -> AdapterInfo:
 
 def _serving(engine: Any) -> bool:
     """Whether the engine takes requests (False while the workers restart)."""
-    serving = getattr(engine, "serving", None)
-    if serving is None:
-        serving = getattr(engine, "_serving", True)
-    return bool(serving)
+    return bool(getattr(engine, "serving", True))

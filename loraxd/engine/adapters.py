@@ -123,7 +123,12 @@ class AdapterManager:
     # -- moving adapters ---------------------------------------------------------------------
 
     def preload(self, ref: AdapterSpec) -> None:
-        self._start_fetch(ref).pinned = True
+        """Fetch, load and pin: the adapter stays in its slot from then on."""
+        entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
+        entry.pinned = True
+        if entry.status == FETCHED and entry.key not in self.pending:
+            self.pending[entry.key] = None
+            self._assign_slots()
 
     async def ensure_fetched(self, ref: AdapterSpec) -> None:
         """Wait until the adapter's files are on disk; raises the fetch's error."""

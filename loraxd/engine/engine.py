@@ -77,6 +77,11 @@ class AsyncEngine:
         for adapter_id in self.config.adapters.preloaded_adapter_ids:
             self.adapters.preload(AdapterRef(adapter_id, self.config.adapters.adapter_source))
 
+    @property
+    def serving(self) -> bool:
+        """False while the workers restart."""
+        return self._serving
+
     def _wake_up(self) -> None:
         self._wake.set()
 

@@ -184,8 +184,8 @@ class OpenAIRoutes:
         entries = getattr(getattr(self.fe.engine, "adapters", None), "entries", None) or {}
         for entry in list(entries.values()):
             ref = entry.ref
-            if ref.adapter_id in seen or ref.api_token:
-                continue
+            if not hasattr(ref, "adapter_id") or ref.adapter_id in seen or ref.api_token:
+                continue  # merges have no single id
             seen.add(ref.adapter_id)
             data.append({"id": ref.adapter_id, "object": "model", "created": self.created,
                          "owned_by": "loraxd", "root": ref.adapter_id, "parent": base})

@@ -125,3 +125,14 @@ async def test_a_fresh_load_is_not_evicted_before_its_waiting_requests_run():
     h.m.release(a)  # done, nobody waits for a: b gets the slot
     await settle()
     assert h.loads[-1] == (0, "local:b")
+
+
+async def test_preload_of_a_known_adapter_pins_it_in_place():
+    h = Harness(num_slots=2)
+    s = seq("a")
+    h.m.acquire(s)
+    await settle()
+    entry = h.m.entries["local:a"]
+    h.m.preload(AdapterRef("a", "local"))
+    assert h.m.entries["local:a"] is entry and entry.pinned and entry.slot == 0
+    assert h.loads == [(0, "local:a")]
