@@ -75,7 +75,7 @@ def daemon(default_model_dir, adapter_dir, tmp_path_factory):
     root, _ = adapter_dir
     d = Daemon(default_model_dir, tmp_path_factory.mktemp("daemon"),
                "--local-adapter-dir", str(root), "--adapter-source", "local",
-               "--max-active-adapters", "4")
+               "--max-active-adapters", "4", "--preloaded-adapter-id", "r64-od")
     try:
         yield d.wait_ready()
     finally:
@@ -174,3 +174,18 @@ def test_merged_adapters(daemon, adapter_dir):
     r = generate(daemon, "Hi", merged_adapters={"ids": ["r8-all", "missing"],
                                                 "weights": [0.5, 0.5]})
     assert r.status_code == 424 and "missing" in r.json()["error"]
+
+
+def test_preloaded_adapter_stays_resident(daemon):
+    """The preloaded adapter is loaded and pinned from the start, and stays while the other
+    seven rotate through the remaining three slots."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "loraxd.cli.loraxctl", "--socket",
+                          str(daemon.runtime_dir / "control.sock"), "adapters", "--json"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    listed = json.loads(out.stdout)
+    entries = listed["adapters"] if isinstance(listed, dict) else listed
+    pinned = [a for a in entries if a["key"] == "local:r64-od"]
+    assert pinned and pinned[0]["pinned"] and pinned[0]["status"] == "loaded", entries
