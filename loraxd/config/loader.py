@@ -1,10 +1,6 @@
-"""One typed, frozen configuration tree, loaded once and passed down.
-
-Sources, in rising precedence: defaults < TOML file (`--config PATH`, else $LORAXD_CONFIG,
-else /etc/loraxd/loraxd.toml when it exists) < environment `LORAXD_<KEY>` < flags. The
-section dataclasses are the one table of settings: a field's name, type, default and metadata
-give its TOML key, environment name, flag, help text and rule. Key names are unique across
-sections. Errors are `ConfigError`s naming the source, the key, the value and the reason.
+"""Reading the configuration: defaults < TOML file (`--config PATH`, else $LORAXD_CONFIG,
+else /etc/loraxd/loraxd.toml when it exists) < environment `LORAXD_<KEY>` < flags.
+Errors are `ConfigError`s naming the source, the key, the value and the reason.
 Stdlib only: the daemon imports this before anything heavy.
 """
 from __future__ import annotations
@@ -18,175 +14,11 @@ import os
 import sys
 import tomllib
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-DEFAULT_CONFIG_PATH = "/etc/loraxd/loraxd.toml"
-ENV_PREFIX = "LORAXD_"
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-DEVICES = ("cpu", "cuda", "auto")
-ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
-
-
-class ConfigError(Exception):
-    """A configuration problem; the message is one line: source, key, value, reason."""
-
-
-_Rule = Callable[[typing.Any], "str | None"]
-
-
-def _rule(ok: Callable[[typing.Any], bool], reason: str) -> _Rule:
-    """A rule returns why a well-typed value is wrong, or None."""
-    return lambda value: None if ok(value) else reason
-
-
-_POSITIVE_INT = _rule(lambda v: v > 0, "must be a positive integer")
-_POSITIVE = _rule(lambda v: v > 0, "must be greater than 0")
-_NON_NEGATIVE = _rule(lambda v: v >= 0, "must not be negative")
-_PORT = _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")
-_NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
-_NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
-
-
-def _setting(default: object, help: str, rule: _Rule | None = None, *,
-             choices: tuple[str, ...] = (), flag: str | None = None,
-             short: str | None = None) -> typing.Any:
-    meta = {"help": help, "rule": rule, "choices": choices, "flag": flag, "short": short}
-    return field(default=default, metadata=meta)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    model_id: str = _setting("HuggingFaceTB/SmolLM2-135M-Instruct",
-                             "base model: a local directory or a Hugging Face Hub id", _NON_EMPTY)
-    revision: str | None = _setting(None, "Hub revision (branch, tag or commit) of the model")
-    dtype: str = _setting("float32", "weights and activations; auto: the model's own dtype",
-                          choices=DTYPES)
-    device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
-    num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each", _POSITIVE_INT)
-    huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    hostname: str = _setting("127.0.0.1", "address the HTTP server listens on", _NON_EMPTY)
-    port: int = _setting(3000, "TCP port of the HTTP server", _PORT, short="-p")
-    cors_allow_origin: tuple[str, ...] = _setting((), "origins allowed by CORS (repeatable flag)",
-                                                  _NO_EMPTY_ITEMS)
-    json_output: bool = _setting(False, "write log lines as JSON")
-    max_request_bytes: int = _setting(2_097_152, "largest HTTP request body", _POSITIVE_INT)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_concurrent_requests: int = _setting(128, "requests in flight before 429", _POSITIVE_INT)
-    max_best_of: int = _setting(2, "largest best_of of a request", _POSITIVE_INT)
-    max_stop_sequences: int = _setting(4, "most stop sequences of a request", _NON_NEGATIVE)
-    max_input_length: int = _setting(1024, "most prompt tokens of a request", _POSITIVE_INT)
-    max_total_tokens: int = _setting(2048, "most prompt + generated tokens of a request",
-                                     _POSITIVE_INT)
-    max_batch_prefill_tokens: int = _setting(4096, "most prompt tokens prefilled in one step",
-                                             _POSITIVE_INT)
-    max_batch_total_tokens: int = _setting(32768, "most tokens held by the running batch",
-                                           _POSITIVE_INT)
-    waiting_served_ratio: float = _setting(
-        1.2, "waiting/running ratio above which waiting requests interrupt decoding",
-        _NON_NEGATIVE)
-    max_waiting_tokens: int = _setting(20, "decode steps before waiting requests may join",
-                                       _POSITIVE_INT)
-    block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    adapter_source: str = _setting("hub", "where adapter ids are looked up unless a request says",
-                                   choices=ADAPTER_SOURCES)
-    max_active_adapters: int = _setting(32, "adapter slots on the device", _POSITIVE_INT)
-    adapter_cycle_time_s: float = _setting(
-        2.0, "seconds an adapter keeps the batch before waiting adapters get a turn", _POSITIVE)
-    local_adapter_dirs: tuple[str, ...] = _setting(
-        (), "directories holding local adapters (repeatable flag)", _NO_EMPTY_ITEMS,
-        flag="--local-adapter-dir")
-    preloaded_adapter_ids: tuple[str, ...] = _setting(
-        (), "adapters loaded at startup (repeatable flag)", _NO_EMPTY_ITEMS,
-        flag="--preloaded-adapter-id")
-    adapter_memory_bytes: int = _setting(2_147_483_648, "host-memory budget of the adapter LRU",
-                                         _POSITIVE_INT)
-
-
-@dataclass(frozen=True)
-class PathsConfig:
-    """Empty paths are derived (see `default_paths`); control_socket follows runtime_dir."""
-
-    runtime_dir: str = _setting("", "sockets; /run/loraxd as root, else "
-                                    "$XDG_RUNTIME_DIR/loraxd or /tmp/loraxd-<uid>")
-    control_socket: str = _setting("", "loraxctl's socket; <runtime_dir>/control.sock")
-    cache_dir: str = _setting("", "downloads; /var/cache/loraxd as root, else "
-                                  "$XDG_CACHE_HOME/loraxd or ~/.cache/loraxd")
-
-    def __post_init__(self) -> None:
-        runtime_dir, cache_dir = default_paths(os.environ, os.geteuid())
-        runtime_dir = self.runtime_dir or runtime_dir
-        object.__setattr__(self, "runtime_dir", runtime_dir)
-        object.__setattr__(self, "cache_dir", self.cache_dir or cache_dir)
-        object.__setattr__(self, "control_socket",
-                           self.control_socket or os.path.join(runtime_dir, "control.sock"))
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    num_threads: int = _setting(0, "torch threads per worker; 0: all cores", _NON_NEGATIVE)
-    ready_timeout_s: float = _setting(900.0, "seconds a worker may take to report Ready",
-                                      _POSITIVE)
-
-
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-
-    def to_dict(self) -> dict[str, dict[str, typing.Any]]:
-        """Plain nested dict (tuples become lists): JSON- and msgpack-able."""
-        return {section: {name: list(value) if isinstance(value, tuple) else value
-                          for name, value in dataclasses.asdict(getattr(self, section)).items()}
-                for section in _SECTIONS}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Mapping[str, typing.Any]]) -> Config:
-        """The inverse of `to_dict`, validated like a TOML file (workers rebuild it so)."""
-        settings = _defaults()
-        settings.update(_from_tables("config", data, rank=1))
-        return _build(settings, os.environ, os.geteuid())
-
-
-@dataclass(frozen=True)
-class Actions:
-    """What the command line asks for besides configuration."""
-
-    download_only: bool = False  # fetch the model and preloaded adapters, then exit
-    check_config: bool = False  # validate and exit
-    env: bool = False  # print the resolved config as JSON
-    config_file: str | None = None  # the TOML file that was read, if any
-
-
-def default_paths(environ: Mapping[str, str], euid: int) -> tuple[str, str]:
-    """(runtime_dir, cache_dir) for a user: system dirs as root, else XDG dirs."""
-    if euid == 0:
-        return "/run/loraxd", "/var/cache/loraxd"
-    xdg_runtime = environ.get("XDG_RUNTIME_DIR", "")
-    xdg_cache = environ.get("XDG_CACHE_HOME", "")
-    home = environ.get("HOME") or os.path.expanduser("~")
-    runtime_dir = (os.path.join(xdg_runtime, "loraxd") if os.path.isabs(xdg_runtime)
-                   else f"/tmp/loraxd-{euid}")
-    cache_dir = os.path.join(xdg_cache if os.path.isabs(xdg_cache)
-                             else os.path.join(home, ".cache"), "loraxd")
-    return runtime_dir, cache_dir
+from loraxd.config.tree import (DEFAULT_CONFIG_PATH, ENV_PREFIX, EXIT_CONFIG, Actions, Config,
+                                ConfigError, Rule, default_paths)
 
 
 # kind: (annotation, why a value of the wrong type is wrong)
@@ -202,7 +34,7 @@ class _Key:
     kind: str  # one of _KINDS
     default: typing.Any
     help: str
-    rule: _Rule | None
+    rule: Rule | None
     choices: tuple[str, ...]
     flag: str  # the long flag; env is the environment name
     short: str | None
@@ -479,3 +311,10 @@ def load_or_exit(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         message = " ".join(str(exc).split("\n"))
         print(f"loraxd: {message}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+
+
+def config_from_tables(data: Mapping[str, Mapping[str, typing.Any]]) -> Config:
+    """A Config from nested dicts, validated like a TOML file."""
+    settings = _defaults()
+    settings.update(_from_tables("config", data, rank=1))
+    return _build(settings, os.environ, os.geteuid())
