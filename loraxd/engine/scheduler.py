@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.request import FinishEvent, PromptToken, TokenEvent
 from loraxd.engine.sequence import Sequence
-from loraxd.protocol.worker import NewSeq, SeqOutput, Step, StepResult
+from loraxd.protocol.worker import NewSeq, Step, StepResult
 
 
 class AdapterSlots(Protocol):

@@ -19,10 +19,18 @@ import traceback
 
 import zmq
 
-from loraxd.worker.adapter_loader import AdapterLoader
 from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
-from loraxd.protocol.worker import (Hello, LoadAdapter, Ready, Shutdown, Step, StepFailed,
-                                    StepResult, WorkerError)
+from loraxd.protocol.worker import (
+    Hello,
+    LoadAdapter,
+    Ready,
+    Shutdown,
+    Step,
+    StepFailed,
+    StepResult,
+    WorkerError,
+)
+from loraxd.worker.adapter_loader import AdapterLoader
 
 log = logging.getLogger("loraxd.worker")
 

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests  # noqa: F401  (installed with lorax-client)
 
 
 def free_port() -> int:
