@@ -18,7 +18,7 @@ from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
 from loraxd.engine.request import (AdapterError, AdapterRef, EngineError, FinishEvent,
                                    GenerationRequest, MergedAdapters, TokenEvent, Unavailable)
-from loraxd.engine.scheduler import Scheduler, SchedulerLimits
+from loraxd.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
 from loraxd.engine.sequence import Sequence
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
@@ -235,28 +235,37 @@ class AsyncEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            self._step_result = asyncio.get_running_loop().create_future()
-            self._step_id = plan.step.step_id
             try:
-                await self.workers.broadcast(plan.step)
-                result = await self._step_result
+                await self._step(plan)
             except WorkerLost as exc:
                 self._lost = exc
-                continue
-            finally:
-                self._step_result = None
-            if isinstance(result, StepFailed):
-                log.error("step %d failed: %s", result.step_id, result.message)
-                failed = self.scheduler.fail(result.req_ids or list(plan.seqs))
-                self._fail([s.req_id for s in failed], EngineError(
-                    f"Request failed during generation: {result.message}"))
-                continue
-            self.num_steps += 1
-            self._last_step_done = time.monotonic()
-            for req_id, event in self.scheduler.update(plan, result):
-                queue = self._streams.get(req_id)
-                if queue is not None:
-                    queue.put_nowait(event)
+            except Exception as exc:  # noqa: BLE001 - a bug fails its step's requests only
+                log.exception("step %d could not be applied", plan.step.step_id)
+                self._fail_step(plan, list(plan.seqs), f"{type(exc).__name__}: {exc}")
+
+    async def _step(self, plan: StepPlan) -> None:
+        self._step_result = asyncio.get_running_loop().create_future()
+        self._step_id = plan.step.step_id
+        try:
+            await self.workers.broadcast(plan.step)
+            result = await self._step_result
+        finally:
+            self._step_result = None
+        if isinstance(result, StepFailed):
+            log.error("step %d failed: %s", result.step_id, result.message)
+            self._fail_step(plan, result.req_ids or list(plan.seqs), result.message)
+            return
+        self.num_steps += 1
+        self._last_step_done = time.monotonic()
+        for req_id, event in self.scheduler.update(plan, result):
+            queue = self._streams.get(req_id)
+            if queue is not None:
+                queue.put_nowait(event)
+
+    def _fail_step(self, plan: StepPlan, req_ids: list[int], why: str) -> None:
+        failed = self.scheduler.fail(req_ids)
+        self._fail([s.req_id for s in failed],
+                   EngineError(f"Request failed during generation: {why}"))
 
     def _start_reader(self) -> asyncio.Task:
         return asyncio.get_running_loop().create_task(self._read(), name="worker-reader")
