@@ -51,8 +51,8 @@ class ModelConfig:
     model_id: str = _setting("HuggingFaceTB/SmolLM2-135M-Instruct",
                              "base model: a local directory or a Hugging Face Hub id", _NON_EMPTY)
     revision: str | None = _setting(None, "Hub revision (branch, tag or commit) of the model")
-    dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, else float32",
-                          choices=DTYPES)
+    dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, "
+                          "else float32", choices=DTYPES)
     device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
     num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each", _POSITIVE_INT)
     huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's")
