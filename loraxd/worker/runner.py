@@ -144,7 +144,8 @@ class ModelRunner:
         hidden, residual = self.model.forward(ctx, self.kv_cache)
         logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)
         states = new + decode
-        result = sample(logits[ctx.sample_idx], [s.sampling for s in states])
+        rows = logits if ctx.sample_idx is None else logits[ctx.sample_idx]  # [num_seqs, vocab]
+        result = sample(rows, [s.sampling for s in states])
         prompt_lps = self._prompt_logprobs(logits, new_seqs)
         outputs = []
         for i, state in enumerate(states):
@@ -252,13 +253,14 @@ class ModelRunner:
         return self.tables.table[rows, positions // bs] * bs + positions % bs
 
     def _logit_rows(self, new_seqs: list[NewSeq], starts: list[int], query_lens: list[int],
-                    num_decode: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    num_decode: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows that need logits (each sequence's last token; every prompt token of a
-        sequence asking prompt logprobs) and each sequence's sampling row among them."""
+        sequence asking prompt logprobs) and each sequence's sampling row among them (None:
+        every logit row, in order; indexing [num_seqs, vocab] rows costs ~0.2 ms)."""
         dev = self.device
         last = [start + n - 1 for start, n in zip(starts, query_lens)]
         if not any(s.sampling.prompt_logprobs for s in new_seqs):
-            return torch.tensor(last, device=dev), torch.arange(len(last), device=dev)
+            return torch.tensor(last, device=dev), None
         logit_rows, sample_rows = [], []
         for i, (start, n) in enumerate(zip(starts, query_lens)):
             if i < len(new_seqs) and new_seqs[i].sampling.prompt_logprobs:

@@ -54,7 +54,7 @@ class StepContext:
     decode_max_len: int  # max_blocks * block_size
     # which final hidden rows get logits, and each sequence's sampling row among them
     logits_idx: torch.Tensor  # [num_logit_rows]
-    sample_idx: torch.Tensor  # [num_seqs]
+    sample_idx: torch.Tensor | None  # [num_seqs]; None: every logit row, in order
     dtype: torch.dtype
     lora: Any = None  # a LoraStep, or None when no sequence of the step uses an adapter
     rope_cos: torch.Tensor | None = None  # [num_tokens, 1, head_dim], set by the model
