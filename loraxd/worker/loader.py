@@ -1,4 +1,5 @@
-"""Read an HF model directory: config.json, generation_config.json, *.safetensors.
+"""Read an HF model directory's generation_config.json and *.safetensors (config.json:
+loraxd.worker.models).
 
 Weights come one tensor at a time (`iter_weights`), so a model never holds two full copies
 of its state while it loads: each tensor is sliced for this rank, cast and placed at once.
@@ -14,13 +15,6 @@ from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-def load_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the model directory")
-    return json.loads(path.read_text())
 
 
 def eos_token_ids(model_dir: str | Path, config: dict) -> list[int]:

@@ -14,7 +14,7 @@ from loraxd.worker import loader
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
 from loraxd.worker.layers.attention import StepContext
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
-from loraxd.worker.models import UnsupportedModel, resolve
+from loraxd.worker.models import CausalLM, UnsupportedModel, read_config_json, resolve
 
 __all__ = ["ModelRunner", "StepContext", "UnsupportedModel"]
 
@@ -57,12 +57,12 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
         self.model_dir = model_dir
-        config = loader.load_config(model_dir)
-        self.architecture, model_cls, arch = resolve(config)
+        arch = resolve(model_dir)
         self.arch = arch
-        self.eos_token_ids = loader.eos_token_ids(model_dir, config)
+        self.architecture = arch.architecture
+        self.eos_token_ids = loader.eos_token_ids(model_dir, read_config_json(model_dir))
         with torch.inference_mode():
-            self.model = model_cls(arch, dtype=self.dtype, device=self.device)
+            self.model = CausalLM(arch, dtype=self.dtype, device=self.device)
             self.model.load_weights(loader.iter_weights(model_dir))
         self.num_layers = arch.num_layers
         self.module_shapes: dict[str, tuple[int, int]] = arch.module_shapes()
@@ -91,7 +91,10 @@ class ModelRunner:
     def read_adapter(self, path: str):
         """Read and check a PEFT adapter (thread-safe; no slot is touched)."""
         from loraxd.worker.lora import load_peft_adapter
-        return load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype)
+        fused = self.arch.fused_modules()
+        extra = {"fused_modules": fused} if fused else {}
+        return load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype,
+                                 **extra)
 
     def install_adapter(self, slot: int, adapter) -> None:
         """Put a read adapter into slot `slot`; only between steps."""
@@ -215,7 +218,8 @@ class ModelRunner:
         for i in range(1, len(states)):
             starts[i] = starts[i - 1] + query_lens[i - 1]
         num_tokens = num_prefill_tokens + len(decode)
-        self.model.rotary.ensure(max(seq_lens))
+        for rotary in self.model.rotary.values():
+            rotary.ensure(max(seq_lens))
 
         dev = self.device
         input_ids = [t for s in new_seqs for t in s.prompt_ids] + [s.last_token for s in decode]

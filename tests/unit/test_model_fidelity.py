@@ -6,6 +6,7 @@ the real default model when LORAXD_TEST_MODEL_DIR names its converted directory.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -21,33 +22,79 @@ from loraxd.worker.runner import ModelRunner  # noqa: E402
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             initializer_range=0.5)
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, pad_token_id=0)
 
 FAMILIES = {
     "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
     "llama-untied-llama3-rope": ("LlamaConfig", dict(
-        tie_word_embeddings=False, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+        tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})),
     "llama-linear-rope-bias": ("LlamaConfig", dict(
         tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
-        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama-yarn-rope": ("LlamaConfig", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 64})),
     "mistral-sliding-window": ("MistralConfig", dict(sliding_window=7, head_dim=16)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen2-tied-mha": ("Qwen2Config", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
+    "qwen3-sliding-bias": ("Qwen3Config", dict(
+        head_dim=24, tie_word_embeddings=True, attention_bias=True, use_sliding_window=True,
+        sliding_window=5, max_window_layers=1)),
+    "gemma2": ("Gemma2Config", dict(**GEMMA, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", dict(**GEMMA, layer_types=[
+        "sliding_attention", "full_attention"], rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    "phi3-sliding": ("Phi3Config", dict(pad_token_id=0, sliding_window=7)),
 }
+LAYOUTS = ("saved", "v4")  # as the installed transformers saves it; rewritten as 4.x did
 
 
-def build_tiny_model(family: str, out_dir: Path):
-    """Save a tiny random model of `family` to out_dir; return the HF model (eval, fp32)."""
+def v4_layout(config: dict) -> dict:
+    """The same config as transformers 4.x wrote it: top-level rope_theta / rope_scaling
+    (Gemma 3: rope_local_base_freq, sliding_window_pattern), no layer_types, torch_dtype."""
+    config = dict(config)
+    rope = config.pop("rope_parameters")
+    if "full_attention" in rope:  # keyed by layer type (Gemma 3)
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    rope = dict(rope)
+    config["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    config["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+    kinds = config.pop("layer_types", None)
+    if config["model_type"] == "gemma3_text":
+        config["sliding_window_pattern"] = kinds.index("full_attention") + 1
+        config.pop("_sliding_window_pattern", None)
+    elif config["model_type"] == "gemma2":
+        assert kinds == ["sliding_attention", "full_attention"] * (len(kinds) // 2)
+    if "dtype" in config:
+        config["torch_dtype"] = config.pop("dtype")
+    return config
+
+
+def build_tiny_model(family: str, out_dir: Path, layout: str = "saved"):
+    """Save a tiny random model of `family` to out_dir (its config in `layout`); return the
+    HF model (eval, fp32)."""
     config_name, extra = FAMILIES[family]
     config = getattr(transformers, config_name)(**{**TINY, **extra})
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # biases start at zero; make them matter
+    with torch.no_grad():  # biases and norm weights start at constants; make them matter
         for name, param in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(".bias") or "norm" in name:
                 param.normal_(0.0, 0.5)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir)
+    if layout == "v4":
+        path = Path(out_dir) / "config.json"
+        path.write_text(json.dumps(v4_layout(json.loads(path.read_text())), indent=2))
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     return model
 
@@ -123,13 +170,25 @@ class Driver:
         return outputs
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=[(family, layout) for family in sorted(FAMILIES)
+                                        for layout in LAYOUTS], ids="-".join)
 def tiny(request, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp(request.param)
-    model = build_tiny_model(request.param, out_dir)
+    family, layout = request.param
+    out_dir = tmp_path_factory.mktemp(family)
+    model = build_tiny_model(family, out_dir, layout)
     runner = ModelRunner(str(out_dir), block_size=4, max_batch_total_tokens=1024,
                          num_threads=2)
     return model, runner
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_both_layouts_read_the_same(family, tmp_path):
+    from loraxd.worker.models import resolve
+    build_tiny_model(family, tmp_path / "saved")
+    build_tiny_model(family, tmp_path / "v4", "v4")
+    saved, v4 = resolve(tmp_path / "saved"), resolve(tmp_path / "v4")
+    assert saved == v4
+    assert json.loads((tmp_path / "v4" / "config.json").read_text()).get("rope_theta")
 
 
 def test_single_sequence_matches_transformers(tiny):

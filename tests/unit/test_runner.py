@@ -44,8 +44,10 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UnsupportedModel) as err:
         ModelRunner(str(tmp_path))
-    assert str(err.value) == ("architecture GPT2LMHeadModel is not supported; supported: "
-                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+    assert str(err.value) == (
+        "architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, "
+        "Gemma3ForCausalLM, Phi3ForCausalLM")
 
 
 def test_model_type_fallback_and_eos_list(llama, tmp_path):

@@ -57,8 +57,8 @@ class StepContext:
     sample_idx: torch.Tensor | None  # [num_seqs]; None: every logit row, in order
     dtype: torch.dtype
     lora: Any = None  # a LoraStep, or None when no sequence of the step uses an adapter
-    rope_cos: torch.Tensor | None = None  # [num_tokens, 1, head_dim], set by the model
-    rope_sin: torch.Tensor | None = None
+    # layer type -> (cos, sin), each [num_tokens, 1, head_dim]; set by the model
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
     @property
@@ -102,21 +102,38 @@ class StepContext:
 
 
 class PagedAttention:
+    """`rope_key` picks the step's rotary tables (per layer type); `qk_norms` (a q and a k
+    RMSNorm over head_dim, applied before the rotation) for Qwen3 and Gemma 3; `softcap`
+    caps the scores at `cap * tanh(score / cap)` before the mask (Gemma 2)."""
+
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 *, scale: float, sliding_window: int | None = None):
+                 *, scale: float, sliding_window: int | None = None,
+                 rope_key: str = "full_attention", qk_norms: tuple | None = None,
+                 softcap: float | None = None):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.rope_key = rope_key
+        self.qk_norms = qk_norms
+        self.softcap = softcap
 
     def forward(self, qkv: torch.Tensor, ctx: StepContext, kv_cache: PagedKVCache
                 ) -> torch.Tensor:
         """qkv [num_tokens, q|k|v] (rotated here, in place) -> [num_tokens, num_heads*head_dim]."""
         num_tokens = qkv.shape[0]
         qk = qkv[:, :self.q_size + self.kv_size]
-        apply_rotary(qk.view(num_tokens, -1, self.head_dim), ctx.rope_cos, ctx.rope_sin)
+        if self.qk_norms is not None:
+            q_norm, k_norm = self.qk_norms
+            for norm, cols in ((q_norm, slice(0, self.q_size)),
+                               (k_norm, slice(self.q_size, self.q_size + self.kv_size))):
+                part = qkv[:, cols]
+                part.copy_(norm.forward(part.view(num_tokens, -1, self.head_dim))[0]
+                           .view(num_tokens, -1))
+        cos, sin = ctx.rope[self.rope_key]
+        apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
         kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
         kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
 
@@ -140,7 +157,7 @@ class PagedAttention:
         k = rows[:, self.q_size:self.q_size + self.kv_size].view(n, -1, d).transpose(0, 1)
         v = rows[:, self.q_size + self.kv_size:].view(n, -1, d).transpose(0, 1)
         mask = ctx.prefill_mask(seq, self.sliding_window)
-        o = _sdpa(q[None], k[None], v[None], mask, mask is None, self.scale)  # [1, H, n, d]
+        o = self._attend(q[None], k[None], v[None], mask, mask is None)  # [1, H, n, d]
         return o[0].transpose(0, 1).reshape(n, self.q_size)
 
     def _decode(self, qkv: torch.Tensor, ctx: StepContext, kv_cache: PagedKVCache
@@ -152,14 +169,40 @@ class PagedAttention:
         k = pages[:, :, 0].transpose(1, 2)  # [B, kv_heads, max_len, d]
         v = pages[:, :, 1].transpose(1, 2)
         mask = ctx.decode_mask(self.sliding_window)
-        if q.dtype == torch.float32:
+        if q.dtype == torch.float32 or self.softcap is not None:
             q = q.view(num_decode, self.num_heads, 1, d)
-            o = _sdpa(q, k, v, mask, False, self.scale)  # [B, H, 1, d]
+            o = self._attend(q, k, v, mask, False)  # [B, H, 1, d]
         else:  # CPU SDPA's GQA path is 5x slower in bf16: put a KV head's G query heads
             # where the query positions go ([B, kv_heads, G, d]), one query token each
             q = q.view(num_decode, self.num_kv_heads, -1, d)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return o.reshape(num_decode, self.q_size)
+
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        if self.softcap is None:
+            return _sdpa(q, k, v, mask, is_causal, self.scale)
+        return _softcapped(q, k, v, mask, is_causal, self.scale, self.softcap)
+
+
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, scale: float, cap: float) -> torch.Tensor:
+    """Attention with capped scores, written out (SDPA has no soft-capping): q [B, H, n, d],
+    k and v [B, kv_heads, m, d]; `mask` additive (float) or keep (bool)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, n, m]
+    scores = torch.tanh(scores / cap) * cap
+    if is_causal:
+        n, m = scores.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

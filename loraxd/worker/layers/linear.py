@@ -106,6 +106,16 @@ class ColumnParallelLinear:
         size, start = self.output_sizes[shard], self.offsets[shard]
         self.bias[start:start + size].copy_(bias[self.rank * size:(self.rank + 1) * size])
 
+    def load_fused(self, tensor: torch.Tensor, load: Callable) -> None:
+        """Place a checkpoint tensor that holds every sub-matrix at once (Phi-3's qkv_proj),
+        each through `load` (load_weight or load_bias) as its own shard."""
+        sizes = [size * self.world_size for size in self.output_sizes]
+        if tensor.shape[0] != sum(sizes):
+            raise ValueError(f"a fused tensor of {tensor.shape[0]} rows does not hold "
+                             f"sub-matrices of {sizes} rows")
+        for shard, part in enumerate(tensor.split(sizes)):
+            load(part, shard)
+
     def finalize(self, allow_packed: bool = True) -> None:
         self.kernel = DenseKernel(self.weight, self.bias, allow_packed=allow_packed)
         self.weight = self.bias = None

@@ -1,51 +1,24 @@
-"""Rotary position embeddings (the rotate-half form of Llama, Mistral and Qwen2).
+"""Rotary position embeddings (the rotate-half form of every supported family).
 
 The cos/sin table covers every position once; a step gathers the rows of its positions
 once (`tables`) and every layer rotates q and k of all tokens with one call (`apply_rotary`).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+def inv_frequencies(head_dim: int, spec, config=None) -> tuple[torch.Tensor, float]:
+    """(rotation frequencies [head_dim // 2], cos/sin scale) of a RopeSpec, as transformers
+    computes them: its own rope functions for every type but the default."""
+    if spec.rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+        return 1.0 / (spec.theta ** exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-def rope_type(rope_scaling: dict | None) -> str:
-    if not rope_scaling:
-        return "default"
-    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-
-
-def inv_frequencies(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:
-    """The rotation frequencies [head_dim // 2], as transformers computes them."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
-    kind = rope_type(rope_scaling)
-    if kind == "linear":
-        return inv_freq / rope_scaling["factor"]
-    if kind == "llama3":
-        return _llama3_frequencies(inv_freq, rope_scaling)
-    if kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    return inv_freq
-
-
-def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    factor = scaling["factor"]
-    low_freq_factor = scaling["low_freq_factor"]
-    high_freq_factor = scaling["high_freq_factor"]
-    old_context_len = scaling["original_max_position_embeddings"]
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[spec.rope_type](config, None,
+                                                          layer_type=spec.layer_type)
+    return inv_freq.float(), float(scale)
 
 
 class RotaryEmbedding:
@@ -54,9 +27,9 @@ class RotaryEmbedding:
 
     INITIAL_POSITIONS = 4096
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 rope_scaling: dict | None, *, dtype: torch.dtype, device: str | torch.device):
-        self.inv_freq = inv_frequencies(head_dim, theta, rope_scaling)
+    def __init__(self, head_dim: int, max_positions: int, spec, config=None, *,
+                 dtype: torch.dtype, device: str | torch.device):
+        self.inv_freq, self.scale = inv_frequencies(head_dim, spec, config)
         self.max_positions = max_positions
         self.dtype, self.device = dtype, device
         self.num_cached = 0
@@ -70,6 +43,8 @@ class RotaryEmbedding:
         positions = torch.arange(num_positions, dtype=torch.float)
         freqs = torch.outer(positions, self.inv_freq)  # [num_positions, head_dim // 2]
         cos, sin = freqs.cos(), freqs.sin()
+        if self.scale != 1.0:  # yarn's attention factor
+            cos, sin = cos * self.scale, sin * self.scale
         # [num_positions, head_dim]: cos|cos and -sin|sin, so x*cos + swap_halves(x)*sin
         # equals transformers' x*cos + rotate_half(x)*sin bit for bit
         self.cos = torch.cat((cos, cos), -1).to(dtype=self.dtype, device=self.device)

@@ -1,37 +1,21 @@
-"""Architecture name (config.json "architectures") -> model class."""
+"""A model directory -> its ModelArch and the decoder that runs it."""
 from __future__ import annotations
 
-from loraxd.worker.models.llama import LlamaArch, LlamaForCausalLM, UnsupportedModel
+from pathlib import Path
 
-# architecture -> (model class, its config reader)
-ARCHITECTURES = {
-    "LlamaForCausalLM": (LlamaForCausalLM, LlamaArch),
-    "MistralForCausalLM": (LlamaForCausalLM, LlamaArch),
-    "Qwen2ForCausalLM": (LlamaForCausalLM, LlamaArch),
-}
+from loraxd.worker.models.arch import MODEL_TYPES, READERS, ModelArch, architecture_of, read_arch
+from loraxd.worker.models.decoder import CausalLM
+from loraxd.worker.models.hf_config import UnsupportedModel, read_config_json, read_hf_config
 
-# config.json "model_type" -> architecture, for directories whose "architectures" is missing
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(READERS)
 
 
-def architecture_of(config: dict) -> str:
-    names = config.get("architectures") or []
-    if names:
-        return names[0]
-    model_type = config.get("model_type")
-    return MODEL_TYPES.get(model_type, f"<none; model_type {model_type!r}>")
+def resolve(model_dir: str | Path) -> ModelArch:
+    """The ModelArch of a model directory; UnsupportedModel when loraxd cannot run it
+    exactly as transformers would."""
+    architecture_of(read_config_json(model_dir))  # an unknown one is refused before reading
+    return read_arch(read_hf_config(model_dir))
 
 
-def resolve(config: dict):
-    """(architecture name, model class, arch config) for an HF config dict."""
-    name = architecture_of(config)
-    entry = ARCHITECTURES.get(name)
-    if entry is None:
-        raise UnsupportedModel(f"architecture {name} is not supported; "
-                               f"supported: {', '.join(ARCHITECTURES)}")
-    model_cls, arch_cls = entry
-    return name, model_cls, arch_cls.from_hf(config, name)
-
-
-__all__ = ["ARCHITECTURES", "UnsupportedModel", "architecture_of", "resolve"]
+__all__ = ["MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "CausalLM", "ModelArch",
+           "UnsupportedModel", "architecture_of", "read_config_json", "resolve"]
