@@ -31,15 +31,14 @@ _REFUSED = "this adapter is private and this request's token is not authorised"
 
 
 def network_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the hub could not be reached" for the installed hub client."""
+    """Exception types that mean "the hub could not be reached" for the installed hub client
+    (huggingface_hub 1.x speaks HTTP through httpx, 2.x through httpx2)."""
     from huggingface_hub.errors import OfflineModeIsEnabled
     errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    requests = sys.modules.get("requests")
-    if requests is not None:
-        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
-    httpx = sys.modules.get("httpx")
-    if httpx is not None:
-        errors.append(httpx.TransportError)
+    for name in ("httpx", "httpx2"):
+        client = sys.modules.get(name)
+        if client is not None:
+            errors.append(client.TransportError)
     return tuple(errors)
 
 

@@ -1,6 +1,7 @@
 """Adapter sources: local directories, the hub cache (offline), S3 (moto on loopback), pbase."""
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
@@ -105,15 +106,15 @@ def test_local_without_configured_dirs(tmp_path):
 def hub(tmp_path, monkeypatch):
     """An offline hub with its cache in tmp_path; returns the cache directory."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import reset_sessions
+    from huggingface_hub.utils import close_session
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    reset_sessions()
+    close_session()
     yield tmp_path / "hub-cache"
     monkeypatch.undo()
-    reset_sessions()
+    close_session()
 
 
 def cache_adapter(hub_cache: Path, repo_id: str, sha: str = "a" * 40) -> Path:
@@ -121,6 +122,23 @@ def cache_adapter(hub_cache: Path, repo_id: str, sha: str = "a" * 40) -> Path:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(sha)
     return make_adapter(repo / "snapshots" / sha)
+
+
+def hub_http():
+    """The HTTP library of the installed hub client: httpx for huggingface_hub 1.x, httpx2
+    for 2.x."""
+    from huggingface_hub import errors
+    return importlib.import_module(errors.Response.__module__)
+
+
+def hub_error(status: int, cls: type | None = None) -> Exception:
+    """A hub error (HfHubHTTPError or a subclass) as the hub client raises it, with the HTTP
+    response it came with."""
+    from huggingface_hub import errors
+    http = hub_http()
+    request = http.Request("GET", "https://huggingface.co/api/models/ns/x")
+    return (cls or errors.HfHubHTTPError)(f"{status} Client Error",
+                                          response=http.Response(status, request=request))
 
 
 class FakeHub:
@@ -137,7 +155,7 @@ class FakeHub:
         from huggingface_hub.errors import RepositoryNotFoundError
         self.calls.append((repo_id, token))
         if token not in self.access.get(repo_id, ()):
-            raise RepositoryNotFoundError(f"404 Repository Not Found for {repo_id}")
+            raise hub_error(404, RepositoryNotFoundError)
         return SimpleNamespace(id=repo_id, gated=False)
 
 
@@ -236,7 +254,7 @@ class FakeDownload:
         if self.error is not None and token in self.error[0]:
             raise self.error[1]
         if token not in self.allowed:
-            raise RepositoryNotFoundError("404")
+            raise hub_error(404, RepositoryNotFoundError)
         return str(cache_adapter(self.hub_cache, repo_id))
 
 
@@ -261,17 +279,9 @@ def test_hub_download_without_a_token_is_public(tmp_path, hub, monkeypatch):
     assert fake.calls == []
 
 
-def http_error(status: int):
-    import requests
-    from huggingface_hub.errors import HfHubHTTPError
-    response = requests.Response()
-    response.status_code = status
-    return HfHubHTTPError(f"{status} Client Error", response=response)
-
-
 def test_hub_rejected_token_falls_back_to_server_credentials(tmp_path, hub, monkeypatch):
     download = FakeDownload(monkeypatch, hub, allowed={None},
-                            error=({"EMPTY"}, http_error(401)))
+                            error=({"EMPTY"}, hub_error(401)))
     FakeHub(monkeypatch, {})
     sources = sources_for(tmp_path, hub_cache=hub)
     sources.fetch("hub", "ns/public", "EMPTY")
@@ -285,17 +295,21 @@ def test_hub_errors_are_named(tmp_path, hub, monkeypatch):
     FakeDownload(monkeypatch, hub, allowed=set())
     with pytest.raises(AdapterFetchError, match="not found on the hub, or it is private"):
         sources.fetch("hub", "ns/missing", "tok")
-    FakeDownload(monkeypatch, hub, allowed=set(), error=({"tok"}, GatedRepoError("403")))
+    FakeDownload(monkeypatch, hub, allowed=set(), error=({"tok"}, hub_error(403, GatedRepoError)))
     with pytest.raises(AdapterFetchError, match="gated"):
         sources.fetch("hub", "ns/gated", "tok")
-    FakeDownload(monkeypatch, hub, allowed=set(), error=({None}, http_error(401)))
+    FakeDownload(monkeypatch, hub, allowed=set(), error=({None}, hub_error(401)))
     with pytest.raises(AdapterFetchError, match="unauthorized"):
         sources.fetch("hub", "ns/x", None)
-    FakeDownload(monkeypatch, hub, allowed=set(), error=({"bad"}, http_error(401)))
+    FakeDownload(monkeypatch, hub, allowed=set(), error=({"bad"}, hub_error(401)))
     with pytest.raises(AdapterFetchError, match="unauthorized: the hub rejected the token"):
         sources.fetch("hub", "ns/private", "bad")  # and the server's credentials see nothing
-    FakeDownload(monkeypatch, hub, allowed=set(), error=({None}, http_error(503)))
+    FakeDownload(monkeypatch, hub, allowed=set(), error=({None}, hub_error(503)))
     with pytest.raises(AdapterFetchError, match="HTTP 503"):
+        sources.fetch("hub", "ns/x", None)
+    FakeDownload(monkeypatch, hub, allowed=set(),
+                 error=({None}, hub_http().ConnectError("connection refused")))
+    with pytest.raises(AdapterFetchError, match="the hub is unreachable"):
         sources.fetch("hub", "ns/x", None)
 
 
