@@ -21,7 +21,7 @@ from aiohttp import web
 
 from loraxd import __version__
 from loraxd.adapters.sources import AdapterSources
-from loraxd.config import load_or_exit
+from loraxd.config import EXIT_CONFIG, load_or_exit
 from loraxd.control.server import ControlServer
 from loraxd.daemon.model_files import ModelNotFound, resolve_model
 from loraxd.daemon.notify import sd_notify
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(serve(config, model_dir))
     except WorkerStartError as exc:
         log.error("cannot start: %s", exc)
-        return EXIT_FAILURE
+        return EXIT_CONFIG if exc.config_error else EXIT_FAILURE
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from loraxd.engine.worker_client import WorkerClient
+from loraxd.engine.worker_client import ModelUnsupported, WorkerClient
 from loraxd.protocol.worker import Ready, Shutdown
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ _MAX_RESTARTS = 5  # in a row without a successful handshake
 
 
 class WorkerStartError(Exception):
-    pass
+    def __init__(self, message: str, *, config_error: bool = False):
+        super().__init__(message)
+        self.config_error = config_error  # the model or a setting can't be run: exit 78
 
 
 class Supervisor:
@@ -67,7 +69,8 @@ class Supervisor:
                                    f"{self.config.worker.ready_timeout_s:g} s") from exc
         except Exception as exc:
             await self.stop()
-            raise WorkerStartError(str(exc)) from exc
+            raise WorkerStartError(str(exc),
+                                   config_error=isinstance(exc, ModelUnsupported)) from exc
         log.info("%d worker(s) ready: %s on %s, %d KV pages of %d tokens", self.world_size,
                  ready.dtype, ready.device, ready.num_blocks, ready.block_size)
         self._failures = 0
@@ -80,8 +83,8 @@ class Supervisor:
             self._failures += 1
             try:
                 return await self.start()
-            except WorkerStartError:
-                if self._failures >= _MAX_RESTARTS:
+            except WorkerStartError as exc:
+                if exc.config_error or self._failures >= _MAX_RESTARTS:
                     raise
                 await asyncio.sleep(min(2.0 ** self._failures, 30.0))
 

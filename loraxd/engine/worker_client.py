@@ -11,10 +11,15 @@ from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_from_wor
 from loraxd.protocol.worker import FromWorker, Hello, Ready, ToWorker, WorkerError
 
 log = logging.getLogger(__name__)
+_LAST_WORDS_S = 0.5  # how long to look for a WorkerError once its sender has exited
 
 
 class WorkerLost(Exception):
     pass
+
+
+class ModelUnsupported(WorkerLost):
+    """A worker cannot run this model or setting: a configuration error, not a fault."""
 
 
 def rank_identity(rank: int) -> bytes:
@@ -48,6 +53,8 @@ class WorkerClient:
             done, _ = await asyncio.wait({recv, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
+        if recv not in done:  # a dying worker may have said why just before it exited
+            done, _ = await asyncio.wait({recv}, timeout=_LAST_WORDS_S)
         if recv not in done:
             recv.cancel()
             raise WorkerLost("a worker process exited")
@@ -57,7 +64,8 @@ class WorkerClient:
         except DecodeError as exc:
             raise WorkerLost(f"undecodable frame from {identity.bytes!r}: {exc}") from exc
         if isinstance(msg, WorkerError):
-            raise WorkerLost(f"worker rank {msg.rank} failed: {msg.message}")
+            error = ModelUnsupported if msg.unsupported else WorkerLost
+            raise error(f"worker rank {msg.rank} failed: {msg.message}")
         return int(identity.bytes.split(b"-")[1]), msg
 
     async def broadcast(self, msg: ToWorker) -> None:

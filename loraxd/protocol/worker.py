@@ -62,6 +62,7 @@ class WorkerError(msgspec.Struct, tag=True, frozen=True):
 
     rank: int
     message: str
+    unsupported: bool = False  # the model or a setting can't be run: a config error
 
 
 class StepFailed(msgspec.Struct, tag=True, frozen=True):

@@ -133,9 +133,13 @@ def worker_main(argv: list[str] | None = None) -> int:
                                  block_size=options.get("block_size", 16),
                                  num_threads=options.get("num_threads", 0))
         except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit
+            from loraxd.worker.models import UnsupportedModel
+
             log.error("cannot load the model: %s", exc)
             log.debug("%s", traceback.format_exc())
-            sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}")))
+            unsupported = isinstance(exc, (UnsupportedModel, FileNotFoundError))
+            sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}",
+                                         unsupported=unsupported)))
             return 1
         runner.enable_lora(options.get("max_active_adapters", 32),
                            max_rank=options.get("max_adapter_rank", 64))
