@@ -3,18 +3,28 @@
 The result is a `LoraAdapter`: per (layer, module) an `A [r, in]` and a `B [out, r]` with the
 scale (lora_alpha / r, or / sqrt(r) with rsLoRA) already folded into B, so the hot path never
 scales. Anything loraxd cannot apply exactly as PEFT would is refused with
-`AdapterIncompatible(reason)`, a one-line reason naming the key, module or shape at fault.
+`AdapterIncompatible(reason)`, a one-line reason naming the key, module or shape at fault;
+peft_fields.py says what is done with each adapter_config.json field.
+
+Fused checkpoints (Phi-3's qkv_proj = q|k|v, gate_up_proj = gate|up): the adapter is read
+against the checkpoint's own linears, and each fused module's (A, B) becomes one entry per part,
+the same A with B's rows cut at the parts' widths, which is the fused delta exactly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass
 
 import torch
+
+from loraxd.worker.lora import peft_fields
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -24,27 +34,11 @@ BIN_FILE = "adapter_model.bin"
 MODULE_PARENTS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    "qkv_proj": "self_attn", "gate_up_proj": "mlp",  # fused (Phi-3)
 }
 _EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
-
-# Config fields whose non-default value changes what the adapter computes in a way we don't do.
-_REFUSED_FIELDS = {
-    "use_dora": "DoRA (use_dora) is not supported",
-    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
-    "lora_bias": "LoRA bias (lora_bias) is not supported",
-    "target_parameters": "target_parameters is not supported",
-    "layer_replication": "layer_replication is not supported",
-    "trainable_token_indices": "trainable_token_indices (embedding update) is not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "use_qalora": "QA-LoRA (use_qalora) is not supported",
-    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
-    "arrow_config": "Arrow routing (arrow_config) is not supported",
-    "kasa_config": "KaSA (kasa_config) is not supported",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
-}
-
 
 class AdapterIncompatible(Exception):
     """The adapter can't be served by loraxd; `reason` says why in one line."""
@@ -56,7 +50,8 @@ class AdapterIncompatible(Exception):
 
 @dataclass(frozen=True)
 class LoraAdapter:
-    """One adapter's weights, scale folded into B. Keys are (layer_idx, HF module name)."""
+    """One adapter's weights, scale folded into B. Keys are (layer_idx, module name), names
+    as in `module_shapes` (a fused module's parts, never the fused name)."""
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # A [r, in], B [out, r]
     ranks: dict[tuple[int, str], int]
@@ -76,13 +71,22 @@ def load_peft_adapter(
     module_shapes: dict[str, tuple[int, int]],
     num_layers: int,
     dtype: torch.dtype = torch.float32,
+    *,
+    fused_modules: dict[str, tuple[str, ...]] | None = None,
 ) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory; `module_shapes`: module name -> (in, out)."""
+    """Read a PEFT LoRA adapter directory; `module_shapes`: module name -> (in, out).
+
+    `fused_modules`: a linear of the checkpoint -> the `module_shapes` modules it stacks along
+    its output, in order (Phi-3: {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
+    ("gate_proj", "up_proj")}). The adapter then targets the fused names, never the parts, and
+    each fused module's weights are returned as entries of its parts."""
+    fused = dict(fused_modules or {})
+    linears = _checkpoint_linears(module_shapes, fused)
     config = _read_config(path)
     _check_config(config)
     tensors = _read_tensors(path)
-    pairs = _group_keys(tensors, module_shapes, num_layers, config)
-    targeted = _targeted_modules(config, pairs, module_shapes, num_layers)
+    pairs = _group_keys(tensors, linears, num_layers, config, fused)
+    targeted = _targeted_modules(config, pairs, linears, num_layers, fused)
     for full_name in pairs:
         if full_name not in targeted:
             raise AdapterIncompatible(
@@ -95,19 +99,52 @@ def load_peft_adapter(
             if part not in ab:
                 raise AdapterIncompatible(
                     f"missing lora_{part} weight for targeted module {full_name}")
-        a, b = _check_shapes(full_name, ab["A"], ab["B"], module_shapes[module], config)
+        a, b = _check_shapes(full_name, ab["A"], ab["B"], linears[module], config)
         r, scale = _rank_and_scale(config, full_name)
         if a.shape[0] != r:
             raise AdapterIncompatible(
                 f"{full_name}: lora_A has rank {a.shape[0]} but adapter_config.json says r={r}")
         a = a.to(torch.float32).to(dtype).contiguous()
         b = (b.to(torch.float32) * scale).to(dtype).contiguous()
-        weights[(layer_idx, module)] = (a, b)
-        ranks[(layer_idx, module)] = r
         num_bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+        row = 0
+        for part in fused.get(module, (module,)):  # B's rows part by part; A is shared
+            out = module_shapes[part][1]
+            weights[(layer_idx, part)] = (a, b[row:row + out])
+            ranks[(layer_idx, part)] = r
+            row += out
     if not weights:
         raise AdapterIncompatible("adapter targets no module of this model")
     return LoraAdapter(weights=weights, ranks=ranks, num_bytes=num_bytes)
+
+
+def _checkpoint_linears(module_shapes, fused) -> dict[str, tuple[int, int]]:
+    """The checkpoint's LoRA-capable linears -> (in, out): fused ones in place of their parts."""
+    linears: dict[str, tuple[int, int]] = {}
+    part_of = {part: name for name, parts in fused.items() for part in parts}
+    for name, parts in fused.items():
+        if name in module_shapes or not parts or any(p not in module_shapes for p in parts):
+            raise ValueError(f"fused_modules[{name!r}] = {parts}: the parts must be modules of "
+                             f"module_shapes and the fused name must not")
+        if len({module_shapes[p][0] for p in parts}) != 1:
+            raise ValueError(f"fused module {name!r}: parts {parts} differ in in_features")
+    for module, shape in module_shapes.items():
+        name = part_of.get(module)
+        if name is None:
+            linears[module] = shape
+        elif name not in linears:
+            parts = fused[name]
+            linears[name] = (shape[0], sum(module_shapes[p][1] for p in parts))
+    return linears
+
+
+def _fused_hint(module: str, fused) -> str:
+    """Why a part module can't be targeted when the checkpoint only has the fused one."""
+    for name, parts in fused.items():
+        if module in parts:
+            return (f"; this model's checkpoint has the fused {name} ({' | '.join(parts)}), "
+                    f"so its adapters target {name}")
+    return ""
 
 
 def _read_config(path: str) -> dict:
@@ -128,11 +165,13 @@ def _check_config(config: dict) -> None:
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise AdapterIncompatible(f"peft_type {peft_type!r} is not supported (only LORA)")
-    for field, reason in _REFUSED_FIELDS.items():
-        if config.get(field):
-            raise AdapterIncompatible(f"{reason} ({field}={config[field]!r})")
-    if config.get("bias", "none") != "none":
-        raise AdapterIncompatible(f"bias={config['bias']!r} is not supported (only 'none')")
+    reason = peft_fields.refusal(config)
+    if reason:
+        raise AdapterIncompatible(reason)
+    unknown = peft_fields.unknown_fields(config)
+    if unknown:  # as PEFT does (see peft_fields.py)
+        log.warning("adapter_config.json: ignoring keys PEFT's LoraConfig doesn't know "
+                    "(saved by a newer PEFT?): %s", ", ".join(unknown))
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterIncompatible(f"adapter_config.json: r={r!r} is not a positive integer")
@@ -179,11 +218,14 @@ def _layer_index(full_name: str, config: dict) -> int | None:
     return None
 
 
-def _group_keys(tensors, module_shapes, num_layers, config) -> dict[str, dict[str, torch.Tensor]]:
+def _group_keys(tensors, linears, num_layers, config, fused) -> dict[str, dict]:
     """full module name -> {"A": tensor, "B": tensor}; refuses keys we can't place."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names: set[str] = set()
+    unused = peft_fields.unused_weight_markers(config)
     for key, tensor in tensors.items():
+        if any(marker in key for marker in unused):
+            continue
         if "lora_magnitude_vector" in key:
             raise AdapterIncompatible(f"DoRA weights ({key}) are not supported")
         if "lora_embedding_" in key or any(f".{m}." in f".{key}" for m in _EMBEDDING_MODULES):
@@ -194,10 +236,10 @@ def _group_keys(tensors, module_shapes, num_layers, config) -> dict[str, dict[st
         adapter_names.add(match["name"] or "")
         full_name = match["module"].removeprefix(_PREFIX)
         module = full_name.rsplit(".", 1)[-1]
-        if module not in module_shapes:
+        if module not in linears:
             raise AdapterIncompatible(
                 f"key {key}: module {module!r} is not a LoRA target loraxd supports "
-                f"({', '.join(sorted(module_shapes))})")
+                f"({', '.join(sorted(linears))}){_fused_hint(module, fused)}")
         layer_idx = _layer_index(full_name, config)
         if layer_idx is None:
             raise AdapterIncompatible(f"key {key}: no layer index in the module name")
@@ -216,7 +258,7 @@ def _group_keys(tensors, module_shapes, num_layers, config) -> dict[str, dict[st
     return pairs
 
 
-def _candidate_names(pairs, module_shapes, num_layers, config) -> dict[str, tuple[int, str]]:
+def _candidate_names(pairs, linears, num_layers, config) -> dict[str, tuple[int, str]]:
     """Every module of the model a config could target, named as in this adapter's file."""
     templates: dict[str, str] = {}  # module -> name with "{}" for the layer index
     prefix = None
@@ -228,7 +270,7 @@ def _candidate_names(pairs, module_shapes, num_layers, config) -> dict[str, tupl
         templates[full_name.rsplit(".", 1)[-1]] = f"{head}{sep}{{}}.{tail}"
         prefix = prefix or f"{head}{sep}"
     names = {}
-    for module in module_shapes:
+    for module in linears:
         parent = MODULE_PARENTS.get(module, "")
         template = templates.get(module) or f"{prefix}{{}}.{parent}.{module}"
         for layer_idx in range(num_layers):
@@ -260,14 +302,14 @@ def _excluded(config: dict, full_name: str) -> bool:
     return full_name in exclude or any(full_name.endswith(f".{e}") for e in exclude)
 
 
-def _targeted_modules(config, pairs, module_shapes, num_layers) -> dict[str, tuple[int, str]]:
+def _targeted_modules(config, pairs, linears, num_layers, fused) -> dict[str, tuple[int, str]]:
     """full name -> (layer, module) for every module the config targets."""
-    candidates = _candidate_names(pairs, module_shapes, num_layers, config)
+    candidates = _candidate_names(pairs, linears, num_layers, config)
     target = config.get("target_modules")
     if target is None:  # PEFT filled in defaults when training; the weights say which
         return {name: candidates.get(name) or _place(name, config) for name in pairs}
     if isinstance(target, str) and target.lower() == "all-linear":
-        target = list(module_shapes)
+        target = list(linears)  # the checkpoint's linears (PEFT: all but the output layer)
     if not isinstance(target, (str, list)):
         raise AdapterIncompatible(f"target_modules={target!r}: expected a list or a regex string")
     if isinstance(target, str):
@@ -275,7 +317,7 @@ def _targeted_modules(config, pairs, module_shapes, num_layers) -> dict[str, tup
             re.compile(target)
         except re.error as e:
             raise AdapterIncompatible(f"target_modules regex {target!r} is invalid: {e}") from None
-    _check_targets_known(target, candidates, module_shapes)
+    _check_targets_known(target, candidates, linears, fused)
     return {
         name: place for name, place in candidates.items()
         if _matches(config, target, name, place[0]) and not _excluded(config, name)
@@ -286,7 +328,7 @@ def _place(full_name: str, config: dict) -> tuple[int, str]:
     return _layer_index(full_name, config), full_name.rsplit(".", 1)[-1]
 
 
-def _check_targets_known(target, candidates, module_shapes) -> None:
+def _check_targets_known(target, candidates, linears, fused) -> None:
     prefixes = {name.split(".layers.")[0] for name in candidates if ".layers." in name} or {"model"}
     embeddings = [*_EMBEDDING_MODULES, *(f"{p}.{m}" for p in prefixes for m in _EMBEDDING_MODULES)]
     if isinstance(target, str):
@@ -295,8 +337,11 @@ def _check_targets_known(target, candidates, module_shapes) -> None:
             raise AdapterIncompatible(
                 f"target_modules regex {target!r} targets {hit[0]}, not supported")
         if not any(re.fullmatch(target, name) for name in candidates):
+            part = next((p for name, p in _part_names(candidates, fused)
+                         if re.fullmatch(target, name)), "")
             raise AdapterIncompatible(
-                f"target_modules regex {target!r} matches no module loraxd supports")
+                f"target_modules regex {target!r} matches no module loraxd supports"
+                f"{_fused_hint(part, fused)}")
         return
     for entry in target:
         if not isinstance(entry, str):
@@ -307,7 +352,14 @@ def _check_targets_known(target, candidates, module_shapes) -> None:
         if not any(name == entry or name.endswith(f".{entry}") for name in candidates):
             raise AdapterIncompatible(
                 f"target module {entry!r} is not one loraxd supports "
-                f"({', '.join(sorted(module_shapes))})")
+                f"({', '.join(sorted(linears))}){_fused_hint(entry.rsplit('.', 1)[-1], fused)}")
+
+
+def _part_names(candidates, fused):
+    """(name, part) for each part module as it would be named if it were not fused."""
+    for name, (_, module) in candidates.items():
+        for part in fused.get(module, ()):
+            yield f"{name[:-len(module)]}{part}", part
 
 
 def _check_shapes(full_name, a, b, shape, config) -> tuple[torch.Tensor, torch.Tensor]:
