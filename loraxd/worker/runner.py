@@ -91,10 +91,8 @@ class ModelRunner:
     def read_adapter(self, path: str):
         """Read and check a PEFT adapter (thread-safe; no slot is touched)."""
         from loraxd.worker.lora import load_peft_adapter
-        fused = self.arch.fused_modules()
-        extra = {"fused_modules": fused} if fused else {}
         return load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype,
-                                 **extra)
+                                 fused_modules=self.arch.fused_modules() or None)
 
     def install_adapter(self, slot: int, adapter) -> None:
         """Put a read adapter into slot `slot`; only between steps."""
