@@ -244,17 +244,32 @@ CHAT_PROMPTS = [
 ]
 
 
-def test_default_model_matches_transformers(default_model_dir):
-    """Skipped unless LORAXD_TEST_MODEL_DIR names the converted default model (conftest)."""
-    model_dir = str(default_model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+@pytest.fixture(scope="module")
+def default_reference(default_model_dir, tmp_path_factory):
+    """The chat prompts and transformers' greedy answers with the default model, and a copy
+    of the model as the installed transformers' save_pretrained writes it (the layout of
+    every new checkpoint)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir,
+                                                              dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    saved = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
                for text in CHAT_PROMPTS]
-    runner = ModelRunner(model_dir)
-    got = Driver(runner).run([(i, p, 0, 24) for i, p in enumerate(prompts)])
-    del runner
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.generation_config.eos_token_id = None
+    expected = [hf_greedy(model, prompt, 24) for prompt in prompts]
+    assert tokenizer.decode(expected[0]).startswith("The capital of France is Paris.")
+    return {"converted": default_model_dir, "save_pretrained": saved}, prompts, expected
+
+
+@pytest.mark.parametrize("layout", ["converted", "save_pretrained"])
+def test_default_model_matches_transformers(default_reference, layout):
+    """Skipped unless LORAXD_TEST_MODEL_DIR names the converted default model (conftest)."""
+    model_dirs, prompts, expected = default_reference
+    runner = ModelRunner(str(model_dirs[layout]))
+    got = Driver(runner).run([(i, p, 0, 24) for i, p in enumerate(prompts)])
     for i, prompt in enumerate(prompts):
-        assert [o.token_id for o in got[i]] == hf_greedy(model, prompt, 24), CHAT_PROMPTS[i]
+        assert [o.token_id for o in got[i]] == expected[i], CHAT_PROMPTS[i]
