@@ -35,6 +35,9 @@ _POSITIVE_INT = _rule(lambda v: v > 0, "must be a positive integer")
 _POSITIVE = _rule(lambda v: v > 0, "must be greater than 0")
 _NON_NEGATIVE = _rule(lambda v: v >= 0, "must not be negative")
 _PORT = _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")
+# more than one shard would start whole replicas, not a sharded model: refused until it is real
+_ONE_SHARD: Rule = lambda v: _POSITIVE_INT(v) or (  # noqa: E731
+    None if v == 1 else "tensor parallelism is not implemented yet; only 1 is supported")
 _NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
 _NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
 
@@ -54,7 +57,8 @@ class ModelConfig:
     dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, "
                           "else float32", choices=DTYPES)
     device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
-    num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each", _POSITIVE_INT)
+    num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each; only 1 "
+                              "until tensor parallelism lands", _ONE_SHARD)
     huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's")
 
 

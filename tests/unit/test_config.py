@@ -164,6 +164,15 @@ def test_flag_value_errors_name_the_flag():
         "command line: --max-best-of = 0: must be a positive integer"
 
 
+def test_more_than_one_shard_is_refused_not_replicated(tmp_path):
+    reason = "tensor parallelism is not implemented yet; only 1 is supported"
+    assert error_of(["--num-shard", "2"]) == f"command line: --num-shard = 2: {reason}"
+    assert error_of(environ={**USER_ENV, "LORAXD_NUM_SHARD": "4"}) == \
+        f"environment: LORAXD_NUM_SHARD = 4: {reason}"
+    path = write(tmp_path, "[model]\nnum_shard = 2\n")
+    assert error_of(["--config", path]) == f"{path}: model.num_shard = 2: {reason}"
+
+
 def test_cross_key_rules_blame_the_key_set_last(tmp_path):
     assert error_of(["--max-input-length", "2048"]) == (
         "command line: --max-input-length = 2048: must be less than max_total_tokens, "
