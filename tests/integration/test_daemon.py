@@ -10,6 +10,7 @@ import time
 import pytest
 import requests
 
+from tests.clients import needs_lorax_client, run_lorax_client
 from tests.integration.daemon import Daemon
 
 pytestmark = pytest.mark.integration
@@ -93,14 +94,13 @@ def test_stream_and_generate_agree(daemon):
     assert all(e["generated_text"] is None for e in events[:-1])
 
 
-def test_lorax_client(daemon):
-    from lorax import Client
-    client = Client(daemon.url, timeout=60)
-    resp = client.generate(chat(QUESTIONS[0]), max_new_tokens=20, details=True)
-    assert resp.generated_text == "The capital of France is Paris."
-    streamed = "".join(r.token.text for r in client.generate_stream(
-        chat(QUESTIONS[0]), max_new_tokens=20) if not r.token.special)
-    assert streamed == resp.generated_text
+@needs_lorax_client
+async def test_lorax_client(daemon):
+    """The unmodified lorax-client, run in its own virtual environment."""
+    out = await run_lorax_client("chat", daemon.url, chat(QUESTIONS[0]))
+    assert out["response"]["generated_text"] == "The capital of France is Paris."
+    streamed = "".join(r["token"]["text"] for r in out["stream"] if not r["token"]["special"])
+    assert streamed == out["response"]["generated_text"]
 
 
 def test_seeded_sampling_is_reproducible(daemon):

@@ -10,13 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import lorax
-from lorax import errors as lorax_errors
-
 from loraxd.engine.request import (AdapterError, AdapterRef, Alternative, EngineError,
                                    FinishEvent, Overloaded, PromptToken, TokenEvent,
                                    Unavailable, ValidationError)
 from loraxd.http.app import make_app, make_runner
+from tests.clients import needs_lorax_client, run_lorax_client
 
 PROMPT = "hello"  # the fake tokenizer: BOS + one id per character -> 6 prompt tokens
 NUM_PROMPT = len(PROMPT) + 1
@@ -712,54 +710,46 @@ async def test_cors_only_when_configured(serve):
 
 
 # -- the unmodified lorax-client --------------------------------------------------------------
+# It runs in its own virtual environment, as a subprocess against the test server's port.
 
 
+@needs_lorax_client
 async def test_lorax_async_client(serve):
     client, engine = await serve()
-    lc = lorax.AsyncClient(base_url(client))
-    response = await lc.generate(PROMPT, adapter_id="me/a", max_new_tokens=3, details=True,
-                                 decoder_input_details=True, return_k_alternatives=2)
-    assert response.generated_text == "Hello world"
-    d = response.details
-    assert d.finish_reason == "length" and d.generated_tokens == 3 and d.prompt_tokens == 6
-    assert d.tokens[0].logprob == -0.25 and len(d.tokens[0].alternative_tokens) == 2
-    assert d.prefill[0].logprob is None
+    out = await run_lorax_client("async_generate", base_url(client), PROMPT)
+    response = out["response"]
+    assert response["generated_text"] == "Hello world"
+    d = response["details"]
+    assert d["finish_reason"] == "length" and d["generated_tokens"] == 3
+    assert d["prompt_tokens"] == 6
+    assert d["tokens"][0]["logprob"] == -0.25 and len(d["tokens"][0]["alternative_tokens"]) == 2
+    assert d["prefill"][0]["logprob"] is None
     assert engine.requests[0].adapter == AdapterRef("me/a", "hub", None)
 
-    stream = [r async for r in lc.generate_stream(PROMPT, details=True, seed=3, do_sample=True)]
-    assert "".join(r.token.text for r in stream) == "Hello world"
-    assert stream[-1].generated_text == "Hello world" and stream[-1].details.seed == 3
+    stream = out["stream"]
+    assert "".join(r["token"]["text"] for r in stream) == "Hello world"
+    assert stream[-1]["generated_text"] == "Hello world"
+    assert stream[-1]["details"]["seed"] == 3
 
-    with pytest.raises(lorax_errors.ValidationError):
-        await lc.generate(PROMPT, max_new_tokens=1000)
+    assert out["too_many_tokens"]["raised"] == "lorax.errors.ValidationError"
 
 
+@needs_lorax_client
 async def test_lorax_async_client_errors(serve):
     client, _ = await serve(FakeEngine(error=AdapterError("cannot load me/a"), error_after=1))
-    lc = lorax.AsyncClient(base_url(client))
-    with pytest.raises(lorax_errors.GenerationError, match="cannot load me/a"):
-        await lc.generate(PROMPT)
-    seen = []
-    with pytest.raises(lorax_errors.GenerationError):
-        async for r in lc.generate_stream(PROMPT):
-            seen.append(r.token.text)
-    assert seen == ["Hel"]
+    out = await run_lorax_client("async_errors", base_url(client), PROMPT)
+    assert out["generate"]["raised"] == "lorax.errors.GenerationError"
+    assert "cannot load me/a" in out["generate"]["message"]
+    assert out["stream"]["raised"] == "lorax.errors.GenerationError"
+    assert out["streamed"] == ["Hel"]
 
 
+@needs_lorax_client
 async def test_lorax_sync_client(serve):
     client, _ = await serve()
-    url = base_url(client)
-
-    def run():
-        lc = lorax.Client(url)
-        response = lc.generate(PROMPT, details=True, best_of=2, do_sample=True)
-        stream = list(lc.generate_stream(PROMPT, details=True))
-        with pytest.raises(lorax_errors.ValidationError):
-            lc.generate(PROMPT, stop_sequences=["a", "b", "c"])
-        return response, stream
-
-    response, stream = await asyncio.to_thread(run)
-    assert response.generated_text == "Hello world"
-    assert len(response.details.best_of_sequences) == 1
-    assert stream[-1].generated_text == "Hello world"
-    assert stream[-1].details.finish_reason == "length"
+    out = await run_lorax_client("sync_generate", base_url(client), PROMPT)
+    assert out["response"]["generated_text"] == "Hello world"
+    assert len(out["response"]["details"]["best_of_sequences"]) == 1
+    assert out["stream"][-1]["generated_text"] == "Hello world"
+    assert out["stream"][-1]["details"]["finish_reason"] == "length"
+    assert out["too_many_stops"]["raised"] == "lorax.errors.ValidationError"
