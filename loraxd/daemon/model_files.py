@@ -1,9 +1,9 @@
 """Resolve `model_id` to a local HF model directory before any worker starts.
 
 Order: an existing local directory; a hub snapshot already in the cache (offline);
-the embedded default (SmolLM2-135M-Instruct from a PyPI wheel, converted once into
-`<cache_dir>/models/`); else a hub download. Conversion imports torch, so it runs in a
-child interpreter and the supervisor stays torch-free.
+the embedded default (SmolLM2-135M-Instruct from a PyPI wheel, converted once per
+transformers major version into `<cache_dir>/models/`); else a hub download. Conversion
+imports torch, so it runs in a child interpreter and the supervisor stays torch-free.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ def _hub_snapshot(model_id: str, revision: str | None, hub_cache: str | None,
 
 
 def embedded_model_dir(cache_dir: Path) -> Path:
-    out = cache_dir / "models" / "SmolLM2-135M-Instruct"
+    # Each transformers major version writes its own layout (config.json, tokenizer files):
+    # convert once per major version, so a cache left by an older one is converted anew.
+    major = version("transformers").split(".")[0]
+    out = cache_dir / "models" / f"SmolLM2-135M-Instruct-transformers{major}"
     if (out / "model.safetensors").exists():
         return out
     log.info("fetching the embedded default model (%s) and converting it once", EMBEDDED_WHEEL)
