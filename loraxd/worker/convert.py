@@ -53,9 +53,10 @@ def convert(gguf: Path, out: Path) -> None:
 def restore_tokenizer(folder: Path) -> None:
     """Undo what the GGUF round trip changed in SmolLM2's byte-level BPE tokenizer.
 
-    The GGUF metadata makes the tokenizer prepend <|im_start|> to every text and decode
-    through a sentencepiece-style chain; the original adds nothing and decodes byte-level,
-    and its end of turn (the EOS) is <|im_end|>.
+    Read from the GGUF metadata, the tokenizer prepends <|im_start|> to every text and
+    decodes through a sentencepiece-style chain (transformers 4), or is a generic class
+    whose decoder adds a prefix space (transformers 5); the original is a GPT2Tokenizer
+    that adds nothing and decodes byte-level, and its end of turn (the EOS) is <|im_end|>.
     """
     path = folder / "tokenizer.json"
     spec = json.loads(path.read_text())
