@@ -40,6 +40,7 @@ _ONE_SHARD: Rule = lambda v: _POSITIVE_INT(v) or (  # noqa: E731
     None if v == 1 else "tensor parallelism is not implemented yet; only 1 is supported")
 _NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
 _NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
+_ROUTES = _rule(lambda v: all(i.startswith("/") for i in v), "entries must be paths starting with /")
 
 
 def _setting(default: object, help: str, rule: Rule | None = None, *,
@@ -70,6 +71,20 @@ class ServerConfig:
                                                   _NO_EMPTY_ITEMS)
     json_output: bool = _setting(False, "write log lines as JSON")
     max_request_bytes: int = _setting(2_097_152, "largest HTTP request body", _POSITIVE_INT)
+    api_keys_file: str | None = _setting(
+        None, "TOML file of API keys, re-read on SIGHUP; unset: no key needed "
+        "($CREDENTIALS_DIRECTORY in it is expanded)")
+    public_routes: tuple[str, ...] = _setting(
+        ("/health",), "routes served without an API key (repeatable flag)", _ROUTES,
+        flag="--public-route")
+    stream_write_timeout_s: float = _setting(
+        30.0, "seconds a stream's written tokens may wait unread before the client is dropped",
+        _POSITIVE)
+    header_read_timeout_s: float = _setting(
+        10.0, "seconds a client has to send a request's headers (also the idle keep-alive)",
+        _POSITIVE)
+    body_read_timeout_s: float = _setting(30.0, "seconds a client has to send a request body",
+                                          _POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import platform
 import signal
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from loraxd.daemon.supervisor import Supervisor, WorkerStartError
 from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient
-from loraxd.http.app import make_app
+from loraxd.http.api_keys import KeyRing, KeysFileError
+from loraxd.http.app import make_app, reload
 
 log = logging.getLogger("loraxd")
 
@@ -86,8 +88,9 @@ async def serve(config, model_dir: Path) -> None:
                          sources=sources)
     engine.start()
     control = ControlServer(config.paths.control_socket, engine, supervisor)
-    runner = web.AppRunner(make_app(engine, config), handler_cancellation=True,
-                           access_log=None)
+    app = make_app(engine, config)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         await control.start()
@@ -108,12 +111,32 @@ async def serve(config, model_dir: Path) -> None:
         tokenizer.close()
 
 
+def _reload(app: web.Application) -> None:
+    """SIGHUP: re-read what can change without a restart (the API keys)."""
+    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
+    reload(app)
+    sd_notify("READY=1")
+
+
+def _check_api_keys(config) -> bool:
+    """A configured keys file that cannot be used stops the daemon before any worker starts."""
+    try:
+        KeyRing(config.server.api_keys_file).load()
+    except KeysFileError as exc:
+        log.error("%s", exc)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     config, actions = load_or_exit(sys.argv[1:] if argv is None else argv, os.environ)
     setup_logging(config.server.json_output)
     if actions.env:
         print_env(config)
         return 0
+    if not _check_api_keys(config):
+        return EXIT_CONFIG
     if actions.check_config:
         print("configuration is valid")
         return 0

@@ -10,13 +10,17 @@ from typing import Any
 
 from aiohttp import web
 
+from loraxd.http.api_keys import KeyRing
+from loraxd.http.auth import auth_middleware
 from loraxd.http.errors import error_middleware
 from loraxd.http.metrics import MetricsRoutes
 from loraxd.http.native import NativeRoutes
 from loraxd.http.openai import OpenAIRoutes
 from loraxd.http.service import Frontend
+from loraxd.http.settings import DoorSettings
 
 FRONTEND_KEY = web.AppKey("frontend", Frontend)
+KEYRING_KEY = web.AppKey("api_keys", KeyRing)
 
 # What an AppRunner / web.run_app serving this app must be given.
 RUNNER_KWARGS = {"handler_cancellation": True}
@@ -25,21 +29,34 @@ _CORS_METHODS = "GET, POST, OPTIONS"
 
 
 def make_app(engine: Any, config: Any) -> web.Application:
-    """`engine`: an AsyncEngine; `config`: the loraxd Config tree."""
-    frontend = Frontend.from_config(engine, config)
-    middlewares = [error_middleware]
+    """`engine`: an AsyncEngine; `config`: the loraxd Config tree.
+
+    Raises KeysFileError when an API keys file is configured and cannot be used.
+    """
+    settings = DoorSettings.from_config(config)
+    keys = KeyRing(settings.api_keys_file)
+    keys.load()
+    frontend = Frontend.from_config(engine, config, keys_required=keys.enabled)
+    # Outermost first: CORS preflight, the key check (before any body is read), errors.
+    middlewares = [auth_middleware(keys, settings.public_routes), error_middleware]
     origins = tuple(config.server.cors_allow_origin)
     if origins:
         middlewares.insert(0, _cors_preflight(origins))
     app = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=middlewares)
     app[FRONTEND_KEY] = frontend
+    app[KEYRING_KEY] = keys
     if origins:
         app.on_response_prepare.append(_cors_headers(origins))
     NativeRoutes(frontend, config).register(app)
     OpenAIRoutes(frontend, config).register(app)
     MetricsRoutes(engine, config.model.model_id).register(app)
     return app
+
+
+def reload(app: web.Application) -> bool:
+    """What SIGHUP does: re-read the API keys file (a bad file keeps the keys in force)."""
+    return app[KEYRING_KEY].reload()
 
 
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:

@@ -16,9 +16,10 @@ from aiohttp import web
 from loraxd import __version__
 from loraxd.engine.request import FinishEvent, PromptToken, TokenEvent
 from loraxd.http import sse
+from loraxd.http.auth import authorize_adapters
 from loraxd.http.bodies import json_response, read_json_object
 from loraxd.http.errors import ApiError, as_api_error, error_body, error_response, validation_error
-from loraxd.http.schemas import bearer_token, parse_inputs, parse_parameters
+from loraxd.http.schemas import GenerateParams, parse_inputs, parse_parameters
 from loraxd.http.service import (Completion, EventPump, Frontend, Prepared, complete_all,
                                  prepare)
 
@@ -136,16 +137,21 @@ class NativeRoutes:
         payload, headers = await self._generate(request, body)
         return json_response([payload], headers=headers)
 
-    async def _prepare(self, request: web.Request, body: dict, stream: bool) -> Prepared:
+    def _parse(self, request: web.Request, body: dict, stream: bool
+               ) -> tuple[str, GenerateParams]:
+        """The validated body; 403 for an adapter the caller's API key may not use."""
         inputs = parse_inputs(body)
+        hub_token = self.fe.hub_token_fallback(request.headers.get("Authorization"))
         params = parse_parameters(body.get("parameters"), stream=stream, limits=self.fe.limits,
-                                  bearer_token=bearer_token(request.headers.get("Authorization")))
-        return await prepare(self.fe.engine, inputs, params, self.fe.limits)
+                                  bearer_token=hub_token)
+        authorize_adapters(request, params)
+        return inputs, params
 
     async def _generate(self, request: web.Request, body: dict) -> tuple[dict, dict]:
         start = time.monotonic()
-        with self.fe.limiter.slot():
-            prepared = await self._prepare(request, body, stream=False)
+        inputs, params = self._parse(request, body, stream=False)
+        with self.fe.limiter.slot(params.best_of):
+            prepared = await prepare(self.fe.engine, inputs, params, self.fe.limits)
             completions = await complete_all(self.fe.engine, prepared)
         finish = completions[0].finish
         inference_ms = int(finish.inference_time_s * 1000)
@@ -171,8 +177,9 @@ class NativeRoutes:
         """Every error on this route, even one before any token, is a single SSE event."""
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(self.fe.limiter.slot())
-                prepared = await self._prepare(request, body, stream=True)
+                inputs, params = self._parse(request, body, stream=True)
+                stack.enter_context(self.fe.limiter.slot(params.best_of))
+                prepared = await prepare(self.fe.engine, inputs, params, self.fe.limits)
             except Exception as exc:  # noqa: BLE001 - rendered as the stream's one event
                 return await sse.error_stream(request, error_body(as_api_error(exc)),
                                               self._headers(None))
@@ -217,8 +224,9 @@ class NativeRoutes:
             add_special = True
         if not isinstance(add_special, bool):
             raise validation_error("`add_special_tokens` must be a boolean")
-        triples = await self.fe.engine.tokenizer.encode_with_offsets(
-            inputs, add_special_tokens=add_special)
+        with self.fe.limiter.slot():  # tokenizing costs CPU as a prefill does: limited alike
+            triples = await self.fe.engine.tokenizer.encode_with_offsets(
+                inputs, add_special_tokens=add_special)
         return json_response([{"id": i, "text": inputs[start:stop], "start": start, "stop": stop}
                               for i, start, stop in triples])
 

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, TokenEvent
 from loraxd.http import sse
+from loraxd.http.auth import authorize_adapters, caller_key
 from loraxd.http.bodies import json_response, read_json_object
 from loraxd.http.chat_template import ChatTemplates, parse_messages
 from loraxd.http.errors import as_api_error
@@ -157,19 +158,21 @@ class OpenAIRoutes:
     @_openai_errors
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request, self.fe.max_request_bytes)
-        with self.fe.limiter.slot():
-            job = self._parse(body, chat=False)
-            prompts = parse_prompts(body)
-            check_num_choices(len(prompts), job.n)
+        job = self._parse(body, chat=False)
+        authorize_adapters(request, job.params)
+        prompts = parse_prompts(body)
+        check_num_choices(len(prompts), job.n)
+        with self.fe.limiter.slot(len(prompts) * job.n):
             prepared = [await self._prepare(job, p, add_special_tokens=True) for p in prompts]
             return await self._respond(request, job, _CompletionShape(job), prepared)
 
     @_openai_errors
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request, self.fe.max_request_bytes)
-        with self.fe.limiter.slot():
-            job = self._parse(body, chat=True)
-            messages = parse_messages(body.get("messages"))
+        job = self._parse(body, chat=True)
+        authorize_adapters(request, job.params)  # before the adapter's template is fetched
+        messages = parse_messages(body.get("messages"))
+        with self.fe.limiter.slot(job.n):
             template = await self.templates.template_for(job.params.adapter)
             prompt = template.render(messages, add_generation_prompt=True)
             prepared = [await self._prepare(job, prompt, add_special_tokens=False)]
@@ -177,7 +180,9 @@ class OpenAIRoutes:
 
     async def models(self, request: web.Request) -> web.Response:
         """The base model and the adapters the engine knows. An adapter first fetched with
-        a token is left out: it may be private, and its id is not everyone's to see."""
+        a token is left out: it may be private, and its id is not everyone's to see; so is
+        one the caller's API key may not use."""
+        key = caller_key(request)
         base = self.fe.model_id
         data = [{"id": base, "object": "model", "created": self.created, "owned_by": "loraxd"}]
         seen = {base}
@@ -186,6 +191,8 @@ class OpenAIRoutes:
             ref = entry.ref
             if not hasattr(ref, "adapter_id") or ref.adapter_id in seen or ref.api_token:
                 continue  # merges have no single id
+            if key is not None and not key.may_use(ref.adapter_id):
+                continue
             seen.add(ref.adapter_id)
             data.append({"id": ref.adapter_id, "object": "model", "created": self.created,
                          "owned_by": "loraxd", "root": ref.adapter_id, "parent": base})

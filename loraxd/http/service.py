@@ -16,25 +16,31 @@ import msgspec
 
 from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent)
 from loraxd.http.errors import overloaded, validation_error
-from loraxd.http.schemas import SEED_MODULUS, GenerateParams, Limits
+from loraxd.http.schemas import SEED_MODULUS, GenerateParams, Limits, bearer_token
+from loraxd.http.settings import DoorSettings
 
 
 class InflightLimiter:
-    """Counts generate calls in flight; one over max_concurrent_requests gets a 429."""
+    """Counts the sequences in flight (best_of, n and prompts each count, /tokenize calls
+    too): a request that would take them over max_concurrent_requests gets a 429."""
 
     def __init__(self, max_inflight: int):
         self.max_inflight = max_inflight
         self.num_inflight = 0
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        if self.num_inflight >= self.max_inflight:
+    def slot(self, num_sequences: int = 1) -> Iterator[None]:
+        if num_sequences > self.max_inflight:  # could never run: no point in a retry
+            raise validation_error(
+                f"this request runs {num_sequences} sequences; the server runs at most "
+                f"{self.max_inflight} at once (max_concurrent_requests)")
+        if self.num_inflight + num_sequences > self.max_inflight:
             raise overloaded()
-        self.num_inflight += 1
+        self.num_inflight += num_sequences
         try:
             yield
         finally:
-            self.num_inflight -= 1
+            self.num_inflight -= num_sequences
 
 
 @dataclass
@@ -44,13 +50,20 @@ class Frontend:
     limiter: InflightLimiter
     model_id: str
     max_request_bytes: int
+    settings: DoorSettings
+    keys_required: bool = False  # API keys configured: the Bearer header is never a hub token
 
     @classmethod
-    def from_config(cls, engine: Any, config: Any) -> Frontend:
+    def from_config(cls, engine: Any, config: Any, *, keys_required: bool = False) -> Frontend:
         return cls(engine=engine, limits=Limits.from_config(config),
                    limiter=InflightLimiter(config.scheduler.max_concurrent_requests),
                    model_id=config.model.model_id,
-                   max_request_bytes=config.server.max_request_bytes)
+                   max_request_bytes=config.server.max_request_bytes,
+                   settings=DoorSettings.from_config(config), keys_required=keys_required)
+
+    def hub_token_fallback(self, authorization: str | None) -> str | None:
+        """The Bearer token as the hub token (LoRAX's habit), only when it is not an API key."""
+        return None if self.keys_required else bearer_token(authorization)
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,8 @@ async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limi
     `add_special_tokens=False` for a rendered chat template, which holds its own.
     """
     prompt_ids = await engine.tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
+    if not prompt_ids:  # nothing to prefill: the model has no position to predict from
+        raise validation_error("`inputs` is made of no tokens")
     if params.truncate is not None:
         prompt_ids = prompt_ids[-params.truncate:]
     num_input = len(prompt_ids)
