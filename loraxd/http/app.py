@@ -17,7 +17,7 @@ from loraxd.http.metrics import MetricsRoutes
 from loraxd.http.native import NativeRoutes
 from loraxd.http.openai import OpenAIRoutes
 from loraxd.http.service import Frontend
-from loraxd.http.settings import DoorSettings
+from loraxd.http.settings import SETTINGS_KEY, DoorSettings
 
 FRONTEND_KEY = web.AppKey("frontend", Frontend)
 KEYRING_KEY = web.AppKey("api_keys", KeyRing)
@@ -46,6 +46,7 @@ def make_app(engine: Any, config: Any) -> web.Application:
                           middlewares=middlewares)
     app[FRONTEND_KEY] = frontend
     app[KEYRING_KEY] = keys
+    app[SETTINGS_KEY] = settings
     if origins:
         app.on_response_prepare.append(_cors_headers(origins))
     NativeRoutes(frontend, config).register(app)

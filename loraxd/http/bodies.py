@@ -1,12 +1,15 @@
 """JSON in and out: request bodies (400 when they are not JSON) and JSON responses."""
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Mapping
 
+import msgspec
 from aiohttp import web
 
 from loraxd.http.errors import bad_request, validation_error
+from loraxd.http.settings import SETTINGS_KEY
 
 
 def dumps(obj: Any) -> str:
@@ -19,27 +22,31 @@ def json_response(obj: Any, status: int = 200,
                         content_type="application/json")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json(request: web.Request, max_bytes: int) -> Any:
     """The parsed body; 400 for a wrong content type, an oversized body or malformed JSON.
 
     `max_bytes` is server.max_request_bytes, which make_app also gives aiohttp as
-    client_max_size, so a chunked body is cut off while it is read.
+    client_max_size, so a chunked body is cut off while it is read; the whole body must
+    arrive within server.body_read_timeout_s.
     """
     if request.content_type != "application/json":
         raise bad_request(f"expected Content-Type application/json, got {request.content_type}")
     if request.content_length is not None and request.content_length > max_bytes:
         raise bad_request(f"request body is over the size limit of {max_bytes} bytes")
+    settings = request.config_dict.get(SETTINGS_KEY)
+    timeout_s = settings.body_read_timeout_s if settings is not None else None
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):  # a body trickled in byte by byte ends here
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise bad_request(f"request body is over the size limit of {max_bytes} bytes") from None
+    except TimeoutError:
+        raise bad_request(f"request body not received within {timeout_s:g} s") from None
+    # msgspec, not json: it refuses lone surrogates (text no tokenizer or encoder takes)
+    # and NaN/Infinity, and a nesting too deep is a RecursionError caught here.
     try:
-        return json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise bad_request(f"malformed JSON: {exc}") from None
 
 

@@ -18,7 +18,9 @@ from loraxd.engine.request import FinishEvent, PromptToken, TokenEvent
 from loraxd.http import sse
 from loraxd.http.auth import authorize_adapters
 from loraxd.http.bodies import json_response, read_json_object
+from loraxd.http.conform import conform
 from loraxd.http.errors import ApiError, as_api_error, error_body, error_response, validation_error
+from loraxd.http.request_types import GenerateRequest, TokenizeRequest
 from loraxd.http.schemas import GenerateParams, parse_inputs, parse_parameters
 from loraxd.http.service import (Completion, EventPump, Frontend, Prepared, complete_all,
                                  prepare)
@@ -144,6 +146,7 @@ class NativeRoutes:
         hub_token = self.fe.hub_token_fallback(request.headers.get("Authorization"))
         params = parse_parameters(body.get("parameters"), stream=stream, limits=self.fe.limits,
                                   bearer_token=hub_token)
+        conform(body, GenerateRequest)
         authorize_adapters(request, params)
         return inputs, params
 
@@ -224,6 +227,7 @@ class NativeRoutes:
             add_special = True
         if not isinstance(add_special, bool):
             raise validation_error("`add_special_tokens` must be a boolean")
+        conform(body, TokenizeRequest)
         with self.fe.limiter.slot():  # tokenizing costs CPU as a prefill does: limited alike
             triples = await self.fe.engine.tokenizer.encode_with_offsets(
                 inputs, add_special_tokens=add_special)

@@ -27,10 +27,12 @@ from loraxd.http import sse
 from loraxd.http.auth import authorize_adapters, caller_key
 from loraxd.http.bodies import json_response, read_json_object
 from loraxd.http.chat_template import ChatTemplates, parse_messages
+from loraxd.http.conform import conform
 from loraxd.http.errors import as_api_error
 from loraxd.http.openai_schemas import (OpenAIRequest, chat_logprobs, check_num_choices,
                                         completion_logprobs, error_body, finish_reason,
                                         parse_prompts, parse_request, usage)
+from loraxd.http.request_types import ChatCompletionRequest, CompletionRequest
 from loraxd.http.service import Frontend, Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,7 @@ class OpenAIRoutes:
         authorize_adapters(request, job.params)
         prompts = parse_prompts(body)
         check_num_choices(len(prompts), job.n)
+        conform(body, CompletionRequest)
         with self.fe.limiter.slot(len(prompts) * job.n):
             prepared = [await self._prepare(job, p, add_special_tokens=True) for p in prompts]
             return await self._respond(request, job, _CompletionShape(job), prepared)
@@ -172,6 +175,7 @@ class OpenAIRoutes:
         job = self._parse(body, chat=True)
         authorize_adapters(request, job.params)  # before the adapter's template is fetched
         messages = parse_messages(body.get("messages"))
+        conform(body, ChatCompletionRequest)
         with self.fe.limiter.slot(job.n):
             template = await self.templates.template_for(job.params.adapter)
             prompt = template.render(messages, add_generation_prompt=True)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from loraxd.engine.request import AdapterRef, MergedAdapters
 from loraxd.http.errors import validation_error
+from loraxd.http.request_types import MIN_DENSITY, MIN_FACTOR
 from loraxd.protocol.worker import SamplingParams
 
 ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
@@ -151,6 +152,9 @@ def parse_parameters(raw: Any, *, stream: bool, limits: Limits,
 def _sampling(p: Mapping) -> SamplingParams:
     temperature = _float(p, "temperature")
     _check(temperature is None or temperature >= 0, "`temperature` must be >= 0")
+    _check(temperature is None or temperature == 0 or temperature >= MIN_FACTOR,
+           f"`temperature` must be 0 (greedy) or at least {MIN_FACTOR:g}: a tinier one "
+           "overflows the scores")
     top_k = _int(p, "top_k")
     _check(top_k is None or top_k > 0, "`top_k` must be strictly positive")
     top_p = _float(p, "top_p")
@@ -266,6 +270,8 @@ def _merged(raw: Any, source: str, token: str | None) -> MergedAdapters:
     density = _float(raw, "density")
     density = 1.0 if density is None else density
     _check(0 <= density <= 1, "`density` must be >= 0.0 and <= 1.0")
+    _check(density == 0 or density >= MIN_DENSITY,
+           f"`density` must be 0 or at least {MIN_DENSITY:g}: DARE divides by it")
     sign = _str(raw, "majority_sign_method") or "total"
     _check(sign in MAJORITY_SIGN_METHODS,
            f"`majority_sign_method={sign}` must be one of {', '.join(MAJORITY_SIGN_METHODS)}")

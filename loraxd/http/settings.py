@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from loraxd.config.tree import ServerConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
@@ -27,3 +29,6 @@ class DoorSettings:
         server = config.server
         return cls(**{f.name: getattr(server, f.name, _DEFAULTS[f.name])
                       for f in dataclasses.fields(cls)})
+
+
+SETTINGS_KEY = web.AppKey("door_settings", DoorSettings)
