@@ -4,7 +4,9 @@ The result is a `LoraAdapter`: per (layer, module) an `A [r, in]` and a `B [out,
 scale (lora_alpha / r, or / sqrt(r) with rsLoRA) already folded into B, so the hot path never
 scales. Anything loraxd cannot apply exactly as PEFT would is refused with
 `AdapterIncompatible(reason)`, a one-line reason naming the key, module or shape at fault;
-peft_fields.py says what is done with each adapter_config.json field.
+peft_fields.py says what is done with each adapter_config.json field. The adapter is untrusted:
+its patterns are matched by RE2 (patterns.py), and limits.py bounds where its files lie, its
+rank and its size before the weights are read.
 
 Fused checkpoints (Phi-3's qkv_proj = q|k|v, gate_up_proj = gate|up): the adapter is read
 against the checkpoint's own linears, and each fused module's (A, B) becomes one entry per part,
@@ -23,6 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from loraxd.worker.lora import peft_fields
+from loraxd.worker.lora.errors import AdapterIncompatible
+from loraxd.worker.lora.limits import MAX_CONFIG_BYTES, AdapterLimits
+from loraxd.worker.lora.patterns import compile_pattern, fullmatch
+
+__all__ = ["AdapterIncompatible", "AdapterLimits", "LoraAdapter", "load_peft_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +46,6 @@ MODULE_PARENTS = {
 _EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
-
-class AdapterIncompatible(Exception):
-    """The adapter can't be served by loraxd; `reason` says why in one line."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -73,18 +73,24 @@ def load_peft_adapter(
     dtype: torch.dtype = torch.float32,
     *,
     fused_modules: dict[str, tuple[str, ...]] | None = None,
+    limits: AdapterLimits | None = None,
 ) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory; `module_shapes`: module name -> (in, out).
 
     `fused_modules`: a linear of the checkpoint -> the `module_shapes` modules it stacks along
     its output, in order (Phi-3: {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
     ("gate_proj", "up_proj")}). The adapter then targets the fused names, never the parts, and
-    each fused module's weights are returned as entries of its parts."""
+    each fused module's weights are returned as entries of its parts.
+
+    `limits`: where the files may lie, the largest rank and size; checked before the weights
+    are read."""
+    limits = limits or AdapterLimits()
     fused = dict(fused_modules or {})
     linears = _checkpoint_linears(module_shapes, fused)
-    config = _read_config(path)
+    config = _read_config(path, limits)
     _check_config(config)
-    tensors = _read_tensors(path)
+    limits.check_config(config)
+    tensors = _read_tensors(path, limits, dtype.itemsize)
     pairs = _group_keys(tensors, linears, num_layers, config, fused)
     targeted = _targeted_modules(config, pairs, linears, num_layers, fused)
     for full_name in pairs:
@@ -147,10 +153,11 @@ def _fused_hint(module: str, fused) -> str:
     return ""
 
 
-def _read_config(path: str) -> dict:
+def _read_config(path: str, limits: AdapterLimits) -> dict:
     config_path = os.path.join(path, CONFIG_FILE)
     try:
-        with open(config_path, encoding="utf-8") as f:
+        real_path = limits.checked_file(config_path, CONFIG_FILE, MAX_CONFIG_BYTES)
+        with open(real_path, encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
         raise AdapterIncompatible(f"{config_path} not found") from None
@@ -182,15 +189,18 @@ def _check_config(config: dict) -> None:
             raise AdapterIncompatible(f"adapter_config.json: {field} must be an object")
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: str, limits: AdapterLimits, item_bytes: int) -> dict[str, torch.Tensor]:
     st_path, bin_path = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
     try:
         if os.path.exists(st_path):
             from safetensors.torch import load_file
 
-            tensors = load_file(st_path, device="cpu")
+            real_path = limits.checked_file(st_path, SAFETENSORS_FILE, limits.max_bytes)
+            limits.check_safetensors(real_path, item_bytes)
+            tensors = load_file(real_path, device="cpu")
         elif os.path.exists(bin_path):
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+            real_path = limits.checked_file(bin_path, BIN_FILE, limits.max_bytes)
+            tensors = torch.load(real_path, map_location="cpu", weights_only=True)
         else:
             raise AdapterIncompatible(f"neither {SAFETENSORS_FILE} nor {BIN_FILE} in {path}")
     except AdapterIncompatible:
@@ -201,6 +211,9 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(tensors, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise AdapterIncompatible(f"adapter weights in {path}: not a name -> tensor mapping")
+    # A .bin has no header to read first; its size on disk was bounded.
+    limits.check_memory(sum(t.numel() * max(t.element_size(), item_bytes)
+                            for t in tensors.values()))
     return tensors
 
 
@@ -212,9 +225,10 @@ def _layer_index(full_name: str, config: dict) -> int | None:
             r"^[^.]*\.(?P<idx>\d+)\.", full_name)
         return int(match["idx"]) if match else None
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", full_name)
+        regex = compile_pattern(pattern, "layers_pattern", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+        match = regex.match(full_name)
         if match:
-            return int(match["idx"])
+            return int(match.group("idx"))
     return None
 
 
@@ -282,7 +296,7 @@ def _matches(config: dict, target, full_name: str, layer_idx: int) -> bool:
     """PEFT's check_target_module_exists, exclusions aside: a regex is matched against the full
     name and ignores layers_to_transform; a list entry matches the full name or a suffix."""
     if isinstance(target, str):
-        return re.fullmatch(target, full_name) is not None
+        return fullmatch(target, full_name, "target_modules")
     if full_name in target:
         return True
     if not any(full_name.endswith(f".{t}") for t in target):
@@ -298,7 +312,7 @@ def _excluded(config: dict, full_name: str) -> bool:
     if not exclude:
         return False
     if isinstance(exclude, str):
-        return re.fullmatch(exclude, full_name) is not None
+        return fullmatch(exclude, full_name, "exclude_modules")
     return full_name in exclude or any(full_name.endswith(f".{e}") for e in exclude)
 
 
@@ -313,10 +327,7 @@ def _targeted_modules(config, pairs, linears, num_layers, fused) -> dict[str, tu
     if not isinstance(target, (str, list)):
         raise AdapterIncompatible(f"target_modules={target!r}: expected a list or a regex string")
     if isinstance(target, str):
-        try:
-            re.compile(target)
-        except re.error as e:
-            raise AdapterIncompatible(f"target_modules regex {target!r} is invalid: {e}") from None
+        compile_pattern(target, "target_modules")
     _check_targets_known(target, candidates, linears, fused)
     return {
         name: place for name, place in candidates.items()
@@ -332,13 +343,13 @@ def _check_targets_known(target, candidates, linears, fused) -> None:
     prefixes = {name.split(".layers.")[0] for name in candidates if ".layers." in name} or {"model"}
     embeddings = [*_EMBEDDING_MODULES, *(f"{p}.{m}" for p in prefixes for m in _EMBEDDING_MODULES)]
     if isinstance(target, str):
-        hit = [name for name in embeddings if re.fullmatch(target, name)]
+        hit = [name for name in embeddings if fullmatch(target, name, "target_modules")]
         if hit:
             raise AdapterIncompatible(
                 f"target_modules regex {target!r} targets {hit[0]}, not supported")
-        if not any(re.fullmatch(target, name) for name in candidates):
+        if not any(fullmatch(target, name, "target_modules") for name in candidates):
             part = next((p for name, p in _part_names(candidates, fused)
-                         if re.fullmatch(target, name)), "")
+                         if fullmatch(target, name, "target_modules")), "")
             raise AdapterIncompatible(
                 f"target_modules regex {target!r} matches no module loraxd supports"
                 f"{_fused_hint(part, fused)}")
@@ -376,7 +387,8 @@ def _check_shapes(full_name, a, b, shape, config) -> tuple[torch.Tensor, torch.T
 def _pattern_value(patterns: dict, full_name: str, default):
     """PEFT's get_pattern_key: the first key that matches a suffix of the module name."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", full_name):
+        if compile_pattern(key, "rank_pattern / alpha_pattern key", r"(.*\.)?({})$").match(
+                full_name):
             return patterns[key]
     return default
 
