@@ -25,17 +25,41 @@ class HubSource:
         self.hub_cache = hub_cache
         self.access = HubAccess(access_dir)
 
+    @property
+    def root(self) -> str:
+        """The hub cache directory (huggingface_hub's own when none is configured)."""
+        if self.hub_cache:
+            return self.hub_cache
+        from huggingface_hub import constants
+        return constants.HF_HUB_CACHE
+
+    def entry(self, adapter_id: str) -> Path:
+        """The repository's folder in the hub cache (its snapshots and blobs)."""
+        return Path(self.root) / ("models--" + adapter_id.replace("/", "--"))
+
+    def lookup(self, adapter_id: str) -> Path | None:
+        """The cached adapter when its access is already known, so that serving it needs no
+        network; else None."""
+        check_repo_id(adapter_id)
+        if self.access.is_private(adapter_id) is None:
+            return None
+        cached = self._cached(adapter_id)
+        return None if cached is None else self._checked(adapter_id, cached)
+
     def fetch(self, adapter_id: str, api_token: str | None) -> Path:
         check_repo_id(adapter_id)
         token = api_token or None
         cached = self._cached(adapter_id)
         if cached is not None:
             self.access.on_cached(adapter_id)
-            return check_adapter_dir("hub", adapter_id, cached)
+            return self._checked(adapter_id, cached)
         path, used_token = self._download(adapter_id, token)
-        path = check_adapter_dir("hub", adapter_id, path)
+        path = self._checked(adapter_id, path)
         self.access.on_downloaded(adapter_id, token if used_token else None)
         return path
+
+    def _checked(self, adapter_id: str, path: Path) -> Path:
+        return check_adapter_dir("hub", adapter_id, path, roots=(self.root,))
 
     def authorize(self, adapter_id: str, api_token: str | None) -> None:
         check_repo_id(adapter_id)
@@ -97,6 +121,8 @@ def _hub_error(adapter_id: str, exc: BaseException, token: str | None) -> Adapte
                                         RepositoryNotFoundError, RevisionNotFoundError)
     who = ("this request's token" if token
            else "the server's own credentials (the request gave no token)")
+    denied = isinstance(exc, (GatedRepoError, RepositoryNotFoundError)) or (
+        isinstance(exc, HfHubHTTPError) and _status(exc) in (401, 403))
     if isinstance(exc, (LocalEntryNotFoundError, *network_errors())):
         offline = " (offline mode: HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         reason = _UNREACHABLE + offline
@@ -115,4 +141,4 @@ def _hub_error(adapter_id: str, exc: BaseException, token: str | None) -> Adapte
         reason = f"cannot write the hub cache: {exc.strerror or exc}"
     else:
         reason = f"hub download failed: {type(exc).__name__}: {exc}"
-    return AdapterFetchError("hub", adapter_id, reason)
+    return AdapterFetchError("hub", adapter_id, reason, denied=denied)

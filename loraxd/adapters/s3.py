@@ -27,23 +27,34 @@ _READ_TIMEOUT_S = 60
 
 
 class S3Source:
-    def __init__(self, *, cache_root: Path):
+    def __init__(self, *, cache_root: Path, max_adapter_bytes: int | None = None):
         self.cache_root = cache_root
+        self.max_adapter_bytes = max_adapter_bytes  # larger weights are not downloaded
+
+    def entry(self, bucket: str, prefix: str) -> Path:
+        return self.cache_root / bucket / quote(prefix, safe="")
+
+    def lookup(self, adapter_id: str) -> Path | None:
+        entry = self.entry(*parse_s3_id(adapter_id))
+        if (entry / CONFIG_FILE).is_file():
+            return check_adapter_dir("s3", adapter_id, entry, roots=(self.cache_root,))
+        return None
 
     def fetch(self, adapter_id: str) -> Path:
+        cached = self.lookup(adapter_id)
+        if cached is not None:
+            return cached
         bucket, prefix = parse_s3_id(adapter_id)
-        entry = self.cache_root / bucket / quote(prefix, safe="")
-        if (entry / CONFIG_FILE).is_file():
-            return check_adapter_dir("s3", adapter_id, entry)
+        entry = self.entry(bucket, prefix)
         client = _client(adapter_id)
         try:
-            keys = _adapter_keys(client, adapter_id, bucket, prefix)
+            keys = _adapter_keys(client, adapter_id, bucket, prefix, self.max_adapter_bytes)
             self._download(client, adapter_id, bucket, keys, entry)
         except AdapterFetchError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes an AdapterFetchError
             raise _s3_error(adapter_id, bucket, exc) from exc
-        return check_adapter_dir("s3", adapter_id, entry)
+        return check_adapter_dir("s3", adapter_id, entry, roots=(self.cache_root,))
 
     def _download(self, client, adapter_id: str, bucket: str, keys: dict[str, str],
                   entry: Path) -> None:
@@ -90,7 +101,8 @@ def _client(adapter_id: str):
         raise AdapterFetchError("s3", adapter_id, f"cannot create an S3 client: {exc}") from exc
 
 
-def _adapter_keys(client, adapter_id: str, bucket: str, prefix: str) -> dict[str, str]:
+def _adapter_keys(client, adapter_id: str, bucket: str, prefix: str,
+                  max_bytes: int | None) -> dict[str, str]:
     """{file name: object key} of the adapter files directly under the prefix."""
     keys: dict[str, str] = {}
     num_objects = 0
@@ -101,6 +113,9 @@ def _adapter_keys(client, adapter_id: str, bucket: str, prefix: str) -> dict[str
             name = obj["Key"][len(prefix) + 1:]
             if name in ADAPTER_FILES:
                 keys[name] = obj["Key"]
+            if max_bytes is not None and name in WEIGHT_FILES and obj.get("Size", 0) > max_bytes:
+                raise AdapterFetchError("s3", adapter_id, f"{name} is {obj['Size']} bytes, more "
+                                        f"than max_adapter_bytes ({max_bytes}); not downloaded")
     where = f"s3://{bucket}/{prefix}/"
     if num_objects == 0:
         raise AdapterFetchError("s3", adapter_id, f"no objects under {where}")

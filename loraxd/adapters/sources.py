@@ -10,17 +10,25 @@ Every function here blocks (disk, network); the engine calls them through a thre
   see s3.py.
 - `pbase`: refused; loraxd does not talk to Predibase.
 
+`lookup()` finds an adapter without the network (None: it needs `fetch()`), so that the
+engine can run lookups and downloads in separate thread pools. Every file to be read must
+resolve inside its source's directories (the local adapter dirs, the hub cache, the S3 cache);
+`roots(source)` lists them for the worker, which checks each file again as it reads it. Downloads
+(hub and S3) live in a disk cache with a size cap (disk_cache.py).
+
 `authorize()` runs before every request for an adapter: a hub adapter that needed the
 request's token to download is private, and each request must bring a token the hub accepts
 for it (LoRAX serves a private adapter to anyone after one authorised download).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from loraxd.adapters.disk_cache import DiskCache
 from loraxd.adapters.errors import AdapterFetchError, check_adapter_dir
-from loraxd.adapters.hub import HubSource
-from loraxd.adapters.s3 import S3Source
+from loraxd.adapters.hub import HubSource, check_repo_id
+from loraxd.adapters.s3 import S3Source, parse_s3_id
 
 __all__ = ["AdapterFetchError", "AdapterSources"]
 
@@ -29,24 +37,66 @@ _PBASE_REFUSAL = "adapter source 'pbase' is not supported by loraxd; use hub, lo
 
 class AdapterSources:
     def __init__(self, *, local_adapter_dirs: tuple[str, ...], cache_dir: str,
-                 hub_cache: str | None):
+                 hub_cache: str | None, cache_bytes: int | None = None,
+                 max_adapter_bytes: int | None = None):
         self.local_adapter_dirs = tuple(local_adapter_dirs)
-        self.hub = HubSource(hub_cache=hub_cache,
-                             access_dir=Path(cache_dir) / "adapters" / "hub-access")
-        self.s3 = S3Source(cache_root=Path(cache_dir) / "adapters" / "s3")
+        adapters_dir = Path(cache_dir) / "adapters"
+        self.hub = HubSource(hub_cache=hub_cache, access_dir=adapters_dir / "hub-access")
+        self.s3 = S3Source(cache_root=adapters_dir / "s3", max_adapter_bytes=max_adapter_bytes)
+        self.disk_cache = DiskCache(cache_bytes, adapters_dir / "disk-cache.json")
+
+    def roots(self, source: str) -> list[str]:
+        """The directories a file of an adapter from `source` may resolve into, resolved."""
+        dirs = {"local": self.local_adapter_dirs, "hub": (self.hub.root,),
+                "s3": (self.s3.cache_root,)}.get(source, ())
+        return [os.path.realpath(os.path.expanduser(d)) for d in dirs]
+
+    def lookup(self, source: str, adapter_id: str, api_token: str | None) -> Path | None:
+        """The adapter's local directory when no network is needed, else None (blocking on
+        the disk only)."""
+        return self._get(source, adapter_id, api_token, download=False)
 
     def fetch(self, source: str, adapter_id: str, api_token: str | None) -> Path:
         """The adapter's local directory, downloading it first if needed (blocking)."""
+        return self._get(source, adapter_id, api_token, download=True)
+
+    def cache_entry(self, source: str, adapter_id: str) -> Path | None:
+        """The disk-cache directory a hub or S3 adapter is downloaded into; None for local
+        adapters and ids that are not valid."""
+        try:
+            if source == "hub":
+                check_repo_id(adapter_id)
+                return self.hub.entry(adapter_id)
+            if source == "s3":
+                return self.s3.entry(*parse_s3_id(adapter_id))
+        except AdapterFetchError:
+            pass
+        return None
+
+    def _get(self, source: str, adapter_id: str, api_token: str | None, *,
+             download: bool) -> Path | None:
         _check_id(source, adapter_id)
         if source == "local":
             return find_local(self.local_adapter_dirs, adapter_id)
-        if source == "hub":
-            return self.hub.fetch(adapter_id, api_token)
-        if source == "s3":
-            return self.s3.fetch(adapter_id)
         if source == "pbase":
             raise AdapterFetchError(source, adapter_id, _PBASE_REFUSAL)
-        raise AdapterFetchError(source, adapter_id, "unknown adapter source; use hub, local or s3")
+        if source not in ("hub", "s3"):
+            raise AdapterFetchError(source, adapter_id,
+                                    "unknown adapter source; use hub, local or s3")
+        if source == "hub":
+            check_repo_id(adapter_id)
+            entry = self.hub.entry(adapter_id)
+        else:
+            entry = self.s3.entry(*parse_s3_id(adapter_id))
+        with self.disk_cache.hold(entry):
+            if source == "hub":
+                path = (self.hub.fetch(adapter_id, api_token) if download
+                        else self.hub.lookup(adapter_id))
+            else:
+                path = self.s3.fetch(adapter_id) if download else self.s3.lookup(adapter_id)
+            if path is not None:
+                self.disk_cache.record(entry)
+        return path
 
     def authorize(self, source: str, adapter_id: str, api_token: str | None) -> None:
         """Raise AdapterFetchError when `api_token` may not use this adapter (blocking).
@@ -61,6 +111,16 @@ class AdapterSources:
         elif source not in ("local", "s3"):
             raise AdapterFetchError(source, adapter_id,
                                     "unknown adapter source; use hub, local or s3")
+
+
+def adapter_sources(config) -> AdapterSources:
+    """The sources a daemon with `config` serves adapters from."""
+    a = config.adapters
+    return AdapterSources(local_adapter_dirs=a.local_adapter_dirs,
+                          cache_dir=config.paths.cache_dir,
+                          hub_cache=config.model.huggingface_hub_cache,
+                          cache_bytes=a.adapter_cache_bytes,
+                          max_adapter_bytes=a.max_adapter_bytes)
 
 
 def _check_id(source: str, adapter_id: str) -> None:
@@ -81,7 +141,7 @@ def find_local(roots: tuple[str, ...], adapter_id: str) -> Path:
         if not any(path.is_relative_to(root) for root in real_roots):
             raise AdapterFetchError("local", adapter_id,
                                     "the path is outside the local adapter directories")
-        return check_adapter_dir("local", adapter_id, path)
+        return check_adapter_dir("local", adapter_id, path, real_roots)
     bare_dir = None
     for root in real_roots:
         path = (root / adapter_id).resolve()
@@ -89,9 +149,9 @@ def find_local(roots: tuple[str, ...], adapter_id: str) -> Path:
             raise AdapterFetchError("local", adapter_id,
                                     "the path escapes the local adapter directories")
         if (path / "adapter_config.json").is_file():
-            return check_adapter_dir("local", adapter_id, path)
+            return check_adapter_dir("local", adapter_id, path, real_roots)
         if bare_dir is None and path.is_dir():
             bare_dir = path
     if bare_dir is not None:
-        return check_adapter_dir("local", adapter_id, bare_dir)
+        return check_adapter_dir("local", adapter_id, bare_dir, real_roots)
     raise AdapterFetchError("local", adapter_id, "no such adapter in the local adapter directories")

@@ -74,7 +74,8 @@ def test_overlong_pattern_is_refused(tmp_path):
 
 def test_re2_patterns_keep_peft_semantics(tmp_path):
     """The same regexes as before, through RE2: lazy `.*?`, groups, suffix keys."""
-    make_adapter(tmp_path, r=4, lora_alpha=8, target_modules=r".*\.layers\.(0|1)\.self_attn\.q_proj",
+    make_adapter(tmp_path, r=4, lora_alpha=8,
+                 target_modules=r".*\.layers\.(0|1)\.self_attn\.q_proj",
                  rank_pattern={r"layers\.1\..*q_proj": 2}, alpha_pattern={"q_proj": 3})
     adapter = load_peft_adapter(str(tmp_path), SHAPES, num_layers=2)
     assert adapter.ranks == {(0, "q_proj"): 4, (1, "q_proj"): 2}

@@ -85,6 +85,28 @@ def test_local_refuses_a_symlink_pointing_outside(tmp_path, local_dirs):
         sources_for(tmp_path, first).fetch("local", "sneaky", None)
 
 
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_local_refuses_a_file_linked_outside(tmp_path, local_dirs, name):
+    """The directory is inside, but a file the worker would read links out of the dirs."""
+    first, second = local_dirs
+    adapter = make_adapter(first / "linked")
+    (adapter / name).unlink()
+    (adapter / name).symlink_to(tmp_path / "outside" / name)
+    with pytest.raises(AdapterFetchError, match=f"{name} resolves to a file outside the "
+                                                "adapter directories"):
+        sources_for(tmp_path, first, second).fetch("local", "linked", None)
+    (adapter / name).unlink()
+    (adapter / name).symlink_to(second / "shared" / name)  # into another adapter dir: fine
+    assert sources_for(tmp_path, first, second).fetch("local", "linked", None) == adapter
+
+
+def test_roots_are_per_source(tmp_path, local_dirs):
+    sources = sources_for(tmp_path, *local_dirs, hub_cache=tmp_path / "hub")
+    assert sources.roots("local") == [str(d) for d in local_dirs]
+    assert sources.roots("hub") == [str(tmp_path / "hub")]
+    assert sources.roots("s3") == [str(tmp_path / "cache" / "adapters" / "s3")]
+
+
 def test_local_refuses_an_absolute_path_outside(tmp_path, local_dirs):
     sources = sources_for(tmp_path, *local_dirs)
     with pytest.raises(AdapterFetchError, match="outside the local adapter directories"):
@@ -364,6 +386,15 @@ def test_s3_fetch_downloads_the_adapter_files_and_reuses_them(tmp_path, s3):
         s3.client.delete_object(Bucket=s3.bucket, Key=f"adapters/tiny/{key}")
     assert sources.fetch("s3", f"{s3.bucket}/adapters/tiny/", None) == path
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_s3_weights_over_max_adapter_bytes_are_not_downloaded(tmp_path, s3):
+    sources = AdapterSources(local_adapter_dirs=(), cache_dir=str(tmp_path / "cache"),
+                             hub_cache=None, max_adapter_bytes=7)
+    with pytest.raises(AdapterFetchError, match=r"adapter_model.safetensors is 8 bytes, more "
+                                                r"than max_adapter_bytes \(7\)"):
+        sources.fetch("s3", f"{s3.bucket}/adapters/tiny", None)
+    assert not (tmp_path / "cache" / "adapters" / "s3" / s3.bucket / "adapters%2Ftiny").exists()
 
 
 def test_s3_concurrent_fetches_share_one_entry(tmp_path, s3):
