@@ -58,13 +58,23 @@ class Alternative:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token. `text` is its incremental piece: the pieces concatenate to the text."""
+    """One generated token. `text` is its incremental piece (a special token's own text).
+
+    `delta` is the text this token makes visible: the deltas concatenate to exactly the
+    FinishEvent's generated_text, never showing a stop sequence nor a start of one that may
+    still complete. Left out, it is `text` (nothing for a special token): no holdback.
+    """
 
     token_id: int
     text: str
     logprob: float
     special: bool
     alternatives: tuple[Alternative, ...] = ()
+    delta: str | None = None
+
+    def __post_init__(self):
+        if self.delta is None:
+            object.__setattr__(self, "delta", "" if self.special else self.text)
 
 
 @dataclass(frozen=True)
@@ -114,3 +124,11 @@ class ValidationError(EngineError):
 
     def __init__(self, what: str):
         super().__init__(f"Input validation error: {what}")
+
+
+def sequence_failure(message: str, bad_request: bool) -> EngineError:
+    """The error of a request that failed alone in a step: a 422 when its own parameters
+    caused it, else a 500."""
+    if bad_request:
+        return ValidationError(message)
+    return EngineError(f"Request failed during generation: {message}")

@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.output import OutputText
 from loraxd.engine.request import (Alternative, FinishEvent, GenerationRequest, PromptToken,
                                    TokenEvent)
 from loraxd.protocol.worker import SeqOutput
@@ -20,10 +21,13 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # generated text, special tokens and stop sequence excluded
     started: float | None = None
     finish_reason: str | None = None
     prefill: tuple[PromptToken, ...] = ()
+    output: OutputText = field(init=False)  # the text: special tokens, stop sequence excluded
+
+    def __post_init__(self):
+        self.output = OutputText(self.detok, self.request.stop)
 
     @property
     def prompt_len(self) -> int:
@@ -39,27 +43,20 @@ class Sequence:
         req = self.request
         self.output_ids.append(out.token_id)
         special = out.token_id in special_ids
-        piece = self.detok.push(out.token_id)
-        text_before = len(self.text)
-        self.text += piece
+        text = self.output.push(out.token_id)
+        delta = text.delta
         if out.token_id in eos_ids and not req.ignore_eos:
             self.finish_reason = "eos_token"
-        elif self._cut_at_stop(text_before):
+        elif text.stopped:
             self.finish_reason = "stop_sequence"
         elif len(self.output_ids) >= req.max_new_tokens:
             self.finish_reason = "length"
+        if self.finish_reason is not None and not text.stopped:
+            delta += self.output.release()
         alternatives = tuple(Alternative(i, decode_one(i), lp)
                              for i, lp in zip(out.top_ids, out.top_logprobs))
-        return TokenEvent(out.token_id, decode_one(out.token_id) if special else piece,
-                          out.logprob, special, alternatives)
-
-    def _cut_at_stop(self, text_before: int) -> bool:
-        for stop in self.request.stop:
-            at = self.text.find(stop, max(0, text_before - len(stop) + 1))
-            if at >= 0:
-                self.text = self.text[:at]
-                return True
-        return False
+        return TokenEvent(out.token_id, decode_one(out.token_id) if special else text.piece,
+                          out.logprob, special, alternatives, delta)
 
     def finish_event(self) -> FinishEvent:
         now = time.monotonic()
@@ -67,7 +64,7 @@ class Sequence:
         sampling = self.request.sampling
         return FinishEvent(
             finish_reason=self.finish_reason or "length",
-            generated_text=self.text,
+            generated_text=self.output.text,
             prompt_tokens=self.prompt_len,
             generated_tokens=len(self.output_ids),
             seed=sampling.seed if sampling.do_sample else None,

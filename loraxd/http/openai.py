@@ -6,8 +6,9 @@ read through one fan-in (`merged_events`). Errors have real HTTP status codes an
 the status with a useful message. A stream opens only once the first event is in, so an
 adapter that cannot be loaded is still a 424, not an error inside a 200 stream; later
 errors are one `data: {"error": ...}` event (the openai client raises APIError on it).
-Streamed text never shows a stop sequence, nor a part of one that may still complete, nor
-a special token: the deltas concatenate to exactly the non-streamed text.
+Streamed text is each token's `delta` (loraxd.engine.output): never a stop sequence, nor a
+part of one that may still complete, nor a special token; the deltas concatenate to exactly
+the non-streamed text.
 """
 from __future__ import annotations
 
@@ -40,45 +41,11 @@ log = logging.getLogger(__name__)
 _PREFIX = "data: "
 
 
-class StopHoldback:
-    """Text deltas that never show a stop sequence, or a prefix of one that may complete."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self.stop = stop
-        self.text = ""
-        self.num_sent = 0
-
-    def push(self, piece: str) -> str:
-        self.text += piece
-        safe = len(self.text)
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.num_sent - len(s) + 1))
-            if at >= 0:
-                safe = min(safe, at)
-                continue
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        return self._send_to(max(safe, self.num_sent))
-
-    def finish(self, generated_text: str) -> str:
-        """The rest of the final text (which has any stop sequence cut off)."""
-        self.text = generated_text
-        return self._send_to(len(generated_text))
-
-    def _send_to(self, end: int) -> str:
-        out = self.text[self.num_sent:end]
-        self.num_sent = max(end, self.num_sent)
-        return out
-
-
 @dataclass
 class Choice:
     index: int
     prepared: Prepared  # of its prompt
     request: GenerationRequest
-    deltas: StopHoldback
     tokens: list[TokenEvent] = field(default_factory=list)
     finish: FinishEvent | None = None
     offset: int = 0  # where the next token's text starts (completions' text_offset)
@@ -214,7 +181,6 @@ class OpenAIRoutes:
     async def _respond(self, request: web.Request, job: OpenAIRequest, shape: Any,
                        prepared: list[Prepared]) -> web.StreamResponse:
         choices = [Choice(index=len(prepared[0].requests) * p + j, prepared=prep, request=req,
-                          deltas=StopHoldback(req.stop),
                           offset=len(prep.inputs) if job.echo else 0)
                    for p, prep in enumerate(prepared) for j, req in enumerate(prep.requests)]
         num_prompt = sum(len(p.prompt_ids) for p in prepared)
@@ -279,16 +245,14 @@ class _Stream:
                         event: TokenEvent | FinishEvent) -> None:
         choice = self.choices[i]
         _record(choice, event)
-        if isinstance(event, TokenEvent):
-            delta = choice.deltas.push("" if event.special else event.text)
-            tokens = [event]
+        if isinstance(event, TokenEvent):  # its delta holds back stop sequences (engine)
             offset = choice.offset
             choice.offset += 0 if event.special else len(event.text)
-            if delta or self.job.num_logprobs is not None:
-                await self._send(response, [self.shape.delta(choice, delta, tokens, offset, None)])
-        else:
-            delta = choice.deltas.finish(event.generated_text)
-            await self._send(response, [self.shape.delta(choice, delta, [], choice.offset,
+            if event.delta or self.job.num_logprobs is not None:
+                await self._send(response, [self.shape.delta(choice, event.delta, [event],
+                                                              offset, None)])
+        else:  # the last token's delta ended the text
+            await self._send(response, [self.shape.delta(choice, "", [], choice.offset,
                                                           finish_reason(event))])
 
     async def _send(self, response: web.StreamResponse, choices: list[dict], **extra) -> None:

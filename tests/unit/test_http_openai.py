@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from types import SimpleNamespace
@@ -9,11 +10,13 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from loraxd.engine.request import AdapterError, AdapterRef, FinishEvent, TokenEvent
+from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.request import AdapterError, AdapterRef
+from loraxd.engine.sequence import Sequence
 from loraxd.engine.tokenizer import read_chat_template, special_token_strings
 from loraxd.http.chat_template import ChatTemplate, ChatTemplates
 from loraxd.http.errors import ApiError
-from loraxd.http.openai import StopHoldback
+from loraxd.protocol.worker import SeqOutput
 from tests.unit.test_http_native import (NUM_PROMPT, PROMPT, FakeEngine, FakeTokenizer,
                                          _raw_post, _wait_closed, base_url)
 from tests.unit.test_http_native import serve  # noqa: F401 - the fixture, shared
@@ -69,20 +72,35 @@ def data_lines(text: str) -> list[str]:
     return [c[len("data: "):] for c in chunks[:-1]]
 
 
-class ScriptedEngine(FakeEngine):
-    """Sends the given TokenEvents, then the given FinishEvent."""
+class SequenceEngine(FakeEngine):
+    """Runs `pieces` (one token each) through the engine's own Sequence, so stop sequences
+    are handled as the real engine does; `eos` is a special EOS piece."""
 
-    def __init__(self, tokens: list[TokenEvent], finish: FinishEvent):
+    def __init__(self, pieces: list[str], eos: str | None = None):
         super().__init__()
         self.tokenizer = ChatTokenizer()
-        self.script = (tokens, finish)
+        self.vocab = {100 + i: p for i, p in enumerate(pieces)}
+        self.eos_ids = frozenset(i for i, p in self.vocab.items() if p == eos)
 
     async def generate(self, req):
         self.requests.append(req)
-        tokens, finish = self.script
-        for token in tokens:
-            yield token
-        yield finish
+        req = dataclasses.replace(req, max_new_tokens=len(self.vocab))
+        seq = Sequence(1, req, IncrementalDetokenizer(PieceTokenizer(self.vocab), [],
+                                                      self.eos_ids))
+        for token_id in self.vocab:
+            yield seq.append(SeqOutput(token_id, token_id, -0.1), self.eos_ids, self.eos_ids,
+                             self.vocab.__getitem__)
+            if seq.finish_reason is not None:
+                yield seq.finish_event()
+                return
+
+
+class PieceTokenizer:
+    def __init__(self, vocab: dict[int, str]):
+        self.vocab = vocab
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.vocab[i] for i in ids)
 
 
 # -- /v1/completions --------------------------------------------------------------------------
@@ -474,35 +492,17 @@ async def test_malformed_body_is_400(serve):
 # -- stop sequences and special tokens in streams ---------------------------------------------
 
 
-def test_stop_holdback():
-    h = StopHoldback(("###",))
-    assert h.push("ab #") == "ab "
-    assert h.push("#") == ""
-    assert h.push("x") == "##x"  # not a stop after all
-    assert h.push("y ##") == "y "
-    assert h.finish("ab ##xy ") == ""  # the stop completed: the final text cuts it
-    h = StopHoldback(("END", "\n\n"))
-    assert h.push("one\n") == "one" and h.push("E") == "\n" and h.push("two") == "Etwo"
-    assert h.push("ENDx") == ""
-    assert h.finish("one\nEtwo") == ""
-    assert StopHoldback(()).push("abc") == "abc"
-
-
 async def test_stream_hides_stop_sequences_and_special_tokens(api):
-    tokens = [TokenEvent(10, "Hel", -0.1, False), TokenEvent(11, "lo #", -0.1, False),
-              TokenEvent(12, "#", -0.1, False), TokenEvent(13, "# tail", -0.1, False)]
-    finish = FinishEvent("stop_sequence", "Hello ", NUM_PROMPT, 4, None)
-    oc, _, client = await api(ScriptedEngine(tokens, finish))
+    oc, _, client = await api(SequenceEngine(["Hel", "lo #", "#", "# tail"]))
     stream = await oc.completions.create(model="fake/base", prompt=PROMPT, stream=True,
                                          stop="###")
     chunks = [c async for c in stream]
-    assert "".join(c.choices[0].text for c in chunks) == "Hello "
+    assert [c.choices[0].text for c in chunks] == ["Hel", "lo ", ""]  # "#", "##" held
     assert chunks[-1].choices[0].finish_reason == "stop"  # fix: not content_filter
     resp = await oc.completions.create(model="fake/base", prompt=PROMPT, stop="###")
     assert resp.choices[0].text == "Hello " and resp.choices[0].finish_reason == "stop"
 
-    eos = [TokenEvent(10, "Hi", -0.1, False), TokenEvent(2, "</s>", -0.1, True)]
-    oc, _, client = await api(ScriptedEngine(eos, FinishEvent("eos_token", "Hi", 1, 2, None)))
+    oc, _, client = await api(SequenceEngine(["Hi", "</s>"], eos="</s>"))
     stream = await oc.chat.completions.create(
         model="fake/base", messages=[{"role": "user", "content": "x"}], stream=True)
     chunks = [c async for c in stream]
