@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 8 << 20  # a rank-64 all-linear adapter of an 80-layer model: ~200 kB
 MAX_TENSORS = 1 << 16
-MAX_PATTERN_KEYS = 4096  # rank_pattern / alpha_pattern entries (EVA writes one per module)
+MAX_PATTERN_KEYS = 2048  # rank_pattern / alpha_pattern entries (EVA writes one per module)
 
 # Bytes per element of each safetensors dtype; unknown ones count as 8.
 _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,

@@ -39,7 +39,7 @@ def fullmatch(pattern, name: str, field: str) -> bool:
     return compile_pattern(pattern, field).fullmatch(name) is not None
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)  # bounded: a compiled pattern can take MBs
 def _compile(source: str):
     """The compiled regex, or RE2's reason as a string (failures are cached too)."""
     options = re2.Options()

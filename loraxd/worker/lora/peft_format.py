@@ -98,6 +98,7 @@ def load_peft_adapter(
             raise AdapterIncompatible(
                 f"weights for {full_name} but adapter_config.json's target_modules "
                 f"does not target it")
+    patterns = {field: _compiled_keys(config, field) for field in ("rank_pattern", "alpha_pattern")}
     weights, ranks, num_bytes = {}, {}, 0
     for full_name, (layer_idx, module) in targeted.items():
         ab = pairs.get(full_name, {})
@@ -106,7 +107,7 @@ def load_peft_adapter(
                 raise AdapterIncompatible(
                     f"missing lora_{part} weight for targeted module {full_name}")
         a, b = _check_shapes(full_name, ab["A"], ab["B"], linears[module], config)
-        r, scale = _rank_and_scale(config, full_name)
+        r, scale = _rank_and_scale(config, full_name, patterns)
         if a.shape[0] != r:
             raise AdapterIncompatible(
                 f"{full_name}: lora_A has rank {a.shape[0]} but adapter_config.json says r={r}")
@@ -384,19 +385,23 @@ def _check_shapes(full_name, a, b, shape, config) -> tuple[torch.Tensor, torch.T
     return a, b
 
 
-def _pattern_value(patterns: dict, full_name: str, default):
+def _compiled_keys(config: dict, field: str) -> list:
+    """[(regex, value)] of rank_pattern / alpha_pattern, each key compiled once per adapter."""
+    return [(compile_pattern(key, f"{field} key", r"(.*\.)?({})$"), value)
+            for key, value in (config.get(field) or {}).items()]
+
+
+def _pattern_value(keys: list, full_name: str, default):
     """PEFT's get_pattern_key: the first key that matches a suffix of the module name."""
-    for key in patterns:
-        if compile_pattern(key, "rank_pattern / alpha_pattern key", r"(.*\.)?({})$").match(
-                full_name):
-            return patterns[key]
+    for regex, value in keys:
+        if regex.match(full_name):
+            return value
     return default
 
 
-def _rank_and_scale(config: dict, full_name: str) -> tuple[int, float]:
-    r = _pattern_value(config.get("rank_pattern") or {}, full_name, config.get("r", 8))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, full_name,
-                           config.get("lora_alpha", 8))
+def _rank_and_scale(config: dict, full_name: str, patterns: dict) -> tuple[int, float]:
+    r = _pattern_value(patterns["rank_pattern"], full_name, config.get("r", 8))
+    alpha = _pattern_value(patterns["alpha_pattern"], full_name, config.get("lora_alpha", 8))
     if not isinstance(r, int) or r <= 0:
         raise AdapterIncompatible(f"{full_name}: rank {r!r} is not a positive integer")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
