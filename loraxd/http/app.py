@@ -2,7 +2,8 @@
 
 Run it with `handler_cancellation=True` (use `make_runner`): aiohttp then cancels a
 handler whose client disconnected, which closes the engine's generator and frees the
-request's KV blocks and batch slot at once, even while no token is being written.
+request's KV blocks and batch slot at once, even while no token is being written; it also
+bounds how long a client may take to send a request's head (head_deadline.py).
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from aiohttp import web
 from loraxd.http.api_keys import KeyRing
 from loraxd.http.auth import auth_middleware
 from loraxd.http.errors import error_middleware
+from loraxd.http.head_deadline import HEAD_DEADLINES, DeadlineRunner, head_deadline_middleware
 from loraxd.http.metrics import MetricsRoutes
 from loraxd.http.native import NativeRoutes
 from loraxd.http.openai import OpenAIRoutes
+from loraxd.http.openapi import OpenAPIRoutes
 from loraxd.http.service import Frontend
 from loraxd.http.settings import SETTINGS_KEY, DoorSettings
 
@@ -37,21 +40,27 @@ def make_app(engine: Any, config: Any) -> web.Application:
     keys = KeyRing(settings.api_keys_file)
     keys.load()
     frontend = Frontend.from_config(engine, config, keys_required=keys.enabled)
-    # Outermost first: CORS preflight, the key check (before any body is read), errors.
+    heads: dict = {}
+    # Outermost first: the head deadline's bookkeeping, CORS preflight, the key check
+    # (before any body is read), errors.
     middlewares = [auth_middleware(keys, settings.public_routes), error_middleware]
     origins = tuple(config.server.cors_allow_origin)
     if origins:
         middlewares.insert(0, _cors_preflight(origins))
+    middlewares.insert(0, head_deadline_middleware(heads))
     app = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=middlewares)
     app[FRONTEND_KEY] = frontend
     app[KEYRING_KEY] = keys
     app[SETTINGS_KEY] = settings
+    app[HEAD_DEADLINES] = heads
     if origins:
         app.on_response_prepare.append(_cors_headers(origins))
     NativeRoutes(frontend, config).register(app)
     OpenAIRoutes(frontend, config).register(app)
     MetricsRoutes(engine, config.model.model_id).register(app)
+    OpenAPIRoutes(frontend.limits, keys_required=keys.enabled,
+                  public_routes=settings.public_routes).register(app)
     return app
 
 
@@ -61,7 +70,9 @@ def reload(app: web.Application) -> bool:
 
 
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
-    return web.AppRunner(app, **{**RUNNER_KWARGS, **kwargs})
+    """The runner to serve `app` with: handler cancellation and the request-head deadline."""
+    return DeadlineRunner(app, header_read_timeout_s=app[SETTINGS_KEY].header_read_timeout_s,
+                          **{**RUNNER_KWARGS, **kwargs})
 
 
 def _allowed_origin(origins: tuple[str, ...], origin: str | None) -> str | None:

@@ -1,33 +1,132 @@
 """Server-sent events over aiohttp's StreamResponse.
 
 An event is `data:{json}\\n\\n` (clients strip the literal `data:`). A write to a client that
-has gone raises ConnectionResetError; the caller stops generating at once. The daemon runs
+has gone raises ConnectionResetError; the caller stops generating at once. So does one to a
+client that stopped reading, once server.stream_write_timeout_s has passed without a byte
+taken (WriteWatch): it is dropped, and its batch slot and KV pages are freed. The daemon runs
 the app with `handler_cancellation=True` (app.make_runner) so that a client that leaves
 while no token is being written also cancels its handler, and with it the engine request.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any, Coroutine, Mapping
 
 from aiohttp import web
 
 from loraxd.http.bodies import dumps
+from loraxd.http.settings import SETTINGS_KEY
+
+log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"  # OpenAI streams end with this; the native stream never sends it
 
+# The kernel's send buffer of a stream (it doubles it): past it, bytes a client does not take
+# wait in the server, where WriteWatch sees them, after kilobytes of tokens rather than the
+# megabytes autotuning allows. Still ample for a token stream's rate.
+STREAM_SEND_BUFFER_BYTES = 16 * 1024
 
-def format_event(obj: Any, prefix: str = "data:") -> bytes:
-    return f"{prefix}{dumps(obj)}\n\n".encode()
+
+class StalledClient(ConnectionResetError):
+    """A client that left written data unread past stream_write_timeout_s: dropped, and
+    handled as one that left (its request is cancelled)."""
+
+
+class WriteWatch:
+    """Drops a stream's client once no written byte has left the server for `timeout_s`,
+    whether its data waits queued or a write is blocked on full buffers. A slow client that
+    keeps taking bytes is never dropped."""
+
+    def __init__(self, transport: Any, timeout_s: float):
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.queued = 0  # bytes queued when last looked at
+        self.stalled_since: float | None = None
+
+    async def guard(self, write: Coroutine[Any, Any, None]) -> None:
+        try:
+            self._check()
+        except StalledClient:
+            write.close()  # never started
+            raise
+        task = asyncio.ensure_future(write)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=self.timeout_s / 4)
+                if done:
+                    task.result()
+                    break
+                self._check()
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_retrieve)
+        self.queued = self._queued()  # what this write left queued: the mark to go below
+
+    def _check(self) -> None:
+        queued = self._queued()
+        if queued == 0 or queued < self.queued:
+            self.stalled_since = None  # the client took bytes: it is reading
+        elif self.stalled_since is None:
+            self.stalled_since = time.monotonic()
+        elif time.monotonic() - self.stalled_since >= self.timeout_s:
+            self._drop()
+        self.queued = queued
+
+    def _queued(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _drop(self) -> None:
+        log.info("a stream's client took nothing for %g s; dropped", self.timeout_s)
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait to flush what it will never read
+        raise StalledClient(f"client took nothing for {self.timeout_s:g} s")
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # the write of a dropped client fails; nobody waits for it
+
+
+class EventStream(web.StreamResponse):
+    """A StreamResponse whose writes (and final flush) are guarded by a WriteWatch."""
+
+    watch: WriteWatch | None = None
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.watch is None:
+            return await super().write(data)
+        await self.watch.guard(super().write(data))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self.watch is None:
+            return await super().write_eof(data)
+        await self.watch.guard(super().write_eof(data))
+
+
+def _shrink_send_buffer(transport: Any) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
 
 
 async def open_stream(request: web.Request,
                       headers: Mapping[str, str] | None = None) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers={
+    response = EventStream(status=200, headers={
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # no proxy buffering in front of a token stream
         **(headers or {}),
     })
+    settings = request.config_dict.get(SETTINGS_KEY)
+    if settings is not None:
+        _shrink_send_buffer(request.transport)
+        response.watch = WriteWatch(request.transport, settings.stream_write_timeout_s)
     await response.prepare(request)
     return response
 
@@ -38,6 +137,10 @@ async def send(response: web.StreamResponse, obj: Any, prefix: str = "data:") ->
 
 async def send_raw(response: web.StreamResponse, data: bytes) -> None:
     await response.write(data)
+
+
+def format_event(obj: Any, prefix: str = "data:") -> bytes:
+    return f"{prefix}{dumps(obj)}\n\n".encode()
 
 
 async def error_stream(request: web.Request, error_body: Mapping[str, str],

@@ -1,0 +1,152 @@
+"""Slow and greedy clients, through the runner the daemon serves with (make_runner): a
+client that stops reading a stream is dropped after the write timeout; a request head
+trickled byte by byte (slowloris) is cut off at the head deadline."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+from loraxd.http.app import make_app, make_runner
+from tests.unit.test_http_native import PROMPT, FakeEngine, make_config
+
+
+@pytest.fixture
+async def served():
+    runners = []
+
+    async def start(engine, **server):
+        long_streams = {"max_input_length": 32, "max_total_tokens": 100_000}
+        app = make_app(engine, make_config(server=server, scheduler=long_streams))
+        runner = make_runner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return runner.addresses[0][1]
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def request_bytes(path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def closed_by_server(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the server closes `sock` (reading everything it sent meanwhile)."""
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    sock.setblocking(False)
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                if not await loop.sock_recv(sock, 65536):
+                    return time.monotonic() - start
+            except ConnectionResetError:
+                return time.monotonic() - start
+
+
+def tiny_client(port: int) -> socket.socket:
+    """A client with a small receive buffer (set before connecting, so the window is small)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+class CountingEngine(FakeEngine):
+    """Endless 4 kB tokens; counts them."""
+
+    def __init__(self, **kwargs):
+        self.num_tokens = 0
+        super().__init__(pieces=("x" * 4000,), forever=True, delay=0.002,
+                         logprob_of=self._count, **kwargs)
+
+    def _count(self, req, n):
+        self.num_tokens += 1
+        return -0.25
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 5000}}),
+    ("/v1/completions", {"prompt": PROMPT, "stream": True, "max_tokens": 5000}),
+])
+async def test_a_client_that_stops_reading_is_dropped(served, path, body):
+    engine = CountingEngine()
+    port = await served(engine, stream_write_timeout_s=0.5)
+    sock = tiny_client(port)
+    sock.sendall(request_bytes(path, body))
+    async with asyncio.timeout(10):  # never read: the server's buffers fill, then it waits
+        while not engine.closed:
+            await asyncio.sleep(0.05)
+    assert len(engine.requests) == 1
+    assert engine.num_tokens < 2500  # cut off long before its 5000 tokens (20 MB)
+    assert await closed_by_server(sock, 5) < 5  # and the connection dropped
+    sock.close()
+
+
+async def test_a_slow_but_reading_client_is_not_dropped(served):
+    engine = CountingEngine()
+    port = await served(engine, stream_write_timeout_s=0.5)
+    sock = tiny_client(port)
+    sock.sendall(request_bytes("/generate_stream", {"inputs": PROMPT,
+                                                    "parameters": {"max_new_tokens": 100}}))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    received = b""
+    async with asyncio.timeout(20):
+        while not received.endswith(b"0\r\n\r\n"):  # the last chunk of the response
+            chunk = await loop.sock_recv(sock, 1024)
+            assert chunk, "closed early"
+            received += chunk
+            await asyncio.sleep(0.001)  # slower than the engine, but reading
+    assert engine.num_tokens == 100 and b'"generated_text":"xxx' in received
+    sock.close()
+
+
+async def test_slowloris_is_cut_off_at_the_head_deadline(served):
+    port = await served(FakeEngine(), header_read_timeout_s=0.5)
+    sock = socket.create_connection(("127.0.0.1", port))
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    start = time.monotonic()
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+    closed = False
+    for byte in head:  # one byte every 50 ms: it would take 50 s
+        try:
+            await loop.sock_sendall(sock, bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        await asyncio.sleep(0.05)
+        if time.monotonic() - start > 3:
+            break
+    if not closed:
+        assert await closed_by_server(sock, 1) is not None
+    assert time.monotonic() - start < 2.5
+    sock.close()
+
+
+async def test_the_head_deadline_spares_requests_and_closes_idle_keepalive(served):
+    engine = FakeEngine(delay=0.4)  # a stream that lasts longer than the deadline
+    port = await served(engine, header_read_timeout_s=0.5)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(request_bytes("/generate_stream", {"inputs": PROMPT}))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    received = b""
+    async with asyncio.timeout(10):  # the whole stream, 1.2 s, came through
+        while not received.endswith(b"0\r\n\r\n"):
+            received += await loop.sock_recv(sock, 65536)
+    assert b'"generated_text":"Hello world"' in received
+    idle = await closed_by_server(sock, 3)  # then idle on keep-alive: closed at the deadline
+    assert 0.2 < idle < 1.5
+    sock.close()
