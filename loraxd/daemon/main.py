@@ -31,7 +31,7 @@ from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient
 from loraxd.http.api_keys import KeyRing, KeysFileError
-from loraxd.http.app import make_app, reload
+from loraxd.http.app import make_app, make_runner, reload
 
 log = logging.getLogger("loraxd")
 
@@ -90,7 +90,7 @@ async def serve(config, model_dir: Path) -> None:
     control = ControlServer(config.paths.control_socket, engine, supervisor)
     app = make_app(engine, config)
     loop.add_signal_handler(signal.SIGHUP, _reload, app)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = make_runner(app, access_log=None)  # handler cancellation, head deadline
     await runner.setup()
     try:
         await control.start()
