@@ -40,7 +40,8 @@ _ONE_SHARD: Rule = lambda v: _POSITIVE_INT(v) or (  # noqa: E731
     None if v == 1 else "tensor parallelism is not implemented yet; only 1 is supported")
 _NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
 _NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
-_ROUTES = _rule(lambda v: all(i.startswith("/") for i in v), "entries must be paths starting with /")
+_ROUTES = _rule(lambda v: all(i.startswith("/") for i in v),
+                "entries must be paths starting with /")
 
 
 def _setting(default: object, help: str, rule: Rule | None = None, *,

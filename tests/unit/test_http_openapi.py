@@ -65,7 +65,7 @@ async def test_with_keys_the_document_says_which_routes_need_one(serve, tmp_path
     assert "401" in spec["paths"]["/v1/models"]["get"]["responses"]
 
 
-async def test_docs_is_a_page_of_the_document_that_loads_nothing_from_elsewhere(serve):  # noqa: F811
+async def test_docs_is_an_offline_page_of_the_document(serve):  # noqa: F811
     client, _ = await serve()
     resp = await client.get("/docs")
     assert resp.status == 200 and resp.content_type == "text/html"
