@@ -46,6 +46,7 @@ class WriteWatch:
         self.timeout_s = timeout_s
         self.queued = 0  # bytes queued when last looked at
         self.stalled_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def guard(self, write: Coroutine[Any, Any, None]) -> None:
         try:
@@ -53,28 +54,40 @@ class WriteWatch:
         except StalledClient:
             write.close()  # never started
             raise
-        task = asyncio.ensure_future(write)
+        # No task per write (tokens are many): a timer looks at the queue while the write
+        # waits, and ends the wait through the timeout once the client has stalled.
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                done, _ = await asyncio.wait([task], timeout=self.timeout_s / 4)
-                if done:
-                    task.result()
-                    break
-                self._check()
-        finally:
-            if not task.done():
-                task.cancel()
-                task.add_done_callback(_retrieve)
+            async with asyncio.timeout(None) as deadline:
+                self._timer = loop.call_later(self.timeout_s / 4, self._tick, loop, deadline)
+                try:
+                    await write
+                finally:
+                    self._timer.cancel()
+        except TimeoutError:
+            self._drop()
         self.queued = self._queued()  # what this write left queued: the mark to go below
 
-    def _check(self) -> None:
+    def _tick(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout) -> None:
+        try:
+            self._check(drop=False)
+        except StalledClient:
+            deadline.reschedule(loop.time())  # the waiting write raises TimeoutError now
+            return
+        self._timer = loop.call_later(self.timeout_s / 4, self._tick, loop, deadline)
+
+    def _check(self, drop: bool = True) -> None:
+        """Raises StalledClient (after dropping the client, when `drop`) once it has taken
+        nothing for timeout_s."""
         queued = self._queued()
         if queued == 0 or queued < self.queued:
             self.stalled_since = None  # the client took bytes: it is reading
         elif self.stalled_since is None:
             self.stalled_since = time.monotonic()
         elif time.monotonic() - self.stalled_since >= self.timeout_s:
-            self._drop()
+            if drop:
+                self._drop()
+            raise StalledClient(f"client took nothing for {self.timeout_s:g} s")
         self.queued = queued
 
     def _queued(self) -> int:
@@ -85,11 +98,6 @@ class WriteWatch:
         if self.transport is not None:
             self.transport.abort()  # close() would wait to flush what it will never read
         raise StalledClient(f"client took nothing for {self.timeout_s:g} s")
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()  # the write of a dropped client fails; nobody waits for it
 
 
 class EventStream(web.StreamResponse):
