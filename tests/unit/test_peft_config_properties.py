@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,6 +40,10 @@ FIELD_VALUES = {
     "layers_to_transform": st.one_of(st.lists(st.integers(-1, 3), max_size=3),
                                      st.integers(-1, 3), JSON),
     "peft_type": st.one_of(st.sampled_from(["LORA", "lora", "IA3"]), JSON),
+    # A number or boolean here is test_layers_pattern_of_a_scalar_type_is_refused's case.
+    "layers_pattern": st.one_of(st.none(), st.text(max_size=6),
+                                st.lists(st.one_of(st.text(max_size=6), JSON), max_size=2),
+                                st.dictionaries(st.text(max_size=3), JSON, max_size=2)),
 }
 CONFIGS = st.fixed_dictionaries({}, optional={f: FIELD_VALUES.get(f, JSON) for f in FIELDS})
 
@@ -95,3 +100,12 @@ def test_a_well_formed_lora_config_loads_with_its_rank(rank, alpha, modules, rsl
     assert adapter is not None
     assert set(adapter.weights) == {(layer, m) for layer in range(NUM_LAYERS) for m in modules}
     assert set(adapter.ranks.values()) == {rank}
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="peft_format._layer_index iterates a non-string layers_pattern: a "
+                          "number or boolean raises TypeError, not AdapterIncompatible")
+@pytest.mark.parametrize("layers_pattern", [5, True])
+def test_layers_pattern_of_a_scalar_type_is_refused(layers_pattern):
+    config = {"r": 2, "target_modules": ["q_proj"], "layers_pattern": layers_pattern}
+    assert_loads_or_refuses(json.dumps(config), weights(2, ["q_proj"]))
