@@ -123,6 +123,17 @@ class AdapterConfig:
         flag="--preloaded-adapter-id")
     adapter_memory_bytes: int = _setting(2_147_483_648, "host-memory budget of the adapter LRU",
                                          _POSITIVE_INT)
+    max_lora_rank: int = _setting(64, "largest adapter rank served; slots are sized for it",
+                                  _POSITIVE_INT)
+    max_adapter_bytes: int = _setting(
+        1_073_741_824, "largest adapter weights, on disk and in memory", _POSITIVE_INT)
+    adapter_cache_bytes: int = _setting(
+        21_474_836_480, "disk budget of downloaded adapters; least recently used go first",
+        _POSITIVE_INT)
+    max_adapter_downloads: int = _setting(4, "adapter downloads (hub, s3) run at once",
+                                          _POSITIVE_INT)
+    adapter_fetch_timeout_s: float = _setting(
+        300.0, "seconds an adapter download may take before its requests fail", _POSITIVE)
 
 
 @dataclass(frozen=True)

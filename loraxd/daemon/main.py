@@ -21,7 +21,7 @@ import uvloop
 from aiohttp import web
 
 from loraxd import __version__
-from loraxd.adapters.sources import AdapterSources
+from loraxd.adapters.sources import adapter_sources
 from loraxd.config import EXIT_CONFIG, load_or_exit
 from loraxd.control.server import ControlServer
 from loraxd.daemon.model_files import ModelNotFound, resolve_model
@@ -81,9 +81,7 @@ async def serve(config, model_dir: Path) -> None:
     tokenizer = Tokenizer(model_dir)
     sd_notify("STATUS=starting workers")
     ready = await supervisor.start()
-    sources = AdapterSources(local_adapter_dirs=config.adapters.local_adapter_dirs,
-                             cache_dir=config.paths.cache_dir,
-                             hub_cache=config.model.huggingface_hub_cache)
+    sources = adapter_sources(config)
     engine = AsyncEngine(config, tokenizer, workers, ready, recover=supervisor.restart,
                          sources=sources)
     engine.start()

@@ -46,6 +46,8 @@ class Supervisor:
             "num_threads": c.worker.num_threads,
             "max_active_adapters": c.adapters.max_active_adapters,
             "adapter_memory_bytes": c.adapters.adapter_memory_bytes,
+            "max_lora_rank": c.adapters.max_lora_rank,
+            "max_adapter_bytes": c.adapters.max_adapter_bytes,
             "log_level": logging.getLevelName(logging.getLogger().level),
         })
 

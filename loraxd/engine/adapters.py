@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 from loraxd.engine.request import AdapterRef, MergedAdapters
 from loraxd.engine.sequence import Sequence
@@ -26,6 +26,7 @@ from loraxd.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 FETCHING, FETCHED, LOADING, LOADED = "fetching", "fetched", "loading", "loaded"
+_MAX_FETCH_TRIES = 8  # one per other request's token the hub refused
 
 
 AdapterSpec = AdapterRef | MergedAdapters
@@ -131,9 +132,18 @@ class AdapterManager:
             self._assign_slots()
 
     async def ensure_fetched(self, ref: AdapterSpec) -> None:
-        """Wait until the adapter's files are on disk; raises the fetch's error."""
-        entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
-        await asyncio.shield(entry.fetched)
+        """Wait until the adapter's files are on disk; raises the fetch's error. A fetch
+        that failed because the source refused another request's token (`denied`) is tried
+        again with this request's own: a wrong token fails only its own request."""
+        for attempt in range(1, _MAX_FETCH_TRIES + 1):
+            entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
+            try:
+                await asyncio.shield(entry.fetched)
+                return
+            except Exception as exc:
+                others = getattr(exc, "denied", False) and _token(entry.ref) != _token(ref)
+                if not others or attempt == _MAX_FETCH_TRIES:
+                    raise
 
     def _start_fetch(self, ref: AdapterSpec) -> AdapterEntry:
         entry = AdapterEntry(adapter_key(ref), ref)
@@ -225,6 +235,25 @@ class AdapterManager:
         self.slots = [None] * self.num_slots
         self._assign_slots()
 
+    # -- the disk cache's side ----------------------------------------------------------------
+
+    def _idle(self, entry: AdapterEntry) -> bool:
+        """On disk and wanted by nobody: its files may go (a later request fetches again)."""
+        return (entry.status == FETCHED and entry.key not in self.pending and not entry.pinned
+                and entry.num_waiting == 0 and entry.num_running == 0)
+
+    def busy_refs(self) -> Iterator[AdapterRef]:
+        """The adapters whose files must stay: fetching, waiting for a slot, loading, loaded."""
+        for entry in self.entries.values():
+            if not self._idle(entry):
+                yield from _refs(entry.ref)
+
+    def forget_idle(self, gone: Callable[[AdapterRef], bool]) -> None:
+        """Drop the idle entries of adapters whose files were deleted."""
+        for key, entry in list(self.entries.items()):
+            if self._idle(entry) and any(gone(ref) for ref in _refs(entry.ref)):
+                del self.entries[key]
+
     # -- read-outs ---------------------------------------------------------------------------
 
     def running_adapters(self) -> list[str]:
@@ -232,3 +261,11 @@ class AdapterManager:
 
     def waiting_adapters(self) -> list[str]:
         return [k for k, e in self.entries.items() if e.status != LOADED]
+
+
+def _refs(spec: AdapterSpec) -> tuple[AdapterRef, ...]:
+    return spec.components if isinstance(spec, MergedAdapters) else (spec,)
+
+
+def _token(spec: AdapterSpec) -> str | None:
+    return spec.api_token or None

@@ -13,6 +13,7 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from loraxd import __version__
+from loraxd.engine.adapter_fetch import AdapterFetcher
 from loraxd.engine.adapters import AdapterManager, adapter_key
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
@@ -47,6 +48,10 @@ class AsyncEngine:
             cycle_time_s=config.adapters.adapter_cycle_time_s,
             fetch=self._fetch_adapter, load=self._load_adapter,
             on_failed=self._adapter_failed, wake=self._wake_up)
+        self.fetcher = None if sources is None else AdapterFetcher(
+            sources, max_downloads=config.adapters.max_adapter_downloads,
+            timeout_s=config.adapters.adapter_fetch_timeout_s,
+            busy=self.adapters.busy_refs, forget=self.adapters.forget_idle)
         sched = config.scheduler
         self.scheduler = Scheduler(
             SchedulerLimits(sched.max_batch_prefill_tokens, sched.waiting_served_ratio,
@@ -91,6 +96,8 @@ class AsyncEngine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.fetcher is not None:
+            self.fetcher.close()
         self._fail(list(self._streams), Unavailable("the server is shutting down"))
 
     # -- requests ----------------------------------------------------------------------------
@@ -186,8 +193,7 @@ class AsyncEngine:
         try:
             await self.adapters.ensure_fetched(spec)
             for ref in refs:
-                await asyncio.to_thread(self.sources.authorize, ref.source, ref.adapter_id,
-                                        ref.api_token)
+                await self.fetcher.authorize(ref)
         except Exception as exc:  # noqa: BLE001 - every fetch/authorize failure is a 424
             raise AdapterError(f"Request failed during generation: {exc}") from exc
 
@@ -195,17 +201,17 @@ class AsyncEngine:
         if isinstance(spec, MergedAdapters):
             return list(await asyncio.gather(*(self._fetch_adapter(r)
                                                for r in spec.components)))
-        return await asyncio.to_thread(self.sources.fetch, spec.source, spec.adapter_id,
-                                       spec.api_token)
+        return await self.fetcher.fetch(spec)
 
     async def _load_adapter(self, slot: int, entry) -> None:
         spec = entry.ref
         if isinstance(spec, MergedAdapters):
             msg = LoadAdapter(slot, entry.key, merge=AdapterMerge(
                 [str(p) for p in entry.path], list(spec.weights), spec.merge_strategy,
-                spec.density, spec.majority_sign_method))
+                spec.density, spec.majority_sign_method), roots=self.sources.roots(spec.source))
         else:
-            msg = LoadAdapter(slot, entry.key, str(entry.path))
+            msg = LoadAdapter(slot, entry.key, str(entry.path),
+                              roots=self.sources.roots(spec.source))
         try:
             await self.workers.broadcast(msg)
         except WorkerLost as exc:

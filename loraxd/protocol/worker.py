@@ -125,12 +125,15 @@ class AdapterMerge(msgspec.Struct, array_like=True, frozen=True):
 
 
 class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
-    """Load the PEFT adapter in directory `path`, or the merge `merge`, into slot `slot`."""
+    """Load the PEFT adapter in directory `path`, or the merge `merge`, into slot `slot`.
+
+    `roots`: every file read must resolve inside one of these directories (its source's)."""
 
     slot: int
     adapter_key: str
     path: str = ""
     merge: AdapterMerge | None = None
+    roots: list[str] = []
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):

@@ -7,6 +7,7 @@ out of its slot comes back without touching the disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -55,8 +56,9 @@ class AdapterLoader:
     """`submit` starts a read; `fileno` becomes readable when one is done; `install_ready`
     puts finished reads into their slots and returns the replies to send."""
 
-    def __init__(self, runner, host_budget_bytes: int, max_parallel: int = 2):
+    def __init__(self, runner, host_budget_bytes: int, max_parallel: int = 2, limits=None):
         self.runner = runner
+        self.limits = limits  # an AdapterLimits for every read; its roots come with each read
         self.cache = HostCache(host_budget_bytes)
         self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="adapter-read")
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -70,29 +72,32 @@ class AdapterLoader:
         self._pool.submit(self._read, msg)
 
     def _read(self, msg: LoadAdapter) -> None:
+        limits = self.limits
+        if limits is not None:
+            limits = dataclasses.replace(limits, roots=tuple(msg.roots))
         try:
             if msg.merge is None:
-                adapter = self._cached_read(msg.path)
+                adapter = self._cached_read(msg.path, limits)
             else:
                 adapter = self.cache.get(msg.adapter_key)
                 if adapter is None:
-                    adapter = self._merge(msg.adapter_key, msg.merge)
+                    adapter = self._merge(msg.adapter_key, msg.merge, limits)
                     self.cache.put(msg.adapter_key, adapter)
             self._done.put((msg, adapter, None))
         except Exception as exc:  # noqa: BLE001 - reported to the requests that wanted it
             self._done.put((msg, None, f"{exc}"))
         os.write(self._wake_w, b"\0")
 
-    def _cached_read(self, path: str):
+    def _cached_read(self, path: str, limits):
         adapter = self.cache.get(path)
         if adapter is None:
-            adapter = self.runner.read_adapter(path)
+            adapter = self.runner.read_adapter(path, limits)
             self.cache.put(path, adapter)
         return adapter
 
-    def _merge(self, key: str, merge: AdapterMerge):
+    def _merge(self, key: str, merge: AdapterMerge, limits):
         from loraxd.worker.lora.merge import merge_adapters
-        components = [self._cached_read(p) for p in merge.paths]
+        components = [self._cached_read(p, limits) for p in merge.paths]
         # Seeded by the recipe: a DARE merge built again is the same merge.
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
         return merge_adapters(components, merge.weights, merge.strategy, merge.density,

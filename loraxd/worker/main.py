@@ -105,6 +105,13 @@ class Worker:
         self.adapters.submit(msg)  # answered by AdapterLoaded once installed
 
 
+def adapter_limits(options: dict):
+    """What an adapter may be (see loraxd.worker.lora.limits), from the supervisor's options."""
+    from loraxd.worker.lora.limits import AdapterLimits
+    return AdapterLimits(max_rank=options.get("max_lora_rank", 64),
+                         max_bytes=options.get("max_adapter_bytes"))
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     options = json.loads(args.options)
@@ -141,9 +148,10 @@ def worker_main(argv: list[str] | None = None) -> int:
             sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}",
                                          unsupported=unsupported)))
             return 1
-        runner.enable_lora(options.get("max_active_adapters", 32),
-                           max_rank=options.get("max_adapter_rank", 64))
-        adapters = AdapterLoader(runner, options.get("adapter_memory_bytes", 2 << 30))
+        limits = adapter_limits(options)
+        runner.enable_lora(options.get("max_active_adapters", 32), max_rank=limits.max_rank)
+        adapters = AdapterLoader(runner, options.get("adapter_memory_bytes", 2 << 30),
+                                 limits=limits)
         sock.send(encode(Ready(rank=args.rank, **runner.ready_info())))
         try:
             Worker(runner, sock, args.rank, adapters).serve()

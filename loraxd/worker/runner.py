@@ -88,11 +88,13 @@ class ModelRunner:
         self.attach_lora(LoraSlotPool(num_slots, self.module_shapes, self.num_layers,
                                       max_rank=max_rank, dtype=self.dtype, device=self.device))
 
-    def read_adapter(self, path: str):
-        """Read and check a PEFT adapter (thread-safe; no slot is touched)."""
+    def read_adapter(self, path: str, limits=None):
+        """Read and check a PEFT adapter (thread-safe; no slot is touched); `limits`: an
+        `AdapterLimits`, checked before the weights are read."""
         from loraxd.worker.lora import load_peft_adapter
         return load_peft_adapter(path, self.module_shapes, self.num_layers, dtype=self.dtype,
-                                 fused_modules=self.arch.fused_modules() or None)
+                                 fused_modules=self.arch.fused_modules() or None,
+                                 limits=limits)
 
     def install_adapter(self, slot: int, adapter) -> None:
         """Put a read adapter into slot `slot`; only between steps."""
