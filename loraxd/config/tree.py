@@ -15,6 +15,7 @@ ENV_PREFIX = "LORAXD_"
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("cpu", "cuda", "auto")
 ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
 
@@ -46,8 +47,11 @@ _ROUTES = _rule(lambda v: all(i.startswith("/") for i in v),
 
 def _setting(default: object, help: str, rule: Rule | None = None, *,
              choices: tuple[str, ...] = (), flag: str | None = None,
-             short: str | None = None) -> typing.Any:
-    meta = {"help": help, "rule": rule, "choices": choices, "flag": flag, "short": short}
+             short: str | None = None, reload: bool = False) -> typing.Any:
+    """`reload=True`: a reload (SIGHUP, `loraxctl reload`) applies it live; any other
+    setting changed in the file waits for a restart."""
+    meta = {"help": help, "rule": rule, "choices": choices, "flag": flag, "short": short,
+            "reload": reload}
     return field(default=default, metadata=meta)
 
 
@@ -71,6 +75,11 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] = _setting((), "origins allowed by CORS (repeatable flag)",
                                                   _NO_EMPTY_ITEMS)
     json_output: bool = _setting(False, "write log lines as JSON")
+    log_level: str = _setting("info", "least severe log level written", choices=LOG_LEVELS,
+                              reload=True)
+    drain_timeout_s: float = _setting(
+        30.0, "seconds a stop waits for running requests to finish before cutting them off",
+        _NON_NEGATIVE, reload=True)
     max_request_bytes: int = _setting(2_097_152, "largest HTTP request body", _POSITIVE_INT)
     api_keys_file: str | None = _setting(
         None, "TOML file of API keys, re-read on SIGHUP; unset: no key needed "
@@ -90,37 +99,41 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_concurrent_requests: int = _setting(128, "requests in flight before 429", _POSITIVE_INT)
-    max_best_of: int = _setting(2, "largest best_of of a request", _POSITIVE_INT)
-    max_stop_sequences: int = _setting(4, "most stop sequences of a request", _NON_NEGATIVE)
-    max_input_length: int = _setting(1024, "most prompt tokens of a request", _POSITIVE_INT)
+    max_concurrent_requests: int = _setting(128, "requests in flight before 429", _POSITIVE_INT,
+                                            reload=True)
+    max_best_of: int = _setting(2, "largest best_of of a request", _POSITIVE_INT, reload=True)
+    max_stop_sequences: int = _setting(4, "most stop sequences of a request", _NON_NEGATIVE,
+                                       reload=True)
+    max_input_length: int = _setting(1024, "most prompt tokens of a request", _POSITIVE_INT,
+                                     reload=True)
     max_total_tokens: int = _setting(2048, "most prompt + generated tokens of a request",
-                                     _POSITIVE_INT)
+                                     _POSITIVE_INT, reload=True)
     max_batch_prefill_tokens: int = _setting(4096, "most prompt tokens prefilled in one step",
-                                             _POSITIVE_INT)
+                                             _POSITIVE_INT, reload=True)
     max_batch_total_tokens: int = _setting(32768, "most tokens held by the running batch",
                                            _POSITIVE_INT)
     waiting_served_ratio: float = _setting(
         1.2, "waiting/running ratio above which waiting requests interrupt decoding",
-        _NON_NEGATIVE)
+        _NON_NEGATIVE, reload=True)
     max_waiting_tokens: int = _setting(20, "decode steps before waiting requests may join",
-                                       _POSITIVE_INT)
+                                       _POSITIVE_INT, reload=True)
     block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     adapter_source: str = _setting("hub", "where adapter ids are looked up unless a request says",
-                                   choices=ADAPTER_SOURCES)
+                                   choices=ADAPTER_SOURCES, reload=True)
     max_active_adapters: int = _setting(32, "adapter slots on the device", _POSITIVE_INT)
     adapter_cycle_time_s: float = _setting(
-        2.0, "seconds an adapter keeps the batch before waiting adapters get a turn", _POSITIVE)
+        2.0, "seconds an adapter keeps the batch before waiting adapters get a turn", _POSITIVE,
+        reload=True)
     local_adapter_dirs: tuple[str, ...] = _setting(
         (), "directories holding local adapters (repeatable flag)", _NO_EMPTY_ITEMS,
-        flag="--local-adapter-dir")
+        flag="--local-adapter-dir", reload=True)
     preloaded_adapter_ids: tuple[str, ...] = _setting(
-        (), "adapters loaded at startup (repeatable flag)", _NO_EMPTY_ITEMS,
-        flag="--preloaded-adapter-id")
+        (), "adapters loaded at startup and kept loaded (repeatable flag)", _NO_EMPTY_ITEMS,
+        flag="--preloaded-adapter-id", reload=True)
     adapter_memory_bytes: int = _setting(2_147_483_648, "host-memory budget of the adapter LRU",
                                          _POSITIVE_INT)
     max_lora_rank: int = _setting(64, "largest adapter rank served; slots are sized for it",
@@ -159,7 +172,7 @@ class PathsConfig:
 class WorkerConfig:
     num_threads: int = _setting(0, "torch threads per worker; 0: all cores", _NON_NEGATIVE)
     ready_timeout_s: float = _setting(900.0, "seconds a worker may take to report Ready",
-                                      _POSITIVE)
+                                      _POSITIVE, reload=True)
 
 
 @dataclass(frozen=True)
@@ -195,17 +208,35 @@ class Actions:
 
 
 def default_paths(environ: Mapping[str, str], euid: int) -> tuple[str, str]:
-    """(runtime_dir, cache_dir) for a user: system dirs as root, else XDG dirs."""
+    """(runtime_dir, cache_dir): the directories systemd made for the service
+    (RuntimeDirectory=, CacheDirectory=) when it did, else system dirs as root, else XDG
+    dirs. Under the shipped unit (User=loraxd) that puts the control socket in /run/loraxd,
+    where loraxctl looks."""
+    systemd_runtime = _first_dir(environ.get("RUNTIME_DIRECTORY"))
+    systemd_cache = _first_dir(environ.get("CACHE_DIRECTORY"))
     if euid == 0:
-        return "/run/loraxd", "/var/cache/loraxd"
-    xdg_runtime = environ.get("XDG_RUNTIME_DIR", "")
-    xdg_cache = environ.get("XDG_CACHE_HOME", "")
-    home = environ.get("HOME") or os.path.expanduser("~")
-    runtime_dir = (os.path.join(xdg_runtime, "loraxd") if os.path.isabs(xdg_runtime)
-                   else f"/tmp/loraxd-{euid}")
-    cache_dir = os.path.join(xdg_cache if os.path.isabs(xdg_cache)
-                             else os.path.join(home, ".cache"), "loraxd")
-    return runtime_dir, cache_dir
+        runtime_dir, cache_dir = "/run/loraxd", "/var/cache/loraxd"
+    else:
+        xdg_runtime = environ.get("XDG_RUNTIME_DIR", "")
+        xdg_cache = environ.get("XDG_CACHE_HOME", "")
+        home = environ.get("HOME") or os.path.expanduser("~")
+        runtime_dir = (os.path.join(xdg_runtime, "loraxd") if os.path.isabs(xdg_runtime)
+                       else f"/tmp/loraxd-{euid}")
+        cache_dir = os.path.join(xdg_cache if os.path.isabs(xdg_cache)
+                                 else os.path.join(home, ".cache"), "loraxd")
+    return systemd_runtime or runtime_dir, systemd_cache or cache_dir
+
+
+def _first_dir(value: str | None) -> str | None:
+    """systemd lists several directories colon-separated; the unit names one."""
+    first = (value or "").split(":")[0]
+    return first if os.path.isabs(first) else None
+
+
+def reloadable(section: str, name: str) -> bool:
+    """Whether a reload applies this setting live (else it waits for a restart)."""
+    cls = typing.get_type_hints(Config)[section]
+    return bool({f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("reload"))
 
 
 SECTION_NAMES = tuple(f.name for f in dataclasses.fields(Config))

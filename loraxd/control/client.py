@@ -14,7 +14,12 @@ from loraxd.protocol.control import MAX_REPLY_BYTES, Reply, Request
 
 
 class ControlError(Exception):
-    """No reply could be had: the daemon is not running, not reachable, or too slow."""
+    """No reply could be had: the daemon is not running, not reachable, too slow, or the
+    socket is not ours to use."""
+
+
+class Unreachable(ControlError):
+    """Nothing answers: no socket, nobody listening on it, or no reply in time."""
 
 
 class ControlClient:
@@ -30,21 +35,24 @@ class ControlClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
                 sock.connect(self.path)
-                sock.sendall(self._encoder.encode(request) + b"\n")
+                try:
+                    sock.sendall(self._encoder.encode(request) + b"\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a refused peer: the daemon said why and closed; read it
                 line = self._read_line(sock)
         except FileNotFoundError:
-            raise ControlError(f"loraxd is not running: there is no control socket at "
+            raise Unreachable(f"loraxd is not running: there is no control socket at "
                                f"{self.path}") from None
         except ConnectionRefusedError:
-            raise ControlError(f"loraxd is not running: nothing answers on {self.path}") \
+            raise Unreachable(f"loraxd is not running: nothing answers on {self.path}") \
                 from None
         except PermissionError:
             raise ControlError(f"permission denied on {self.path}: run as root or as a "
                                "member of the loraxd group") from None
         except TimeoutError:
-            raise ControlError(f"loraxd did not answer within {self.timeout:g} s") from None
+            raise Unreachable(f"loraxd did not answer within {self.timeout:g} s") from None
         except OSError as exc:
-            raise ControlError(f"cannot talk to loraxd on {self.path}: "
+            raise Unreachable(f"cannot talk to loraxd on {self.path}: "
                                f"{exc.strerror or exc}") from None
         try:
             return self._decoder.decode(line)
@@ -66,5 +74,5 @@ class ControlClient:
             if size > MAX_REPLY_BYTES:
                 raise ControlError(f"loraxd's reply is over {MAX_REPLY_BYTES} bytes")
         if not chunks:
-            raise ControlError("loraxd closed the control connection without a reply")
+            raise Unreachable("loraxd closed the control connection without a reply")
         return b"".join(chunks)

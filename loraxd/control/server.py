@@ -1,8 +1,9 @@
-"""The control socket: `loraxctl` asks the live engine, one JSON line per request.
+"""The control socket: `loraxctl` asks the live daemon, one JSON line per request.
 
-The socket is created mode 0660 (the loraxd group may use it) and removed on stop. A
-malformed, unknown or oversized request gets an `Error` reply; a failing handler is logged
-and answered with an `Error`; neither ever reaches the event loop.
+The socket is created mode 0660 (the loraxd group may use it) and removed on stop; each
+connection's peer credentials are checked (peers.py). A malformed, unknown or oversized
+request gets an `Error` reply; a failing command is logged and answered with an `Error`;
+neither ever reaches the event loop. What each command does is in commands.py.
 """
 from __future__ import annotations
 
@@ -12,17 +13,12 @@ import errno
 import logging
 import os
 import stat
-import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgspec
 
-from loraxd import __version__
-from loraxd.engine.adapters import LOADED, AdapterEntry, adapter_key
-from loraxd.engine.request import AdapterRef
-from loraxd.protocol.control import (COMMANDS, MAX_REQUEST_BYTES, AdapterFetched, AdapterInfo,
-                                     AdapterList, CheckHealth, Error, GetStatus, Health,
-                                     ListAdapters, PreloadAdapter, Reply, Request, Status)
+from loraxd.control.peers import PeerPolicy, peer_of
+from loraxd.protocol.control import COMMANDS, MAX_REQUEST_BYTES, Error, Reply, Request
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +28,17 @@ _MAX_CONNECTIONS = 32
 
 
 class ControlServer:
-    """`engine`: an AsyncEngine; `supervisor`: the Supervisor (for `pids`)."""
+    """`commands`: has `async handle(request) -> Reply` (commands.Commands)."""
 
-    def __init__(self, path: str, engine: Any, supervisor: Any, *,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: str, commands: Any, *, policy: PeerPolicy | None = None):
         self.path = path
-        self.engine = engine
-        self.supervisor = supervisor
-        self._clock = clock
-        self._started_at = clock()
+        self.commands = commands
+        self.policy = policy  # None: the socket file's group, once it exists
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None  # the socket file we created
         self._clients: set[asyncio.Task] = set()
         self._decoder = msgspec.json.Decoder(Request)
         self._encoder = msgspec.json.Encoder()
-        self._handlers: dict[type, Callable[[Any], Awaitable[Reply]]] = {
-            GetStatus: self._status, ListAdapters: self._adapters,
-            PreloadAdapter: self._preload, CheckHealth: self._health}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -66,6 +56,8 @@ class ControlServer:
                 from exc
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
+        if self.policy is None:
+            self.policy = PeerPolicy(group=st.st_gid)
         log.info("control socket on %s", self.path)
 
     async def _refuse_live_socket(self) -> None:
@@ -118,6 +110,11 @@ class ControlServer:
                 await self._send(writer, Error(f"too many control connections "
                                                f"(at most {_MAX_CONNECTIONS})"))
                 return
+            refusal = self._refusal(writer)
+            if refusal is not None:
+                log.warning("control connection refused: %s", refusal)
+                await self._send(writer, Error(refusal))
+                return
             while await self._serve_line(reader, writer):
                 pass
         except (ConnectionError, TimeoutError):
@@ -143,6 +140,13 @@ class ControlServer:
             await self._send(writer, await self.handle(line))
         return line.endswith(b"\n")
 
+    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+        try:
+            peer = peer_of(writer.get_extra_info("socket"))
+        except (OSError, AttributeError) as exc:
+            return f"permission denied: the peer's credentials are unknown ({exc})"
+        return self.policy.refusal(peer)
+
     async def _send(self, writer: asyncio.StreamWriter, reply: Reply) -> None:
         writer.write(self._encoder.encode(reply) + b"\n")
         await writer.drain()
@@ -154,7 +158,7 @@ class ControlServer:
         except msgspec.DecodeError as exc:
             return Error(self._explain(line, exc))
         try:
-            return await self._handlers[type(request)](request)
+            return await self.commands.handle(request)
         except Exception as exc:  # noqa: BLE001 - a failing command must not end the daemon
             log.exception("control command %s failed", type(request).__name__)
             return Error(f"internal error: {exc}")
@@ -168,54 +172,3 @@ class ControlServer:
         if isinstance(command, str) and command not in COMMANDS:
             return f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}"
         return f"invalid request: {exc}"
-
-    # -- commands ----------------------------------------------------------------------------
-
-    async def _status(self, _: GetStatus) -> Status:
-        engine = self.engine
-        stats, info = engine.stats(), engine.info()
-        manager = engine.adapters
-        return Status(
-            version=__version__, pid=os.getpid(), model_id=str(info.get("model_id", "")),
-            dtype=str(info.get("model_dtype", "")),
-            device=str(info.get("model_device_type", "")),
-            uptime_s=round(self._clock() - self._started_at, 3),
-            worker_pids=list(self.supervisor.pids), serving=_serving(engine),
-            num_running=stats["num_running"], num_waiting=stats["num_waiting"],
-            kv_cache_usage=float(stats["kv_cache_usage"]), num_steps=stats["num_steps"],
-            num_adapters_loaded=sum(1 for e in manager.entries.values() if e.status == LOADED),
-            num_adapter_slots=len(manager.slots), num_adapters_known=len(manager.entries))
-
-    async def _adapters(self, _: ListAdapters) -> AdapterList:
-        entries = list(self.engine.adapters.entries.values())
-        return AdapterList([_adapter_info(e) for e in entries])
-
-    async def _preload(self, req: PreloadAdapter) -> Reply:
-        engine = self.engine
-        if getattr(engine, "sources", None) is None:
-            return Error("this server serves no adapters")
-        ref = AdapterRef(req.adapter_id, req.source or engine.config.adapters.adapter_source)
-        manager = engine.adapters
-        manager.preload(ref)
-        try:
-            await manager.ensure_fetched(ref)
-        except Exception as exc:  # noqa: BLE001 - the fetch error, in words, is the answer
-            return Error(f"adapter {adapter_key(ref)}: {exc}")
-        entry = manager.entries.get(adapter_key(ref))
-        if entry is None:
-            return Error(f"adapter {adapter_key(ref)}: it failed to load")
-        return AdapterFetched(_adapter_info(entry))
-
-    async def _health(self, _: CheckHealth) -> Health:
-        return Health(bool(await self.engine.health()))
-
-
-def _adapter_info(entry: AdapterEntry) -> AdapterInfo:
-    return AdapterInfo(key=entry.key, status=entry.status, slot=entry.slot,
-                       num_running=entry.num_running, num_waiting=entry.num_waiting,
-                       pinned=entry.pinned)
-
-
-def _serving(engine: Any) -> bool:
-    """Whether the engine takes requests (False while the workers restart)."""
-    return bool(getattr(engine, "serving", True))

@@ -2,7 +2,8 @@
 
 Workers are fresh interpreters (`python -m loraxd.worker.main`), never forks of the event
 loop. Each has a watcher task awaiting its exit: an unexpected exit marks the worker
-socket lost at once, which wakes whoever waits on it.
+socket lost at once, which wakes whoever waits on it. `ranks()` describes each rank for
+`loraxctl workers`.
 """
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import asyncio
 import json
 import logging
 import sys
+import time
+from dataclasses import dataclass
 
+from loraxd.daemon.notify import child_environment
+from loraxd.daemon.proc import process_state, rss_bytes
 from loraxd.engine.worker_client import ModelUnsupported, WorkerClient
+from loraxd.logs import current_level
 from loraxd.protocol.worker import Ready, Shutdown
 
 log = logging.getLogger(__name__)
@@ -26,16 +32,30 @@ class WorkerStartError(Exception):
         self.config_error = config_error  # the model or a setting can't be run: exit 78
 
 
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    pid: int | None  # None: not running
+    device: str  # "" until the rank is ready
+    state: str  # starting | ready | stopped (SIGSTOP) | zombie | exited
+    rss_bytes: int
+    uptime_s: float
+    restarts: int
+
+
 class Supervisor:
     def __init__(self, config, model_dir: str, workers: WorkerClient):
-        self.config = config
+        self.config = config  # swapped whole by a reload
         self.model_dir = model_dir
         self.workers = workers
         self.world_size = config.model.num_shard
+        self.ready: Ready | None = None
         self._procs: list[asyncio.subprocess.Process] = []
         self._watchers: list[asyncio.Task] = []
+        self._started_at = 0.0
         self._stopping = False
         self._failures = 0
+        self._restarts = 0
 
     def _options(self) -> str:
         c = self.config
@@ -48,18 +68,21 @@ class Supervisor:
             "adapter_memory_bytes": c.adapters.adapter_memory_bytes,
             "max_lora_rank": c.adapters.max_lora_rank,
             "max_adapter_bytes": c.adapters.max_adapter_bytes,
-            "log_level": logging.getLevelName(logging.getLogger().level),
+            "log_level": current_level(), "json_output": c.server.json_output,
         })
 
     async def start(self) -> Ready:
         """Spawn every rank and wait for their Ready while checking they stay alive."""
         self.workers.reset()
+        self.ready = None
         options = self._options()
+        self._started_at = time.monotonic()
         for rank in range(self.world_size):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "loraxd.worker.main", "--endpoint", self.workers.endpoint,
                 "--rank", str(rank), "--world-size", str(self.world_size),
-                "--model-dir", str(self.model_dir), "--options", options)
+                "--model-dir", str(self.model_dir), "--options", options,
+                env=child_environment())
             self._procs.append(proc)
             self._watchers.append(asyncio.create_task(self._watch(rank, proc),
                                                       name=f"watch-rank-{rank}"))
@@ -76,11 +99,13 @@ class Supervisor:
         log.info("%d worker(s) ready: %s on %s, %d KV pages of %d tokens", self.world_size,
                  ready.dtype, ready.device, ready.num_blocks, ready.block_size)
         self._failures = 0
+        self.ready = ready
         return ready
 
     async def restart(self) -> Ready:
         await self.stop()
         self._stopping = False
+        self._restarts += 1
         while True:
             self._failures += 1
             try:
@@ -117,3 +142,19 @@ class Supervisor:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p.returncode is None]
+
+    def ranks(self) -> list[RankInfo]:
+        uptime = round(time.monotonic() - self._started_at, 3) if self._procs else 0.0
+        device = self.ready.device if self.ready is not None else ""
+        out = []
+        for rank in range(self.world_size):
+            proc = self._procs[rank] if rank < len(self._procs) else None
+            if proc is None or proc.returncode is not None:
+                out.append(RankInfo(rank, None, device, "exited", 0, 0.0, self._restarts))
+                continue
+            state = process_state(proc.pid) or "exited"
+            if state == "running":
+                state = "ready" if self.ready is not None else "starting"
+            out.append(RankInfo(rank, proc.pid, device, state, rss_bytes(proc.pid), uptime,
+                                self._restarts))
+        return out

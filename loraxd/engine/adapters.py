@@ -123,13 +123,38 @@ class AdapterManager:
 
     # -- moving adapters ---------------------------------------------------------------------
 
-    def preload(self, ref: AdapterSpec) -> None:
-        """Fetch, load and pin: the adapter stays in its slot from then on."""
+    def preload(self, ref: AdapterSpec, *, pin: bool = True) -> AdapterEntry:
+        """Fetch and load; pinned, the adapter stays in its slot from then on."""
         entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
-        entry.pinned = True
+        entry.pinned = entry.pinned or pin
         if entry.status == FETCHED and entry.key not in self.pending:
             self.pending[entry.key] = None
             self._assign_slots()
+        return entry
+
+    def unpin(self, key: str) -> AdapterEntry:
+        """The adapter rotates out of its slot like any other; KeyError when unknown."""
+        entry = self.entries[key]
+        entry.pinned = False
+        if self.pending:
+            self._assign_slots()
+        return entry
+
+    def unload(self, key: str) -> None:
+        """Forget the adapter and free its slot for the next waiting one. KeyError when
+        unknown; ValueError (why) while requests use or wait for it, or while it moves."""
+        entry = self.entries[key]
+        if entry.num_running or entry.num_waiting:
+            raise ValueError(f"{entry.num_running} running and {entry.num_waiting} waiting "
+                             "requests use it")
+        if entry.status in (FETCHING, LOADING):
+            raise ValueError(f"it is {entry.status}; try again once it is done")
+        self.pending.pop(key, None)
+        if entry.slot >= 0:
+            self.slots[entry.slot] = None
+        del self.entries[key]
+        log.info("adapter %s unloaded", key)
+        self._assign_slots()
 
     async def ensure_fetched(self, ref: AdapterSpec) -> None:
         """Wait until the adapter's files are on disk; raises the fetch's error. A fetch

@@ -65,6 +65,9 @@ class AsyncEngine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._serving = True
+        self._draining = False  # loraxctl drain / a stop: new requests get 503
+        self._quiet: set[int] = set()  # health probes: not logged
+        self._step_started = 0.0
         self._last_step_done = 0.0
         self._task: asyncio.Task | None = None
         self._step_result: asyncio.Future | None = None
@@ -87,6 +90,42 @@ class AsyncEngine:
         """False while the workers restart."""
         return self._serving
 
+    @property
+    def draining(self) -> bool:
+        """True from `drain()` to `resume()`: running requests go on, new ones get 503."""
+        return self._draining
+
+    def drain(self) -> None:
+        self._draining = True
+
+    def resume(self) -> None:
+        self._draining = False
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the engine holds (running, waiting, or their last event unread)."""
+        return len(self._streams)
+
+    def stalled_for(self) -> float:
+        """The heartbeat: seconds the step in flight has waited for the workers (0 between
+        steps and while idle); infinite once the step loop has ended."""
+        if self._task is None or self._task.done():
+            return float("inf") if self._task is not None else 0.0
+        if self._step_result is None:
+            return 0.0
+        return time.monotonic() - self._step_started
+
+    def cancel(self, req_id: int) -> bool:
+        """End a request now (loraxctl requests cancel); False when there is no such one."""
+        queue = self._streams.get(req_id)
+        if queue is None:
+            return False
+        if self.scheduler.abort(req_id):
+            self._wake.set()
+        queue.put_nowait(EngineError("Request failed during generation: cancelled by the "
+                                     "operator"))
+        return True
+
     def _wake_up(self) -> None:
         self._wake.set()
 
@@ -102,9 +141,12 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def generate(self, req: GenerationRequest, *,
+                       quiet: bool = False) -> AsyncIterator[TokenEvent | FinishEvent]:
         if not self._serving:
             raise Unavailable("no healthy worker")
+        if self._draining:
+            raise Unavailable("the server is draining: it takes no new requests")
         arrival = time.monotonic()  # queue time includes fetching the adapter
         if req.adapter_spec is not None:
             await self._authorize(req.adapter_spec)
@@ -112,12 +154,16 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self.tokenizer.special_ids)
         self._streams[req_id] = queue
+        if quiet:
+            self._quiet.add(req_id)
         self.scheduler.add(Sequence(req_id, req, detok, arrival=arrival))
         self._wake.set()
         finished = False
         try:
             while True:
                 event = await queue.get()
+                if req_id not in self._quiet:
+                    _log_event(req_id, event)
                 if isinstance(event, Exception):
                     finished = True
                     raise event
@@ -127,7 +173,10 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(req_id, None)
+            self._quiet.discard(req_id)
             if not finished and self.scheduler.abort(req_id):
+                log.info("request %d abandoned by its client", req_id,
+                         extra={"request_id": req_id})
                 self._wake.set()
 
     async def health(self) -> bool:
@@ -139,7 +188,7 @@ class AsyncEngine:
                                   max_new_tokens=1, ignore_eos=True)
         try:
             async with asyncio.timeout(_HEALTH_PROBE_TIMEOUT_S):
-                async for event in self.generate(probe):
+                async for event in self.generate(probe, quiet=True):
                     if isinstance(event, FinishEvent):
                         return True
         except (EngineError, TimeoutError):
@@ -252,6 +301,7 @@ class AsyncEngine:
     async def _step(self, plan: StepPlan) -> None:
         self._step_result = asyncio.get_running_loop().create_future()
         self._step_id = plan.step.step_id
+        self._step_started = time.monotonic()
         try:
             await self.workers.broadcast(plan.step)
             result = await self._step_result
@@ -325,3 +375,15 @@ class AsyncEngine:
             queue = self._streams.get(req_id)
             if queue is not None:
                 queue.put_nowait(error)
+
+
+def _log_event(req_id: int, event) -> None:
+    """One line per request outcome, with its id (also a field of JSON log lines)."""
+    extra = {"request_id": req_id}
+    if isinstance(event, FinishEvent):
+        log.info("request %d finished (%s): %d prompt + %d generated tokens, queued %.3f s, "
+                 "generated in %.3f s", req_id, event.finish_reason, event.prompt_tokens,
+                 event.generated_tokens, event.queue_time_s, event.inference_time_s,
+                 extra=extra)
+    elif isinstance(event, Exception):
+        log.warning("request %d failed: %s", req_id, event, extra=extra)

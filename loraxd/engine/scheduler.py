@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from loraxd.engine.block_manager import BlockManager
-from loraxd.engine.request import FinishEvent, PromptToken, TokenEvent
+from loraxd.engine.request import (EngineError, FinishEvent, PromptToken, TokenEvent,
+                                   sequence_failure)
 from loraxd.engine.sequence import Sequence
 from loraxd.protocol.worker import NewSeq, Step, StepResult
 
@@ -61,7 +62,7 @@ class StepPlan:
     seqs: dict[int, Sequence] = field(default_factory=dict)  # req_id -> seq in this step
 
 
-Event = tuple[int, TokenEvent | FinishEvent]
+Event = tuple[int, TokenEvent | FinishEvent | EngineError]  # an error ends its request
 
 
 class Scheduler:
@@ -169,7 +170,7 @@ class Scheduler:
     # -- results -----------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Event]:
-        events: list[Event] = []
+        events = self._fail_alone(plan, result)
         for out in result.outputs:
             seq = self.running.get(out.req_id)
             if seq is None or plan.seqs.get(out.req_id) is not seq:
@@ -182,6 +183,17 @@ class Scheduler:
             if seq.finish_reason is not None:
                 events.append((seq.req_id, seq.finish_event()))
                 self._retire(self.running.pop(seq.req_id))
+        return events
+
+    def _fail_alone(self, plan: StepPlan, result: StepResult) -> list[Event]:
+        """The sequences the worker failed alone: retired, each with its error."""
+        events: list[Event] = []
+        for failure in result.failed:
+            seq = self.running.get(failure.req_id)
+            if seq is None or plan.seqs.get(failure.req_id) is not seq:
+                continue  # aborted while the step ran
+            self._retire(self.running.pop(seq.req_id))
+            events.append((seq.req_id, sequence_failure(failure.message, failure.bad_request)))
         return events
 
     def fail(self, req_ids: list[int]) -> list[Sequence]:

@@ -235,6 +235,8 @@ class NativeRoutes:
                               for i, start, stop in triples])
 
     async def health(self, request: web.Request) -> web.Response:
+        if getattr(self.fe.engine, "draining", False):  # a balancer should send no more
+            return error_response(ApiError(503, "unavailable", "draining"))
         try:
             healthy = await self.fe.engine.health()
         except Exception:  # noqa: BLE001 - a failing check is an unhealthy server

@@ -43,10 +43,22 @@ class SeqOutput(msgspec.Struct, array_like=True, frozen=True):
     prompt_logprobs: list[float] | None = None  # for prompt tokens 1.., on prefill only
 
 
+class SeqFailure(msgspec.Struct, array_like=True, frozen=True):
+    """A sequence that got no token in a step; the worker has already forgotten it.
+
+    `bad_request`: its own sampling parameters caused it (a 422), not the model (a 500).
+    """
+
+    req_id: int
+    message: str
+    bad_request: bool = False
+
+
 class StepResult(msgspec.Struct, tag=True, frozen=True):
     step_id: int
     outputs: list[SeqOutput]
     forward_s: float
+    failed: list[SeqFailure] = []  # sequences that failed alone; the others go on
 
 
 class AdapterLoaded(msgspec.Struct, tag=True, frozen=True):

@@ -13,12 +13,17 @@ import torch
 
 
 class PagedKVCache:
+    """`num_blocks` pages for sequences, plus `null_block`: a page no sequence owns, so it
+    stays zeros; page tables point their unused entries there."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, *, dtype: torch.dtype, device: str | torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        # zeros, not empty: padded reads of unused slots must never see NaN garbage
-        self.data = torch.zeros(num_layers, num_blocks * block_size, 2, num_kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        self.null_block = num_blocks
+        # zeros, not empty: padded reads of unused slots must never see NaN garbage (a masked
+        # position still multiplies its V by 0, and 0 * NaN is NaN)
+        self.data = torch.zeros(num_layers, (num_blocks + 1) * block_size, 2, num_kv_heads,
+                                head_dim, dtype=dtype, device=device)
         # reused by every layer's gather: a fresh 1-2 MB tensor per layer would cost page
         # faults (glibc maps large blocks anew) that take longer than the copy itself
         self._gather_buf = torch.zeros(0, block_size, 2, num_kv_heads, head_dim, dtype=dtype,
@@ -36,19 +41,30 @@ class PagedKVCache:
         if n > self._gather_buf.shape[0]:
             shape = (max(n, 2 * self._gather_buf.shape[0]),) + self._gather_buf.shape[1:]
             self._gather_buf = self._gather_buf.new_zeros(shape)
-        pages = self.data[layer_idx].view(self.num_blocks, -1)  # [num_blocks, page numel]
+        pages = self.data[layer_idx].view(self.num_blocks + 1, -1)  # [pages, page numel]
         out = self._gather_buf[:n].view(n, -1)
         torch.index_select(pages, 0, block_ids, out=out)
         return self._gather_buf[:n].view(n * self.block_size, *self.data.shape[2:])
+
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        """Zero these pages in every layer: what a failed sequence left there (NaN, inf)
+        must not reach the masked reads of the next sequence that gets them."""
+        if block_ids:
+            ids = torch.tensor(block_ids, device=self.data.device)
+            self.data.view(self.data.shape[0], self.num_blocks + 1, -1)[:, ids] = 0
 
 
 class BlockTables:
     """Every running sequence's page table, one row of a tensor each, so a step indexes the
     rows of its sequences at once instead of rebuilding tables from Python lists."""
 
-    def __init__(self, device: str | torch.device, rows: int = 64, cols: int = 64):
+    def __init__(self, device: str | torch.device, rows: int = 64, cols: int = 64,
+                 pad: int = 0):
+        """`pad`: the page unused entries name (a decode step reads a short sequence's
+        table up to the longest one's length, masked): the cache's null block."""
         self.device = device
-        self.table = torch.zeros(rows, cols, dtype=torch.long, device=device)
+        self.pad = pad
+        self.table = torch.full((rows, cols), pad, dtype=torch.long, device=device)
         self.lengths: list[int] = [0] * rows  # blocks in each row
         self.free_rows = list(range(rows - 1, -1, -1))
 
@@ -69,13 +85,17 @@ class BlockTables:
             self.table[row, start:end] = torch.tensor(block_ids, dtype=torch.long)
         self.lengths[row] = end
 
+    def blocks(self, row: int) -> list[int]:
+        return self.table[row, :self.lengths[row]].tolist()
+
     def free(self, row: int) -> None:
+        self.table[row, :self.lengths[row]] = self.pad  # no stale page left for the next
         self.lengths[row] = 0
         self.free_rows.append(row)
 
     def _grow_rows(self) -> None:
         rows, cols = self.table.shape
-        extra = torch.zeros(rows, cols, dtype=torch.long, device=self.device)
+        extra = torch.full((rows, cols), self.pad, dtype=torch.long, device=self.device)
         self.table = torch.cat((self.table, extra))
         self.lengths.extend([0] * rows)
         self.free_rows.extend(range(2 * rows - 1, rows - 1, -1))
@@ -83,5 +103,6 @@ class BlockTables:
     def _grow_cols(self, needed: int) -> None:
         rows, cols = self.table.shape
         new_cols = max(needed, 2 * cols)
-        extra = torch.zeros(rows, new_cols - cols, dtype=torch.long, device=self.device)
+        extra = torch.full((rows, new_cols - cols), self.pad, dtype=torch.long,
+                           device=self.device)
         self.table = torch.cat((self.table, extra), 1)

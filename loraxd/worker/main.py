@@ -19,11 +19,14 @@ import traceback
 
 import zmq
 
+from loraxd.logs import configure as configure_logging
 from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
 from loraxd.protocol.worker import (
     Hello,
     LoadAdapter,
     Ready,
+    SeqFailure,
+    SeqOutput,
     Shutdown,
     Step,
     StepFailed,
@@ -93,13 +96,17 @@ class Worker:
             self.runner.forget(step.finished_ids)
             return StepResult(step.step_id, [], 0.0)
         try:
-            outputs = self.runner.execute(step)
+            results = self.runner.execute(step)
         except Exception as exc:  # noqa: BLE001 - a bad step fails its requests, not the worker
             log.exception("step %d failed", step.step_id)
             ids = [s.req_id for s in step.new_seqs] + list(step.decode_ids)
             self.runner.forget(ids)
             return StepFailed(step.step_id, ids, f"{type(exc).__name__}: {exc}")
-        return StepResult(step.step_id, outputs, time.perf_counter() - start)
+        outputs = [r for r in results if isinstance(r, SeqOutput)]
+        failed = [r for r in results if isinstance(r, SeqFailure)]
+        for failure in failed:
+            log.warning("request %d failed alone: %s", failure.req_id, failure.message)
+        return StepResult(step.step_id, outputs, time.perf_counter() - start, failed)
 
     def on_load_adapter(self, msg: LoadAdapter) -> None:
         self.adapters.submit(msg)  # answered by AdapterLoaded once installed
@@ -115,8 +122,8 @@ def adapter_limits(options: dict):
 def worker_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     options = json.loads(args.options)
-    logging.basicConfig(level=options.get("log_level", "INFO"),
-                        format=f"%(asctime)s worker{args.rank} %(levelname)s %(message)s")
+    configure_logging(json_output=options.get("json_output", False),
+                      level=options.get("log_level", "info"), process=f"worker{args.rank}")
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
     ctx = zmq.Context()

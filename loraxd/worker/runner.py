@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraxd.protocol.worker import NewSeq, SeqOutput, Step
+from loraxd.protocol.worker import NewSeq, SeqFailure, SeqOutput, Step
 from loraxd.worker import loader
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
 from loraxd.worker.layers.attention import StepContext
@@ -71,7 +71,7 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(arch.num_layers, self.num_blocks, block_size,
                                      arch.num_kv_heads, arch.head_dim, dtype=self.dtype,
                                      device=self.device)
-        self.tables = BlockTables(self.device)
+        self.tables = BlockTables(self.device, pad=self.kv_cache.null_block)
         self.seqs: dict[int, SeqState] = {}
         self.lora_pool = None  # see attach_lora
 
@@ -119,7 +119,8 @@ class ModelRunner:
 
     # -- a step -------------------------------------------------------------------------
 
-    def execute(self, step: Step, lora=None) -> list[SeqOutput]:
+    def execute(self, step: Step, lora=None) -> list[SeqOutput | SeqFailure]:
+        """One result per sequence of the step: its token, or why it failed (and is gone)."""
         self.forget(step.finished_ids)
         for req_id, block_ids in step.new_blocks.items():
             self.tables.append(self.seqs[req_id].row, block_ids)
@@ -138,7 +139,7 @@ class ModelRunner:
             raise
 
     def _run(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
-             lora) -> list[SeqOutput]:
+             lora) -> list[SeqOutput | SeqFailure]:
         ctx = self._context(new_seqs, new, decode, lora)
         if ctx.lora is None and self.lora_pool is not None and max(ctx.seq_slots) >= 0:
             ctx.lora = self.lora_pool.step_context(ctx.token_slots)
@@ -150,8 +151,13 @@ class ModelRunner:
         rows = logits if ctx.sample_idx is None else logits[ctx.sample_idx]  # [num_seqs, vocab]
         result = sample(rows, [s.sampling for s in states])
         prompt_lps = self._prompt_logprobs(logits, new_seqs)
-        outputs = []
+        outputs: list[SeqOutput | SeqFailure] = []
         for i, state in enumerate(states):
+            failure = result.failures.get(i)
+            if failure is not None:  # this sequence alone ends; the batch goes on
+                self._free(state.req_id, clear=True)
+                outputs.append(SeqFailure(state.req_id, failure.reason, failure.bad_request))
+                continue
             token = result.token_ids[i]
             state.num_cached = ctx.seq_lens[i]
             state.last_token = token
@@ -187,9 +193,12 @@ class ModelRunner:
                              f"have no room for token {state.num_cached + 1}")
         return state
 
-    def _free(self, req_id: int) -> None:
+    def _free(self, req_id: int, clear: bool = False) -> None:
+        """`clear`: zero its pages too, for a sequence whose values may be NaN or inf."""
         state = self.seqs.pop(req_id, None)
         if state is not None:
+            if clear:
+                self.kv_cache.clear_blocks(self.tables.blocks(state.row))
             self.tables.free(state.row)
 
     def _prompt_logprobs(self, logits: torch.Tensor, new_seqs: list[NewSeq]

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from loraxd.engine.engine import AsyncEngine
-from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, TokenEvent
-from loraxd.protocol.worker import Ready, SeqOutput, StepResult
+from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent,
+                                   ValidationError)
+from loraxd.protocol.worker import Ready, SeqFailure, SeqOutput, StepResult
 
 BAD_TOKEN = 66  # the fake tokenizer cannot decode it
 
@@ -27,18 +28,28 @@ class FakeTokenizer:
 
 
 class FakeWorkers:
-    """Answers each Step with token `next_token[req_id]` (default 'x') for every sequence."""
+    """Answers each Step with token `next_token[req_id]` (default 'x') for every sequence,
+    except that a sequence in `fail_at` fails alone once it has that many tokens."""
 
     def __init__(self):
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.next_token: dict[int, int] = {}
+        self.fail_at: dict[int, tuple[int, SeqFailure]] = {}
+        self.num_tokens: dict[int, int] = {}
         self.steps = []
 
     async def broadcast(self, step):
         self.steps.append(step)
         ids = [n.req_id for n in step.new_seqs] + list(step.decode_ids)
-        outs = [SeqOutput(i, self.next_token.get(i, ord("x")), -0.1) for i in ids]
-        self.inbox.put_nowait((0, StepResult(step.step_id, outs, 0.0)))
+        outs, failed = [], []
+        for i in ids:
+            at, failure = self.fail_at.get(i, (None, None))
+            if self.num_tokens.get(i, 0) == at:
+                failed.append(failure)
+                continue
+            self.num_tokens[i] = self.num_tokens.get(i, 0) + 1
+            outs.append(SeqOutput(i, self.next_token.get(i, ord("x")), -0.1))
+        self.inbox.put_nowait((0, StepResult(step.step_id, outs, 0.0, failed)))
 
     async def recv(self):
         return await self.inbox.get()
@@ -95,3 +106,28 @@ async def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(engine):
     events = await collect(engine, GenerationRequest([ord("b")], max_new_tokens=2))
     assert events[-1].generated_text == "xx"
     assert engine.stats()["kv_cache_usage"] == 0
+
+
+async def test_a_sequence_failing_alone_ends_only_its_request(engine):
+    """The worker could not sample requests 2 and 3; request 1, in the same steps, goes on."""
+    workers = engine.workers
+    workers.fail_at[2] = (3, SeqFailure(2, "the sampling parameters (repetition_penalty=1e-50) "
+                                           "make the scores overflow float32", bad_request=True))
+    workers.fail_at[3] = (0, SeqFailure(3, "the model's logits are not finite (NaN or inf)"))
+    healthy = asyncio.ensure_future(collect(engine, GenerationRequest([ord("a")], 12)))
+    await asyncio.sleep(0)
+    with pytest.raises(ValidationError, match="Input validation error: the sampling "
+                                              "parameters .* overflow") as bad:
+        await collect(engine, GenerationRequest([ord("b")], max_new_tokens=10))
+    assert bad.value.status == 422
+    with pytest.raises(EngineError, match="Request failed during generation: the model's "
+                                          "logits are not finite") as broken:
+        await collect(engine, GenerationRequest([ord("c")], max_new_tokens=10))
+    assert broken.value.status == 500
+    events = await healthy
+    assert events[-1].generated_text == "x" * 12 and events[-1].finish_reason == "length"
+    await asyncio.sleep(0.01)
+    assert engine.stats()["num_running"] == 0 and engine.stats()["kv_cache_usage"] == 0
+    shared = [s for s in workers.steps if {1, 2} <= set(s.decode_ids)]
+    assert shared, "the failing request never shared a step with the healthy one"
+    assert {2, 3} <= {i for s in workers.steps for i in s.finished_ids}  # every rank forgets

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from loraxd.protocol.worker import NewSeq, Ready, SamplingParams, Step  # noqa: E402
+from loraxd.protocol.worker import (NewSeq, Ready, SamplingParams, SeqFailure,  # noqa: E402
+                                   SeqOutput, Step)
 from loraxd.worker.runner import ModelRunner, UnsupportedModel  # noqa: E402
 from tests.unit.test_model_fidelity import Driver, build_tiny_model, hf_greedy  # noqa: E402
 
@@ -198,3 +199,76 @@ def test_sharded_checkpoint_loads(llama, tmp_path):
     prompt = [9, 8, 7, 6]
     assert ([o.token_id for o in Driver(sharded).run([(1, prompt, 0, 5)])[1]]
             == [o.token_id for o in Driver(runner).run([(1, prompt, 0, 5)])[1]])
+
+
+def test_a_sequence_the_sampler_cannot_serve_fails_alone(llama):
+    _, runner, _ = llama
+    good = NewSeq(21, [5, 9, 33, 100], [10, 30], SamplingParams())
+    poisoned = NewSeq(22, list(range(40, 80)), list(range(11, 21)),  # 40 penalised tokens
+                      SamplingParams(do_sample=True, repetition_penalty=1e-50, seed=3))
+    first = runner.execute(Step(0, new_seqs=[good, poisoned]))
+    assert isinstance(first[0], SeqOutput) and first[0].req_id == 21
+    assert isinstance(first[1], SeqFailure) and first[1].req_id == 22 and first[1].bad_request
+    assert 22 not in runner.seqs  # forgotten at once: nothing to free later
+    second = runner.execute(Step(1, decode_ids=[21]))
+    assert [type(o) for o in second] == [SeqOutput]
+    runner.forget([21])
+    alone = Driver(runner).run([(1, [5, 9, 33, 100], 0, 2)])[1]
+    assert [first[0].token_id, second[0].token_id] == [o.token_id for o in alone]
+
+
+class NaNLora:
+    """A LoRA step whose adapter (slot 0) writes NaN into layer 0's attention output."""
+
+    def prepare(self, ctx):
+        self.mask = ctx.token_slots == 0
+
+    def apply(self, layer_idx, group, x, y):
+        if layer_idx == 0 and group == "o":
+            y[self.mask] = float("nan")
+
+
+def greedy_tokens(runner, req_id, prompt, blocks, n, step_id=100):
+    """`n` greedy tokens of `prompt` on pages `blocks`, one sequence alone."""
+    out = runner.execute(Step(step_id, new_seqs=[NewSeq(req_id, prompt, blocks,
+                                                        SamplingParams())]))
+    tokens = [out[0].token_id]
+    for i in range(1, n):
+        out = runner.execute(Step(step_id + i, decode_ids=[req_id]))
+        assert isinstance(out[0], SeqOutput), out
+        tokens.append(out[0].token_id)
+    runner.forget([req_id])
+    return tokens
+
+
+def test_a_nan_sequence_leaves_no_nan_on_its_pages(llama):
+    """Its pages go to the next request, whose masked decode reads see what they hold."""
+    _, runner, _ = llama
+    expected = greedy_tokens(runner, 30, [9], [70, 71], 6)
+    poisoned = NewSeq(31, [5, 6, 7, 8, 9, 10, 11, 12], [40, 41], SamplingParams(),
+                      adapter_slot=0)
+    out = runner.execute(Step(0, new_seqs=[poisoned]), lora=NaNLora())
+    assert isinstance(out[0], SeqFailure) and not out[0].bad_request
+    assert "not finite" in out[0].message
+    assert greedy_tokens(runner, 32, [9], [41, 42], 6) == expected  # page 41: its tail
+
+
+def test_padded_decode_reads_never_reach_another_sequences_pages(llama):
+    """A short sequence's unused page-table columns once named pages now being filled
+    with NaN by another sequence of the same step."""
+    _, runner, _ = llama
+    expected = greedy_tokens(runner, 40, [9], [80], 3)
+    runner.execute(Step(0, new_seqs=[NewSeq(41, [1, 2, 3, 4, 5, 6, 7, 8, 9], [50, 51, 52],
+                                            SamplingParams())]))
+    runner.forget([41])  # its table row, naming 50..52, is free again
+    short = NewSeq(42, [9], [60], SamplingParams())
+    long = NewSeq(43, [1, 2, 3, 4, 5, 6, 7, 8, 9], [61, 62, 63], SamplingParams())
+    first = runner.execute(Step(1, new_seqs=[short, long]))
+    poisoned = NewSeq(44, [5, 6, 7, 8, 9, 10, 11, 12], [51, 52], SamplingParams(),
+                      adapter_slot=0)
+    second = runner.execute(Step(2, new_seqs=[poisoned], decode_ids=[42, 43]), lora=NaNLora())
+    assert isinstance(second[0], SeqFailure)
+    assert [type(o) for o in second[1:]] == [SeqOutput, SeqOutput], second
+    third = runner.execute(Step(3, decode_ids=[42, 43]))
+    assert [first[0].token_id, second[1].token_id, third[0].token_id] == expected
+    runner.forget([42, 43])

@@ -169,3 +169,74 @@ def test_frequency_and_presence_penalties_apply_to_greedy_too():
     assert sample(logits, [penalised]).token_ids == [1]  # token 0 appeared once: 2.0-0.5
     present = SeqSampling(SamplingParams(presence_penalty=0.2), token_ids=[2, 0], prompt_len=1)
     assert sample(logits, [present]).token_ids == [1]
+
+
+# -- a row that cannot be sampled fails alone ---------------------------------------------------
+
+
+HEALTHY = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=5)]
+
+
+def with_healthy(logits, params: SamplingParams, row=None):
+    """Sample `params` on logits[0] (or `row`) beside two healthy rows; also the healthy
+    rows alone, with fresh generators, to compare."""
+    batch = logits[:3].clone()
+    if row is not None:
+        batch[0] = row
+    out = sample(batch, seqs_for([params] + HEALTHY))
+    alone = sample(logits[1:3], seqs_for(HEALTHY))
+    assert out.token_ids[1:] == alone.token_ids and out.logprobs[1:] == alone.logprobs
+    assert set(out.failures) <= {0}
+    return out
+
+
+def test_a_tiny_temperature_samples_greedily(logits):
+    """logits / 1e-50 overflows float32: the limit of the distribution is the argmax."""
+    out = with_healthy(logits, SamplingParams(do_sample=True, temperature=1e-50, seed=1))
+    assert out.failures == {} and out.token_ids[0] == logits[0].argmax().item()
+    assert out.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1).max().item(),
+                                            abs=1e-5)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_penalties_that_overflow_fail_their_row_as_a_bad_request(logits, do_sample):
+    prompt_max = logits[0, 1:4].abs().max().item()  # the prompt (1, 2, 3) is penalised
+    row = logits[0].clone()
+    row[1:4] = prompt_max  # positive: divided by the penalty
+    out = with_healthy(logits, SamplingParams(do_sample=do_sample, repetition_penalty=1e-50,
+                                              seed=1), row)
+    failure = out.failures[0]
+    assert failure.bad_request and out.token_ids[0] == -1
+    assert "repetition_penalty=1e-50" in failure.reason and "overflow" in failure.reason
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(do_sample=True, seed=1),
+                                    SamplingParams(repetition_penalty=1.2)])
+def test_non_finite_logits_fail_their_row_as_the_models_fault(logits, bad, params):
+    row = logits[0].clone()
+    if bad == -math.inf:
+        row[:] = bad  # nothing left to choose from
+    else:
+        row[7] = bad
+    out = with_healthy(logits, params, row)
+    assert out.token_ids[0] == -1 and not out.failures[0].bad_request
+    assert "not finite" in out.failures[0].reason
+
+
+def test_a_filter_that_leaves_nothing_fails_its_row(logits, monkeypatch):
+    from loraxd.worker.layers import sampler
+
+    def drop_row_0(scores, top_k):
+        out = top_k_filter(scores, top_k)
+        out[0] = -math.inf
+        return out
+    monkeypatch.setattr(sampler, "top_k_filter", drop_row_0)
+    params = SamplingParams(do_sample=True, top_k=5, seed=1)
+    batch = logits[:2]
+    out = sample(batch, seqs_for([params, params]))
+    reason = out.failures[0].reason
+    assert out.token_ids[0] == -1 and out.failures[0].bad_request
+    assert "top_k=5" in reason and "no token to sample" in reason
+    monkeypatch.undo()
+    assert out.token_ids[1] == sample(batch[1:], seqs_for([params])).token_ids[0]

@@ -13,7 +13,13 @@ Semantics (transformers / OpenAI / LoRAX):
 - sampled: temperature, then top-k, top-p, typical-p (HF's warpers, in HF's order) and a
   draw;
 - `logprob` is the log-softmax of the scores after penalties and temperature (before the
-  top-k/p/typical filters), and so are the alternatives.
+  top-k/p/typical filters), and so are the alternatives;
+- a temperature below MIN_TEMPERATURE samples greedily: that is the limit of the
+  distribution as the temperature falls, and dividing by it would overflow float32.
+
+A row whose scores are not finite (NaN or inf logits, penalties or a temperature that
+overflow) or whose filtered distribution has nothing left to draw gets no token: it is
+named in `SampleOutput.failures` and the other rows are unaffected.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from loraxd.protocol.worker import SamplingParams
 
 NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-6  # the HTTP door refuses tinier ones; this guards every other caller
 
 
 @dataclass(eq=False)
@@ -44,32 +51,75 @@ class SeqSampling:
             self.generator = torch.Generator().manual_seed(p.seed)
 
     def is_sampled(self) -> bool:
-        return self.params.do_sample and self.params.temperature > 0
+        return self.params.do_sample and self.params.temperature >= MIN_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    """Why a row got no token; `bad_request`: its sampling parameters are the cause."""
+
+    reason: str
+    bad_request: bool
 
 
 @dataclass
 class SampleOutput:
-    token_ids: list[int]
+    token_ids: list[int]  # -1 for a failed row
     logprobs: list[float]
     top_ids: list[list[int]]  # best first; empty lists where no alternatives were asked
     top_logprobs: list[list[float]]
+    failures: dict[int, RowFailure] = field(default_factory=dict)  # row -> why
 
 
 def sample(logits: torch.Tensor, seqs: list[SeqSampling]) -> SampleOutput:
-    """logits [num_seqs, vocab] (fp32) -> one token per sequence."""
-    if all(s.fast for s in seqs):
-        scores = logits
-        tokens = scores.argmax(-1)
-    else:
-        scores = _penalised_scores(logits, seqs)
-        tokens = scores.argmax(-1)  # the greedy rows' choice
-        sampled = [i for i, s in enumerate(seqs) if s.is_sampled()]
-        if sampled:
-            _draw(scores, seqs, sampled, tokens)
+    """logits [num_seqs, vocab] (fp32) -> one token per sequence, or why it has none."""
+    fast = all(s.fast for s in seqs)
+    scores = logits if fast else _penalised_scores(logits, seqs)
     lse = torch.logsumexp(scores, -1, keepdim=True)  # [num_seqs, 1]
+    # NaN or +inf anywhere in a row, or no finite score left, makes its lse non-finite
+    unusable = ~torch.isfinite(lse[:, 0])
+    tokens = scores.argmax(-1)  # the greedy rows' choice
+    sampled = [] if fast else [i for i, s in enumerate(seqs) if s.is_sampled()]
+    undrawable = _draw(scores, seqs, sampled, tokens) if sampled else []
     chosen = (scores.gather(1, tokens[:, None]) - lse)[:, 0]
+    token_ids = tokens.masked_fill(unusable, -1).tolist()  # one transfer, failures included
+    failures = {}
+    if undrawable or -1 in token_ids:  # rare: explain each failed row
+        failures = _explain(logits, seqs, token_ids, undrawable)
+        for row in failures:
+            token_ids[row] = -1
     top_ids, top_logprobs = _alternatives(scores, lse, seqs)
-    return SampleOutput(tokens.tolist(), chosen.tolist(), top_ids, top_logprobs)
+    return SampleOutput(token_ids, chosen.tolist(), top_ids, top_logprobs, failures)
+
+
+def _explain(logits: torch.Tensor, seqs: list[SeqSampling], token_ids: list[int],
+             undrawable: list[int]) -> dict[int, RowFailure]:
+    """Why each failed row (token -1, or nothing to draw) failed: the model or its request."""
+    out = {}
+    for row in [i for i, t in enumerate(token_ids) if t == -1]:
+        if not bool(torch.isfinite(logits[row]).all()):
+            out[row] = RowFailure("the model's logits are not finite (NaN or inf)",
+                                  bad_request=False)
+        else:
+            out[row] = RowFailure(f"the sampling parameters ({_knobs(seqs[row].params)}) "
+                                  "make the scores overflow float32", bad_request=True)
+    for row in undrawable:
+        out.setdefault(row, RowFailure(
+            f"the sampling parameters ({_knobs(seqs[row].params)}) leave no token to sample",
+            bad_request=True))
+    return out
+
+
+def _knobs(p: SamplingParams) -> str:
+    """The parameters that change the scores, where they differ from their defaults."""
+    knobs = {"temperature": p.temperature if p.do_sample else 1.0,
+             "repetition_penalty": p.repetition_penalty,
+             "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty,
+             "top_k": p.top_k if p.do_sample else 0, "top_p": p.top_p if p.do_sample else 1.0,
+             "typical_p": p.typical_p if p.do_sample else 1.0}
+    defaults = SamplingParams()
+    changed = [f"{k}={v!r}" for k, v in knobs.items() if v != getattr(defaults, k)]
+    return ", ".join(changed) or "defaults"
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float]:
@@ -133,7 +183,8 @@ def frequency_presence_penalty(scores: torch.Tensor, ids: list[list[int]], freq:
 
 
 def _draw(scores: torch.Tensor, seqs: list[SeqSampling], sampled: list[int],
-          tokens: torch.Tensor) -> None:
+          tokens: torch.Tensor) -> list[int]:
+    """Draw the sampled rows' tokens into `tokens`; returns the rows with nothing to draw."""
     params = [seqs[i].params for i in sampled]
     warped = scores[sampled]  # [num_sampled, vocab], a copy
     if any(p.top_k > 0 for p in params):
@@ -143,9 +194,12 @@ def _draw(scores: torch.Tensor, seqs: list[SeqSampling], sampled: list[int],
     if any(p.typical_p < 1.0 for p in params):
         warped = typical_filter(warped, [p.typical_p for p in params])
     probs = warped.softmax(-1).cpu()  # the generators are CPU ones, on every device
-    draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator)
-             for j, i in enumerate(sampled)]
-    tokens[sampled] = torch.cat(draws).to(tokens.device)
+    drawable = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
+    draws = {i: torch.multinomial(probs[j], 1, generator=seqs[i].generator)
+             for j, i in enumerate(sampled) if drawable[j]}
+    if draws:
+        tokens[list(draws)] = torch.cat(list(draws.values())).to(tokens.device)
+    return [i for j, i in enumerate(sampled) if not drawable[j]]
 
 
 def top_k_filter(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:
