@@ -102,9 +102,6 @@ def test_a_well_formed_lora_config_loads_with_its_rank(rank, alpha, modules, rsl
     assert set(adapter.ranks.values()) == {rank}
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="peft_format._layer_index iterates a non-string layers_pattern: a "
-                          "number or boolean raises TypeError, not AdapterIncompatible")
 @pytest.mark.parametrize("layers_pattern", [5, True])
 def test_layers_pattern_of_a_scalar_type_is_refused(layers_pattern):
     config = {"r": 2, "target_modules": ["q_proj"], "layers_pattern": layers_pattern}

@@ -188,6 +188,11 @@ def _check_config(config: dict) -> None:
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(field) or {}, dict):
             raise AdapterIncompatible(f"adapter_config.json: {field} must be an object")
+    layers_pattern = config.get("layers_pattern")
+    if layers_pattern is not None and not (isinstance(layers_pattern, str) or (
+            isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern))):
+        raise AdapterIncompatible(f"adapter_config.json: layers_pattern={layers_pattern!r} "
+                                  "must be a string or a list of strings")
 
 
 def _read_tensors(path: str, limits: AdapterLimits, item_bytes: int) -> dict[str, torch.Tensor]:
