@@ -146,7 +146,8 @@ class AdapterConfig:
     max_adapter_downloads: int = _setting(4, "adapter downloads (hub, s3) run at once",
                                           _POSITIVE_INT)
     adapter_fetch_timeout_s: float = _setting(
-        300.0, "seconds an adapter download may take before its requests fail", _POSITIVE)
+        300.0, "seconds an adapter download may take before its requests fail", _POSITIVE,
+        reload=True)
 
 
 @dataclass(frozen=True)

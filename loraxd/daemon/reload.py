@@ -29,6 +29,7 @@ def apply(new: Config, *, old: Config, engine: Any, frontend: Any, supervisor: A
     engine.adapters.cycle_time_s = adapters.adapter_cycle_time_s
     if engine.sources is not None:
         engine.sources.local_adapter_dirs = tuple(adapters.local_adapter_dirs)
+        engine.fetcher.timeout_s = adapters.adapter_fetch_timeout_s  # read at each download
         _preloads(engine.adapters, old.adapters, adapters)
     frontend.limits = Limits.from_config(new)
     frontend.limiter.max_inflight = sched.max_concurrent_requests

@@ -54,7 +54,8 @@ def test_what_is_reloadable():
             for f in dataclasses.fields(getattr(Config(), s.name)) if reloadable(s.name, f.name)}
     assert {"server.log_level", "server.drain_timeout_s", "scheduler.max_input_length",
             "scheduler.max_concurrent_requests", "adapters.preloaded_adapter_ids",
-            "adapters.local_adapter_dirs", "worker.ready_timeout_s"} <= live
+            "adapters.local_adapter_dirs", "adapters.adapter_fetch_timeout_s",
+            "worker.ready_timeout_s"} <= live
     assert not live & {"model.model_id", "model.dtype", "server.port", "server.hostname",
                        "scheduler.max_batch_total_tokens", "scheduler.block_size",
                        "adapters.max_active_adapters", "paths.control_socket"}
