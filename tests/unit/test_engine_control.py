@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +12,7 @@ from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, Unavailable
 from loraxd.logs import JsonFormatter
 from loraxd.protocol.worker import Ready, SeqOutput, StepResult
+from tests.unit.test_engine import config
 
 
 class FakeTokenizer:
@@ -45,17 +45,6 @@ class GatedWorkers:
 
     async def recv(self):
         return await self.inbox.get()
-
-
-def config():
-    return SimpleNamespace(
-        model=SimpleNamespace(model_id="m", num_shard=1),
-        scheduler=SimpleNamespace(max_batch_prefill_tokens=64, waiting_served_ratio=0.0,
-                                  max_waiting_tokens=20, max_concurrent_requests=8,
-                                  max_best_of=2, max_stop_sequences=4, max_input_length=32,
-                                  max_total_tokens=64, max_batch_total_tokens=256),
-        adapters=SimpleNamespace(max_active_adapters=2, adapter_cycle_time_s=1.0,
-                                 adapter_source="local", preloaded_adapter_ids=()))
 
 
 @pytest.fixture
