@@ -5,7 +5,7 @@ scale (lora_alpha / r, or / sqrt(r) with rsLoRA) already folded into B, so the h
 scales. Anything loraxd cannot apply exactly as PEFT would is refused with
 `AdapterIncompatible(reason)`, a one-line reason naming the key, module or shape at fault;
 peft_fields.py says what is done with each adapter_config.json field. The adapter is untrusted:
-its patterns are matched by RE2 (patterns.py), and limits.py bounds where its files lie, its
+its patterns are matched by RE2 (patterns.py; targets in peft_targets.py), and limits.py bounds where its files lie, its
 rank and its size before the weights are read.
 
 Fused checkpoints (Phi-3's qkv_proj = q|k|v, gate_up_proj = gate|up): the adapter is read
@@ -27,7 +27,9 @@ import torch
 from loraxd.worker.lora import peft_fields
 from loraxd.worker.lora.errors import AdapterIncompatible
 from loraxd.worker.lora.limits import MAX_CONFIG_BYTES, AdapterLimits
-from loraxd.worker.lora.patterns import compile_pattern, fullmatch
+from loraxd.worker.lora.patterns import compile_pattern
+from loraxd.worker.lora.peft_targets import (EMBEDDING_MODULES, fused_hint, layer_index,
+                                              targeted_modules)
 
 __all__ = ["AdapterIncompatible", "AdapterLimits", "LoraAdapter", "load_peft_adapter"]
 
@@ -37,13 +39,6 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
-# Where each LoRA-capable module sits in a Llama-family decoder layer (HF names).
-MODULE_PARENTS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-    "qkv_proj": "self_attn", "gate_up_proj": "mlp",  # fused (Phi-3)
-}
-_EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_out")
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
 
@@ -92,7 +87,7 @@ def load_peft_adapter(
     limits.check_config(config)
     tensors = _read_tensors(path, limits, dtype.itemsize)
     pairs = _group_keys(tensors, linears, num_layers, config, fused)
-    targeted = _targeted_modules(config, pairs, linears, num_layers, fused)
+    targeted = targeted_modules(config, pairs, linears, num_layers, fused)
     for full_name in pairs:
         if full_name not in targeted:
             raise AdapterIncompatible(
@@ -143,15 +138,6 @@ def _checkpoint_linears(module_shapes, fused) -> dict[str, tuple[int, int]]:
             parts = fused[name]
             linears[name] = (shape[0], sum(module_shapes[p][1] for p in parts))
     return linears
-
-
-def _fused_hint(module: str, fused) -> str:
-    """Why a part module can't be targeted when the checkpoint only has the fused one."""
-    for name, parts in fused.items():
-        if module in parts:
-            return (f"; this model's checkpoint has the fused {name} ({' | '.join(parts)}), "
-                    f"so its adapters target {name}")
-    return ""
 
 
 def _read_config(path: str, limits: AdapterLimits) -> dict:
@@ -223,21 +209,6 @@ def _read_tensors(path: str, limits: AdapterLimits, item_bytes: int) -> dict[str
     return tensors
 
 
-def _layer_index(full_name: str, config: dict) -> int | None:
-    """The first numbered segment (after `layers_pattern` when given), as PEFT finds it."""
-    patterns = config.get("layers_pattern") or None
-    if patterns is None:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", full_name) or re.match(
-            r"^[^.]*\.(?P<idx>\d+)\.", full_name)
-        return int(match["idx"]) if match else None
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        regex = compile_pattern(pattern, "layers_pattern", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
-        match = regex.match(full_name)
-        if match:
-            return int(match.group("idx"))
-    return None
-
-
 def _group_keys(tensors, linears, num_layers, config, fused) -> dict[str, dict]:
     """full module name -> {"A": tensor, "B": tensor}; refuses keys we can't place."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -248,7 +219,7 @@ def _group_keys(tensors, linears, num_layers, config, fused) -> dict[str, dict]:
             continue
         if "lora_magnitude_vector" in key:
             raise AdapterIncompatible(f"DoRA weights ({key}) are not supported")
-        if "lora_embedding_" in key or any(f".{m}." in f".{key}" for m in _EMBEDDING_MODULES):
+        if "lora_embedding_" in key or any(f".{m}." in f".{key}" for m in EMBEDDING_MODULES):
             raise AdapterIncompatible(f"embedding / lm_head weights ({key}) are not supported")
         match = _KEY_RE.match(key)
         if match is None:
@@ -259,8 +230,8 @@ def _group_keys(tensors, linears, num_layers, config, fused) -> dict[str, dict]:
         if module not in linears:
             raise AdapterIncompatible(
                 f"key {key}: module {module!r} is not a LoRA target loraxd supports "
-                f"({', '.join(sorted(linears))}){_fused_hint(module, fused)}")
-        layer_idx = _layer_index(full_name, config)
+                f"({', '.join(sorted(linears))}){fused_hint(module, fused)}")
+        layer_idx = layer_index(full_name, config)
         if layer_idx is None:
             raise AdapterIncompatible(f"key {key}: no layer index in the module name")
         if layer_idx >= num_layers:
@@ -276,107 +247,6 @@ def _group_keys(tensors, linears, num_layers, config, fused) -> dict[str, dict]:
     if not pairs:
         raise AdapterIncompatible("adapter weights file holds no lora_A/lora_B weights")
     return pairs
-
-
-def _candidate_names(pairs, linears, num_layers, config) -> dict[str, tuple[int, str]]:
-    """Every module of the model a config could target, named as in this adapter's file."""
-    templates: dict[str, str] = {}  # module -> name with "{}" for the layer index
-    prefix = None
-    for full_name in pairs:
-        layer_idx = _layer_index(full_name, config)
-        match = re.search(rf"(?:^|\.){layer_idx}\.", full_name)
-        head, tail = full_name[:match.start()], full_name[match.end():]
-        sep = "." if match.group().startswith(".") else ""
-        templates[full_name.rsplit(".", 1)[-1]] = f"{head}{sep}{{}}.{tail}"
-        prefix = prefix or f"{head}{sep}"
-    names = {}
-    for module in linears:
-        parent = MODULE_PARENTS.get(module, "")
-        template = templates.get(module) or f"{prefix}{{}}.{parent}.{module}"
-        for layer_idx in range(num_layers):
-            names[template.format(layer_idx)] = (layer_idx, module)
-    return names
-
-
-def _matches(config: dict, target, full_name: str, layer_idx: int) -> bool:
-    """PEFT's check_target_module_exists, exclusions aside: a regex is matched against the full
-    name and ignores layers_to_transform; a list entry matches the full name or a suffix."""
-    if isinstance(target, str):
-        return fullmatch(target, full_name, "target_modules")
-    if full_name in target:
-        return True
-    if not any(full_name.endswith(f".{t}") for t in target):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    return layer_idx == layers if isinstance(layers, int) else layer_idx in layers
-
-
-def _excluded(config: dict, full_name: str) -> bool:
-    exclude = config.get("exclude_modules")
-    if not exclude:
-        return False
-    if isinstance(exclude, str):
-        return fullmatch(exclude, full_name, "exclude_modules")
-    return full_name in exclude or any(full_name.endswith(f".{e}") for e in exclude)
-
-
-def _targeted_modules(config, pairs, linears, num_layers, fused) -> dict[str, tuple[int, str]]:
-    """full name -> (layer, module) for every module the config targets."""
-    candidates = _candidate_names(pairs, linears, num_layers, config)
-    target = config.get("target_modules")
-    if target is None:  # PEFT filled in defaults when training; the weights say which
-        return {name: candidates.get(name) or _place(name, config) for name in pairs}
-    if isinstance(target, str) and target.lower() == "all-linear":
-        target = list(linears)  # the checkpoint's linears (PEFT: all but the output layer)
-    if not isinstance(target, (str, list)):
-        raise AdapterIncompatible(f"target_modules={target!r}: expected a list or a regex string")
-    if isinstance(target, str):
-        compile_pattern(target, "target_modules")
-    _check_targets_known(target, candidates, linears, fused)
-    return {
-        name: place for name, place in candidates.items()
-        if _matches(config, target, name, place[0]) and not _excluded(config, name)
-    }
-
-
-def _place(full_name: str, config: dict) -> tuple[int, str]:
-    return _layer_index(full_name, config), full_name.rsplit(".", 1)[-1]
-
-
-def _check_targets_known(target, candidates, linears, fused) -> None:
-    prefixes = {name.split(".layers.")[0] for name in candidates if ".layers." in name} or {"model"}
-    embeddings = [*_EMBEDDING_MODULES, *(f"{p}.{m}" for p in prefixes for m in _EMBEDDING_MODULES)]
-    if isinstance(target, str):
-        hit = [name for name in embeddings if fullmatch(target, name, "target_modules")]
-        if hit:
-            raise AdapterIncompatible(
-                f"target_modules regex {target!r} targets {hit[0]}, not supported")
-        if not any(fullmatch(target, name, "target_modules") for name in candidates):
-            part = next((p for name, p in _part_names(candidates, fused)
-                         if fullmatch(target, name, "target_modules")), "")
-            raise AdapterIncompatible(
-                f"target_modules regex {target!r} matches no module loraxd supports"
-                f"{_fused_hint(part, fused)}")
-        return
-    for entry in target:
-        if not isinstance(entry, str):
-            raise AdapterIncompatible(f"target_modules entry {entry!r} is not a string")
-        if entry.rsplit(".", 1)[-1] in _EMBEDDING_MODULES:
-            raise AdapterIncompatible(
-                f"target module {entry!r} (embedding / lm_head) is not supported")
-        if not any(name == entry or name.endswith(f".{entry}") for name in candidates):
-            raise AdapterIncompatible(
-                f"target module {entry!r} is not one loraxd supports "
-                f"({', '.join(sorted(linears))}){_fused_hint(entry.rsplit('.', 1)[-1], fused)}")
-
-
-def _part_names(candidates, fused):
-    """(name, part) for each part module as it would be named if it were not fused."""
-    for name, (_, module) in candidates.items():
-        for part in fused.get(module, ()):
-            yield f"{name[:-len(module)]}{part}", part
 
 
 def _check_shapes(full_name, a, b, shape, config) -> tuple[torch.Tensor, torch.Tensor]:
