@@ -5,8 +5,8 @@ scale (lora_alpha / r, or / sqrt(r) with rsLoRA) already folded into B, so the h
 scales. Anything loraxd cannot apply exactly as PEFT would is refused with
 `AdapterIncompatible(reason)`, a one-line reason naming the key, module or shape at fault;
 peft_fields.py says what is done with each adapter_config.json field. The adapter is untrusted:
-its patterns are matched by RE2 (patterns.py; targets in peft_targets.py), and limits.py bounds where its files lie, its
-rank and its size before the weights are read.
+its patterns are matched by RE2 (patterns.py; which modules they target: peft_targets.py),
+and limits.py bounds where its files lie, its rank and its size before the weights are read.
 
 Fused checkpoints (Phi-3's qkv_proj = q|k|v, gate_up_proj = gate|up): the adapter is read
 against the checkpoint's own linears, and each fused module's (A, B) becomes one entry per part,
