@@ -81,7 +81,8 @@ def adapters(r: AdapterList) -> str:
 
 def adapter(a: AdapterInfo) -> str:
     where = f" in slot {a.slot}" if a.slot >= 0 else ""
-    return f"adapter {a.key}: {a.status}{where}" + (", pinned" if a.pinned else "")
+    return (f"adapter {a.key}: {a.status}{where}" + (", pinned" if a.pinned else "")
+            + (f" ({a.error})" if a.error else ""))
 
 
 def adapter_state(r: AdapterState) -> str:

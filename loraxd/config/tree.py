@@ -174,6 +174,25 @@ class WorkerConfig:
     num_threads: int = _setting(0, "torch threads per worker; 0: all cores", _NON_NEGATIVE)
     ready_timeout_s: float = _setting(900.0, "seconds a worker may take to report Ready",
                                       _POSITIVE, reload=True)
+    step_timeout_floor_s: float = _setting(
+        10.0, "seconds every step may take, whatever its size, before its worker counts as "
+        "hung and is replaced", _POSITIVE, reload=True)
+    step_timeout_factor: float = _setting(
+        20.0, "a step may also take this many times its predicted time (from the steps "
+        "measured so far)", _POSITIVE, reload=True)
+    heartbeat_interval_s: float = _setting(1.0, "seconds between pings of an idle worker",
+                                           _POSITIVE, reload=True)
+    heartbeat_timeout_s: float = _setting(
+        10.0, "seconds an idle worker may leave a ping unanswered before it counts as hung",
+        _POSITIVE, reload=True)
+    max_restarts: int = _setting(
+        5, "worker restarts within restart_window_s; one more and the daemon exits 1 (for "
+        "systemd to restart it)", _NON_NEGATIVE, reload=True)
+    restart_window_s: float = _setting(600.0, "the window max_restarts counts over",
+                                       _POSITIVE, reload=True)
+    restart_backoff_s: float = _setting(
+        0.5, "delay before a restart; it doubles with each restart in the window, to 30 s",
+        _NON_NEGATIVE, reload=True)
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,7 @@ def _changes(changes: tuple[Change, ...]) -> list[SettingChange]:
 def adapter_info(entry: AdapterEntry) -> AdapterInfo:
     return AdapterInfo(key=entry.key, status=entry.status, slot=entry.slot,
                        num_running=entry.num_running, num_waiting=entry.num_waiting,
-                       pinned=entry.pinned)
+                       pinned=entry.pinned, error=entry.error)
 
 
 def request_info(seq: Any, state: str, now: float) -> RequestInfo:

@@ -62,6 +62,7 @@ class Service:
         self._stop_now: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task] = []
+        self._fatal: WorkerStartError | None = None  # why the daemon must exit non-zero
 
     # -- what the control commands read and do ----------------------------------------------
 
@@ -159,7 +160,8 @@ class Service:
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT. Raises WorkerStartError, KeysFileError or OSError
-        when the start fails."""
+        when the start fails, and WorkerStartError when the workers die more often than the
+        restart budget allows."""
         loop = asyncio.get_running_loop()
         self._stop, self._stop_now = asyncio.Event(), asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -176,11 +178,14 @@ class Service:
             if await self._start_unless_stopped(parts, workers, tokenizer):
                 self._serving()
                 await self._stop.wait()
-                await self._drain_for_stop()
+                if self._fatal is None:
+                    await self._drain_for_stop()
         finally:
             await self._close(parts)
             workers.close()
             tokenizer.close()
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _start_unless_stopped(self, parts: dict, workers, tokenizer) -> bool:
         start = asyncio.ensure_future(self._start(parts, workers, tokenizer))
@@ -201,9 +206,10 @@ class Service:
                       f"{config.model.model_id}")
         ready = await self.supervisor.start()
         self.engine = AsyncEngine(config, tokenizer, workers, ready,
-                                  recover=self.supervisor.restart,
+                                  recover=self.supervisor.replace,
                                   sources=adapter_sources(config))
         self.engine.start()
+        self.engine.when_ended(self._on_engine_ended)
         parts["engine"] = self.engine
         notify.status("the workers answered; checking that they generate")
         if not await self.engine.health():
@@ -240,6 +246,17 @@ class Service:
             if line != last:
                 notify.status(line)
                 last = line
+
+    def _on_engine_ended(self, error: BaseException | None) -> None:
+        """The workers cannot be brought back: stop, and exit non-zero."""
+        if isinstance(error, WorkerStartError):
+            self._fatal = error
+        else:
+            self._fatal = WorkerStartError(f"the step loop ended: {error!r}")
+        log.error("stopping: %s", self._fatal)
+        self._state = "stopping"
+        notify.stopping(f"stopping: {self._fatal}")
+        self._stop.set()
 
     def _on_stop_signal(self, sig: int) -> None:
         if self._stop.is_set():

@@ -4,6 +4,11 @@ Workers are fresh interpreters (`python -m loraxd.worker.main`), never forks of 
 loop. Each has a watcher task awaiting its exit: an unexpected exit marks the worker
 socket lost at once, which wakes whoever waits on it. `ranks()` describes each rank for
 `loraxctl workers`.
+
+`replace()` is the engine's recovery: it kills every rank (a hung one never answers a
+Shutdown), then starts them again after an exponential backoff. At most
+`worker.max_restarts` restarts happen within `worker.restart_window_s`; one more raises
+RestartBudgetSpent, and the daemon exits 1 so that its own supervisor starts it afresh.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from loraxd.daemon.notify import child_environment
@@ -23,13 +29,17 @@ from loraxd.protocol.worker import Ready, Shutdown
 log = logging.getLogger(__name__)
 
 _STOP_GRACE_S = 5.0
-_MAX_RESTARTS = 5  # in a row without a successful handshake
+_MAX_BACKOFF_S = 30.0
 
 
 class WorkerStartError(Exception):
     def __init__(self, message: str, *, config_error: bool = False):
         super().__init__(message)
         self.config_error = config_error  # the model or a setting can't be run: exit 78
+
+
+class RestartBudgetSpent(WorkerStartError):
+    """The workers died more often than `worker.max_restarts` allows."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,8 @@ class Supervisor:
         self._watchers: list[asyncio.Task] = []
         self._started_at = 0.0
         self._stopping = False
-        self._failures = 0
         self._restarts = 0
+        self._restart_times: deque[float] = deque()  # within the restart window
 
     def _options(self) -> str:
         c = self.config
@@ -90,36 +100,62 @@ class Supervisor:
             async with asyncio.timeout(self.config.worker.ready_timeout_s):
                 ready = await self.workers.handshake()
         except TimeoutError as exc:
+            await self.kill()
             raise WorkerStartError("the workers did not become ready within "
                                    f"{self.config.worker.ready_timeout_s:g} s") from exc
         except Exception as exc:
-            await self.stop()
+            await self.kill()
             raise WorkerStartError(str(exc),
                                    config_error=isinstance(exc, ModelUnsupported)) from exc
         log.info("%d worker(s) ready: %s on %s, %d KV pages of %d tokens", self.world_size,
                  ready.dtype, ready.device, ready.num_blocks, ready.block_size)
-        self._failures = 0
         self.ready = ready
         return ready
 
-    async def restart(self) -> Ready:
-        await self.stop()
-        self._stopping = False
-        self._restarts += 1
+    async def replace(self) -> Ready:
+        """Kill every rank and start them again, with backoff, within the restart budget."""
+        await self.kill()
         while True:
-            self._failures += 1
+            delay = self._count_restart()
+            log.info("restarting the workers in %.1f s (restart %d of %d within %g s)", delay,
+                     len(self._restart_times), self.config.worker.max_restarts,
+                     self.config.worker.restart_window_s)
+            await asyncio.sleep(delay)
             try:
                 return await self.start()
             except WorkerStartError as exc:
-                if exc.config_error or self._failures >= _MAX_RESTARTS:
+                if exc.config_error:
                     raise
-                await asyncio.sleep(min(2.0 ** self._failures, 30.0))
+                log.error("the workers did not start: %s", exc)
+
+    def _count_restart(self) -> float:
+        """The backoff before this restart; RestartBudgetSpent past the budget."""
+        w = self.config.worker
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > w.restart_window_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= w.max_restarts:
+            raise RestartBudgetSpent(
+                f"the workers failed {len(self._restart_times) + 1} times within "
+                f"{w.restart_window_s:g} s (worker.max_restarts = {w.max_restarts})")
+        self._restart_times.append(now)
+        self._restarts += 1
+        return min(w.restart_backoff_s * 2 ** (len(self._restart_times) - 1), _MAX_BACKOFF_S)
 
     async def _watch(self, rank: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         if not self._stopping:
             log.error("worker rank %d (pid %d) exited with status %s", rank, proc.pid, code)
             self.workers.mark_lost()
+
+    async def kill(self) -> None:
+        """SIGKILL every rank at once: for workers that are lost, hung or half started."""
+        self._stopping = True
+        for proc in self._procs:
+            if proc.returncode is None:
+                proc.kill()
+        await self._reap()
+        self._stopping = False
 
     async def stop(self) -> None:
         self._stopping = True
@@ -128,12 +164,17 @@ class Supervisor:
                 await asyncio.wait_for(self.workers.broadcast(Shutdown()), 1.0)
             except Exception:  # noqa: BLE001 - the workers may already be gone
                 pass
-        for proc in self._procs:
-            try:
-                await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        try:  # one grace period for all: a hung rank is killed, however many there are
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self._procs)),
+                                   _STOP_GRACE_S)
+        except TimeoutError:
+            for proc in self._procs:
+                if proc.returncode is None:
+                    proc.kill()
+        await self._reap()
+
+    async def _reap(self) -> None:
+        await asyncio.gather(*(p.wait() for p in self._procs))
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)

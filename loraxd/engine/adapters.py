@@ -9,6 +9,10 @@ With more adapters wanted than slots, slots rotate: an adapter loaded for longer
 `adapter_cycle_time_s` takes no new requests while others wait for a slot; once its running
 requests finish, its slot goes to the adapter that has waited longest. Preloaded adapters
 are pinned and never rotate out.
+
+An adapter that was loading each of the last two times the workers died is quarantined:
+its requests get the reason instead of another load that may kill the next worker, until
+`loraxctl adapters unload` lifts it (say, once its files were replaced).
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ from loraxd.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 FETCHING, FETCHED, LOADING, LOADED = "fetching", "fetched", "loading", "loaded"
+QUARANTINED = "quarantined"
 _MAX_FETCH_TRIES = 8  # one per other request's token the hub refused
+_STRIKES = 2  # worker deaths in a row during its load that quarantine an adapter
 
 
 AdapterSpec = AdapterRef | MergedAdapters
@@ -54,6 +60,8 @@ class AdapterEntry:
     last_used: float = 0.0
     pinned: bool = False
     fetched: asyncio.Future | None = None  # resolves once the files are on disk
+    strikes: int = 0  # worker deaths in a row while it was loading
+    error: str | None = None  # why it is quarantined
 
 
 class AdapterManager:
@@ -83,6 +91,10 @@ class AdapterManager:
         entry = self.entries.get(adapter_key(ref))
         if entry is None:
             self._start_fetch(ref)
+            return None
+        if entry.status == QUARANTINED:  # after the admission pass: it removes the waiting
+            asyncio.get_running_loop().call_soon(self._on_failed, entry.key,
+                                                 f"quarantined: {entry.error}")
             return None
         if entry.status == FETCHED and entry.key not in self.pending:
             self.pending[entry.key] = None
@@ -144,6 +156,10 @@ class AdapterManager:
         """Forget the adapter and free its slot for the next waiting one. KeyError when
         unknown; ValueError (why) while requests use or wait for it, or while it moves."""
         entry = self.entries[key]
+        if entry.status == QUARANTINED:
+            del self.entries[key]
+            log.info("adapter %s is no longer quarantined", key)
+            return
         if entry.num_running or entry.num_waiting:
             raise ValueError(f"{entry.num_running} running and {entry.num_waiting} waiting "
                              "requests use it")
@@ -162,6 +178,8 @@ class AdapterManager:
         again with this request's own: a wrong token fails only its own request."""
         for attempt in range(1, _MAX_FETCH_TRIES + 1):
             entry = self.entries.get(adapter_key(ref)) or self._start_fetch(ref)
+            if entry.status == QUARANTINED:
+                raise AdapterQuarantined(entry.key, entry.error)
             try:
                 await asyncio.shield(entry.fetched)
                 return
@@ -233,10 +251,20 @@ class AdapterManager:
             self._failed(entry, error)
             self._assign_slots()
             return
-        entry.status = LOADED
+        entry.status, entry.strikes = LOADED, 0
         entry.loaded_at = entry.last_used = self._clock()
         log.info("adapter %s loaded into slot %d", key, slot)
         self._wake()
+
+    def unsent(self, slot: int, key: str) -> None:
+        """The load never reached the workers (they are being replaced): the adapter waits
+        for a slot again, with no strike against it."""
+        entry = self.entries.get(key)
+        if entry is None or entry.slot != slot or entry.status != LOADING:
+            return
+        self.slots[slot] = None
+        entry.status, entry.slot = FETCHED, -1
+        self.pending[key] = None
 
     def _failed(self, entry: AdapterEntry, error: str) -> None:
         log.warning("adapter %s failed: %s", entry.key, error)
@@ -251,14 +279,28 @@ class AdapterManager:
         task.add_done_callback(self._tasks.discard)
 
     def reset_slots(self) -> None:
-        """The workers restarted with empty slots: everything must load again."""
+        """The workers restarted with empty slots: everything must load again, except an
+        adapter whose load was under way at this death and the one before (quarantined)."""
         for entry in self.entries.values():
             entry.num_running = 0
+            if entry.status == LOADING:
+                entry.strikes += 1
+                if entry.strikes >= _STRIKES:
+                    self._quarantine(entry)
+                    continue
             if entry.status in (LOADED, LOADING):
                 entry.status, entry.slot = FETCHED, -1
                 self.pending[entry.key] = None
         self.slots = [None] * self.num_slots
         self._assign_slots()
+
+    def _quarantine(self, entry: AdapterEntry) -> None:
+        entry.status, entry.slot = QUARANTINED, -1
+        entry.error = f"the workers died while loading it {entry.strikes} times in a row"
+        log.error("adapter %s is quarantined: %s; `loraxctl adapters unload` lifts it",
+                  entry.key, entry.error)
+        self.pending.pop(entry.key, None)
+        self._on_failed(entry.key, f"quarantined: {entry.error}")
 
     # -- the disk cache's side ----------------------------------------------------------------
 
@@ -285,7 +327,12 @@ class AdapterManager:
         return [k for k in self.slots if k is not None and self.entries[k].num_running > 0]
 
     def waiting_adapters(self) -> list[str]:
-        return [k for k, e in self.entries.items() if e.status != LOADED]
+        return [k for k, e in self.entries.items() if e.status not in (LOADED, QUARANTINED)]
+
+
+class AdapterQuarantined(Exception):
+    def __init__(self, key: str, why: str | None):
+        super().__init__(f"adapter {key} is quarantined: {why}")
 
 
 def _refs(spec: AdapterSpec) -> tuple[AdapterRef, ...]:

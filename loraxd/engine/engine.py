@@ -1,8 +1,9 @@
 """AsyncEngine: the event-loop face of the scheduler and the workers.
 
-One task owns the step loop: plan a step, send it to every rank, wait for rank 0's result,
-apply it, hand each request its events. `generate()` is an async generator per request;
-closing it early aborts the request, freeing its pages and batch slot at the next step.
+The step loop (loraxd.engine.step_loop) plans and runs the steps, and replaces the workers
+when they die or hang; the engine hands each request its events. `generate()` is an async
+generator per request; closing it early aborts the request, freeing its pages and batch
+slot at the next step.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
 from loraxd.engine.request import (AdapterError, AdapterRef, EngineError, FinishEvent,
                                    GenerationRequest, MergedAdapters, TokenEvent, Unavailable)
-from loraxd.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
+from loraxd.engine.scheduler import Scheduler, SchedulerLimits
 from loraxd.engine.sequence import Sequence
+from loraxd.engine.step_loop import StepLoop
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
-from loraxd.protocol.worker import (AdapterLoaded, AdapterMerge, LoadAdapter, Ready, StepFailed,
-                                    StepResult)
+from loraxd.protocol.worker import AdapterMerge, LoadAdapter, Ready
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ class AsyncEngine:
         self.model_id = config.model.model_id
         self.tokenizer = tokenizer
         self.workers = workers
-        self.ready = ready
-        self._recover = recover
+        self._ready = ready
         self.sources = sources  # loraxd.adapters.sources.AdapterSources, or None: base only
         self.adapters = AdapterManager(
             num_slots=config.adapters.max_active_adapters,
@@ -61,22 +61,15 @@ class AsyncEngine:
             special_ids=tokenizer.special_ids,
             decode_one=lambda i: tokenizer.decode([i]),
             adapters=self.adapters)
+        self.steps = StepLoop(scheduler=self.scheduler, workers=workers, adapters=self.adapters,
+                              settings=lambda: self.config.worker, recover=recover,
+                              deliver=self._deliver, fail=self._fail)
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
-        self._wake = asyncio.Event()
-        self._serving = True
         self._draining = False  # loraxctl drain / a stop: new requests get 503
+        self._stopped = False
         self._quiet: set[int] = set()  # health probes: not logged
-        self._step_started = 0.0
-        self._last_step_done = 0.0
         self._task: asyncio.Task | None = None
-        self._step_result: asyncio.Future | None = None
-        self._reader: asyncio.Task | None = None
-        self._step_id = -1
-        self._lost: WorkerLost | None = None
-        self._handlers = {StepResult: self._on_step_result, StepFailed: self._on_step_result,
-                          AdapterLoaded: self._on_adapter_loaded}
-        self.num_steps = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,10 +78,40 @@ class AsyncEngine:
         for adapter_id in self.config.adapters.preloaded_adapter_ids:
             self.adapters.preload(AdapterRef(adapter_id, self.config.adapters.adapter_source))
 
+    async def _run(self) -> None:
+        await self.steps.run()
+
     @property
     def serving(self) -> bool:
-        """False while the workers restart."""
-        return self._serving
+        """False while the workers are replaced, and for good once they cannot be."""
+        return self.steps.serving and not self._stopped and not self.ended
+
+    @property
+    def ended(self) -> bool:
+        """The step loop is over: the workers could not be brought back (see `failure`)."""
+        return self._task is not None and self._task.done()
+
+    def when_ended(self, callback) -> None:
+        """Call `callback(error)` if the step loop ends for any reason but `stop()`."""
+        def done(task: asyncio.Task) -> None:
+            if not self._stopped:
+                callback(self.failure())
+        self._task.add_done_callback(done)
+
+    def failure(self) -> BaseException | None:
+        """Why the step loop ended, once it has."""
+        if not self.ended or self._task.cancelled():
+            return None
+        return self._task.exception()
+
+    @property
+    def ready(self) -> Ready:
+        """The running workers' Ready (the replacements' once the workers were replaced)."""
+        return self.steps.ready or self._ready
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps.num_steps
 
     @property
     def draining(self) -> bool:
@@ -109,11 +132,12 @@ class AsyncEngine:
     def stalled_for(self) -> float:
         """The heartbeat: seconds the step in flight has waited for the workers (0 between
         steps and while idle); infinite once the step loop has ended."""
-        if self._task is None or self._task.done():
-            return float("inf") if self._task is not None else 0.0
-        if self._step_result is None:
+        if self._task is None:
             return 0.0
-        return time.monotonic() - self._step_started
+        if self._task.done():
+            return float("inf")
+        started = self.steps.step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def cancel(self, req_id: int) -> bool:
         """End a request now (loraxctl requests cancel); False when there is no such one."""
@@ -121,20 +145,19 @@ class AsyncEngine:
         if queue is None:
             return False
         if self.scheduler.abort(req_id):
-            self._wake.set()
+            self.steps.wake()
         queue.put_nowait(EngineError("Request failed during generation: cancelled by the "
                                      "operator"))
         return True
 
     def _wake_up(self) -> None:
-        self._wake.set()
+        self.steps.wake()
 
     async def stop(self) -> None:
-        self._serving = False
-        tasks = [t for t in (self._task, self._reader) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self.fetcher is not None:
             self.fetcher.close()
         self._fail(list(self._streams), Unavailable("the server is shutting down"))
@@ -143,7 +166,7 @@ class AsyncEngine:
 
     async def generate(self, req: GenerationRequest, *,
                        quiet: bool = False) -> AsyncIterator[TokenEvent | FinishEvent]:
-        if not self._serving:
+        if not self.serving:
             raise Unavailable("no healthy worker")
         if self._draining:
             raise Unavailable("the server is draining: it takes no new requests")
@@ -157,7 +180,7 @@ class AsyncEngine:
         if quiet:
             self._quiet.add(req_id)
         self.scheduler.add(Sequence(req_id, req, detok, arrival=arrival))
-        self._wake.set()
+        self.steps.wake()
         finished = False
         try:
             while True:
@@ -177,12 +200,12 @@ class AsyncEngine:
             if not finished and self.scheduler.abort(req_id):
                 log.info("request %d abandoned by its client", req_id,
                          extra={"request_id": req_id})
-                self._wake.set()
+                self.steps.wake()
 
     async def health(self) -> bool:
-        if not self._serving or self._task is None or self._task.done():
+        if not self.serving or self._task is None:
             return False
-        if time.monotonic() - self._last_step_done < _HEALTH_FRESH_S:
+        if time.monotonic() - self.steps.last_step_done < _HEALTH_FRESH_S:
             return True
         probe = GenerationRequest(prompt_ids=self.tokenizer.encode_now("ping") or [0],
                                   max_new_tokens=1, ignore_eos=True)
@@ -263,11 +286,8 @@ class AsyncEngine:
                               roots=self.sources.roots(spec.source))
         try:
             await self.workers.broadcast(msg)
-        except WorkerLost as exc:
-            self.adapters.on_loaded(slot, entry.key, f"the workers are restarting ({exc})")
-
-    def _on_adapter_loaded(self, msg: AdapterLoaded) -> None:
-        self.adapters.on_loaded(msg.slot, msg.adapter_key, msg.error)
+        except WorkerLost:  # the workers are being replaced: it loads into the new ones
+            self.adapters.unsent(slot, entry.key)
 
     def _adapter_failed(self, key: str, error: str) -> None:
         doomed = [s for s in self.scheduler.waiting if s.request.adapter_spec is not None
@@ -277,98 +297,12 @@ class AsyncEngine:
         self._fail([s.req_id for s in doomed],
                    AdapterError(f"Request failed during generation: adapter {key}: {error}"))
 
-    # -- the step loop -----------------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        self._reader = self._start_reader()
-        while True:
-            if self._lost is not None:
-                self._reader = await self._on_worker_lost(self._lost)
-                continue
-            plan = self.scheduler.schedule()
-            if plan is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                await self._step(plan)
-            except WorkerLost as exc:
-                self._lost = exc
-            except Exception as exc:  # noqa: BLE001 - a bug fails its step's requests only
-                log.exception("step %d could not be applied", plan.step.step_id)
-                self._fail_step(plan, list(plan.seqs), f"{type(exc).__name__}: {exc}")
-
-    async def _step(self, plan: StepPlan) -> None:
-        self._step_result = asyncio.get_running_loop().create_future()
-        self._step_id = plan.step.step_id
-        self._step_started = time.monotonic()
-        try:
-            await self.workers.broadcast(plan.step)
-            result = await self._step_result
-        finally:
-            self._step_result = None
-        if isinstance(result, StepFailed):
-            log.error("step %d failed: %s", result.step_id, result.message)
-            self._fail_step(plan, result.req_ids or list(plan.seqs), result.message)
-            return
-        self.num_steps += 1
-        self._last_step_done = time.monotonic()
-        for req_id, event in self.scheduler.update(plan, result):
-            queue = self._streams.get(req_id)
-            if queue is not None:
-                queue.put_nowait(event)
-
-    def _fail_step(self, plan: StepPlan, req_ids: list[int], why: str) -> None:
-        failed = self.scheduler.fail(req_ids)
-        self._fail([s.req_id for s in failed],
-                   EngineError(f"Request failed during generation: {why}"))
-
-    def _start_reader(self) -> asyncio.Task:
-        return asyncio.get_running_loop().create_task(self._read(), name="worker-reader")
-
-    async def _read(self) -> None:
-        """The one reader of the worker socket: step results to the step loop, the rest to
-        their handlers. A lost worker fails the pending step or wakes the loop."""
-        while True:
-            try:
-                rank, msg = await self.workers.recv()
-            except WorkerLost as exc:
-                self._lost = exc
-                if self._step_result is not None and not self._step_result.done():
-                    self._step_result.set_exception(exc)
-                self._wake.set()
-                return
-            handler = self._handlers.get(type(msg))
-            if handler is None:
-                log.warning("ignoring %s from rank %d", type(msg).__name__, rank)
-            else:
-                handler(msg)
-
-    def _on_step_result(self, msg: StepResult | StepFailed) -> None:
-        future = self._step_result
-        if future is not None and not future.done() and msg.step_id == self._step_id:
-            future.set_result(msg)
-
-    async def _on_worker_lost(self, exc: WorkerLost) -> asyncio.Task:
-        log.error("%s; failing running requests and restarting the workers", exc)
-        self._serving = False
-        failed = self.scheduler.fail_all_running()
-        self._fail([s.req_id for s in failed], EngineError(
-            f"Request failed during generation: the worker died ({exc})"))
-        try:
-            self.ready = await self._recover()
-        except Exception as err:  # noqa: BLE001 - any failure to restart leaves us unavailable
-            log.error("could not restart the workers: %s", err)
-            waiting = list(self.scheduler.waiting)
-            for seq in waiting:
-                self.scheduler.remove_waiting(seq)
-            self._fail([s.req_id for s in waiting], Unavailable(f"no healthy worker: {err}"))
-            raise
-        self.adapters.reset_slots()
-        self._serving = True
-        self._lost = None
-        log.info("workers are back; serving")
-        return self._start_reader()
+    def _deliver(self, req_id: int, event) -> None:
+        queue = self._streams.get(req_id)
+        if queue is not None:
+            queue.put_nowait(event)
 
     def _fail(self, req_ids: list[int], error: Exception) -> None:
         for req_id in req_ids:

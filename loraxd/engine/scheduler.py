@@ -6,11 +6,17 @@ runs, waiting requests join only when there are at least `waiting_served_ratio` 
 running batch of them, or when they have waited `max_waiting_tokens` steps. Every admitted
 sequence reserves pages for its whole length (prompt + max_new_tokens), so a running
 sequence never runs out of KV cache and nothing is ever preempted.
+
+When the workers are replaced, their KV cache is gone: `requeue_running()` puts the running
+sequences back at the head of the queue with what they generated, and once re-admitted they
+are prefilled with prompt + generated tokens and carry on.
 """
 from __future__ import annotations
 
 import math
 import time
+
+import msgspec
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -119,10 +125,10 @@ class Scheduler:
         plan_seqs: dict[int, Sequence] = {}
         new_seqs = []
         for seq in admitted:
-            seq.block_ids = self.blocks.allocate(self.blocks.blocks_for(seq.prompt_len))
-            seq.started = time.monotonic()
-            new_seqs.append(NewSeq(seq.req_id, seq.request.prompt_ids, seq.block_ids,
-                                   seq.request.sampling, seq.adapter_slot))
+            seq.block_ids = self.blocks.allocate(self.blocks.blocks_for(seq.context_len))
+            if seq.started is None:
+                seq.started = time.monotonic()
+            new_seqs.append(_new_seq(seq))
             plan_seqs[seq.req_id] = seq
         decode_ids, new_blocks = [], {}
         for req_id, seq in self.running.items():
@@ -153,14 +159,15 @@ class Scheduler:
             need = self.blocks.blocks_for(seq.max_len)
             if self._reserved_blocks + need > self.blocks.num_blocks:
                 break  # FIFO: the head waits for room rather than being overtaken forever
-            if admitted and prefill_tokens + seq.prompt_len > self.limits.max_batch_prefill_tokens:
+            if admitted and (prefill_tokens + seq.context_len
+                             > self.limits.max_batch_prefill_tokens):
                 break
             slot = self.adapters.acquire(seq)
             if slot is None:
                 continue  # its adapter is still loading; others go ahead
             seq.adapter_slot = slot
             self._reserved_blocks += need
-            prefill_tokens += seq.prompt_len
+            prefill_tokens += seq.context_len
             admitted.append(seq)
             self.remove_waiting(seq)
         if admitted:
@@ -203,14 +210,20 @@ class Scheduler:
             self._retire(seq)
         return failed
 
-    def fail_all_running(self) -> list[Sequence]:
-        """A worker died: its state is gone, so every running request fails."""
-        failed = list(self.running.values())
-        for seq in failed:
+    def requeue_running(self) -> list[Sequence]:
+        """The workers were replaced and their state is gone: every running sequence goes
+        back to the head of the queue, in order, keeping the tokens it generated."""
+        seqs = list(self.running.values())
+        for seq in seqs:
             self._retire(seq, tell_workers=False)
+            seq.num_cached = 0
+            seq.adapter_slot = -1
         self.running.clear()
         self._to_free = []
-        return failed
+        for seq in reversed(seqs):
+            self.waiting.appendleft(seq)
+            self.adapters.enqueue(seq)
+        return seqs
 
     def _retire(self, seq: Sequence, tell_workers: bool = True) -> None:
         self.blocks.free(seq.block_ids)
@@ -225,3 +238,11 @@ class Scheduler:
         first = PromptToken(ids[0], self.decode_one(ids[0]), None)
         return (first,) + tuple(PromptToken(i, self.decode_one(i), lp)
                                 for i, lp in zip(ids[1:], logprobs))
+
+
+def _new_seq(seq: Sequence) -> NewSeq:
+    sampling = seq.request.sampling
+    if seq.output_ids and sampling.prompt_logprobs:  # a resume: the prompt's were sent
+        sampling = msgspec.structs.replace(sampling, prompt_logprobs=False)
+    return NewSeq(seq.req_id, seq.context_ids, seq.block_ids, sampling, seq.adapter_slot,
+                  num_generated=len(seq.output_ids))

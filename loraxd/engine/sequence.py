@@ -34,6 +34,16 @@ class Sequence:
         return len(self.request.prompt_ids)
 
     @property
+    def context_ids(self) -> list[int]:
+        """What a (re)prefill feeds the model: the prompt, then the tokens generated so far
+        (some only when the sequence resumes on a new worker)."""
+        return self.request.prompt_ids + self.output_ids
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+    @property
     def max_len(self) -> int:
         return self.prompt_len + self.request.max_new_tokens
 

@@ -164,11 +164,12 @@ class WorkerList(msgspec.Struct, tag="workers", frozen=True):
 
 class AdapterInfo(msgspec.Struct, frozen=True):
     key: str  # "<source>:<adapter_id>", or a merge recipe
-    status: str  # fetching | fetched | loading | loaded
+    status: str  # fetching | fetched | loading | loaded | quarantined
     slot: int  # -1: in no device slot
     num_running: int
     num_waiting: int
     pinned: bool
+    error: str | None = None  # why it is quarantined
 
 
 class AdapterList(msgspec.Struct, tag="adapters", frozen=True):

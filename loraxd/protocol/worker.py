@@ -77,6 +77,20 @@ class WorkerError(msgspec.Struct, tag=True, frozen=True):
     unsupported: bool = False  # the model or a setting can't be run: a config error
 
 
+class Pong(msgspec.Struct, tag=True, frozen=True):
+    """Answer to Ping: the rank's main loop is alive."""
+
+    rank: int
+    seq: int
+
+
+class FrameRejected(msgspec.Struct, tag=True, frozen=True):
+    """The rank could not decode a frame it was sent; it keeps serving."""
+
+    rank: int
+    message: str
+
+
 class StepFailed(msgspec.Struct, tag=True, frozen=True):
     """A step raised; the worker keeps serving. The named requests must be failed."""
 
@@ -103,13 +117,19 @@ class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
 
 
 class NewSeq(msgspec.Struct, array_like=True, frozen=True):
-    """A sequence to prefill in this step; the worker keeps its state until it finishes."""
+    """A sequence to prefill in this step; the worker keeps its state until it finishes.
+
+    A sequence resumed on a new worker is prefilled with its prompt and the tokens it had
+    generated: `num_generated` says how many of `prompt_ids` are those, so penalties and
+    seeded draws carry on exactly where they were.
+    """
 
     req_id: int
     prompt_ids: list[int]
     block_ids: list[int]  # KV pages that hold the prompt, in order
     sampling: SamplingParams
     adapter_slot: int = -1  # -1: the base model
+    num_generated: int = 0
 
 
 class Step(msgspec.Struct, tag=True, frozen=True):
@@ -148,9 +168,16 @@ class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
     roots: list[str] = []
 
 
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    """Sent while no step runs; every rank answers Pong with the same `seq`."""
+
+    seq: int
+
+
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
-ToWorker = Step | LoadAdapter | Shutdown
-FromWorker = Hello | Ready | StepResult | StepFailed | AdapterLoaded | WorkerError
+ToWorker = Step | LoadAdapter | Ping | Shutdown
+FromWorker = (Hello | Ready | StepResult | StepFailed | AdapterLoaded | Pong | FrameRejected
+              | WorkerError)

@@ -22,8 +22,11 @@ import zmq
 from loraxd.logs import configure as configure_logging
 from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
 from loraxd.protocol.worker import (
+    FrameRejected,
     Hello,
     LoadAdapter,
+    Ping,
+    Pong,
     Ready,
     SeqFailure,
     SeqOutput,
@@ -41,9 +44,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM us when the supervisor dies, so no worker is orphaned."""
+    """Ask the kernel to SIGKILL us when the supervisor dies, so no worker is orphaned: a
+    SIGKILL, because it ends a stopped or hung worker too and its state is worthless alone."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 
@@ -64,7 +68,8 @@ class Worker:
         self.sock = sock
         self.rank = rank
         self.adapters = adapters
-        self.handlers = {Step: self.on_step, LoadAdapter: self.on_load_adapter}
+        self.handlers = {Step: self.on_step, LoadAdapter: self.on_load_adapter,
+                         Ping: self.on_ping}
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -80,7 +85,8 @@ class Worker:
             try:
                 msg = decode_to_worker(self.sock.recv(copy=False).bytes)
             except DecodeError as exc:
-                log.error("dropping an undecodable frame: %s", exc)
+                log.error("rejecting an undecodable frame: %s", exc)
+                self._send(FrameRejected(self.rank, str(exc)))
                 continue
             if isinstance(msg, Shutdown):
                 return
@@ -107,6 +113,9 @@ class Worker:
         for failure in failed:
             log.warning("request %d failed alone: %s", failure.req_id, failure.message)
         return StepResult(step.step_id, outputs, time.perf_counter() - start, failed)
+
+    def on_ping(self, msg: Ping) -> Pong:
+        return Pong(self.rank, msg.seq)
 
     def on_load_adapter(self, msg: LoadAdapter) -> None:
         self.adapters.submit(msg)  # answered by AdapterLoaded once installed

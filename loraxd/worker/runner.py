@@ -178,7 +178,11 @@ class ModelRunner:
             raise ValueError(f"request {seq.req_id}: {len(seq.block_ids)} blocks cannot hold "
                              f"a prompt of {len(seq.prompt_ids)} tokens")
         self._free(seq.req_id)
-        sampling = SeqSampling(seq.sampling, list(seq.prompt_ids), len(seq.prompt_ids))
+        if not 0 <= seq.num_generated < len(seq.prompt_ids):
+            raise ValueError(f"request {seq.req_id}: {seq.num_generated} generated tokens of "
+                             f"{len(seq.prompt_ids)}")
+        sampling = SeqSampling(seq.sampling, list(seq.prompt_ids),
+                               len(seq.prompt_ids) - seq.num_generated)
         state = SeqState(seq.req_id, self.tables.add(seq.block_ids), 0, -1,
                          seq.adapter_slot, sampling)
         self.seqs[seq.req_id] = state

@@ -12,9 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from loraxd.adapters.sources import AdapterSources
+from loraxd.config.tree import WorkerConfig
 from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.request import AdapterError, AdapterRef, FinishEvent, GenerationRequest
-from loraxd.protocol.worker import AdapterLoaded, LoadAdapter, Ready, SeqOutput, StepResult
+from loraxd.protocol.worker import Ready
+from tests.unit.fakes import FakeWorkerSocket
 from tests.unit.test_adapter_sources import FakeHub, cache_adapter, hub, make_adapter  # noqa: F401
 
 SHA = "a" * 40
@@ -27,24 +29,7 @@ class Tokenizer:
         return "".join(chr(i) for i in ids if i)
 
 
-class Workers:
-    """Every step: an 'x' for each sequence; every adapter load succeeds."""
-
-    def __init__(self):
-        self.inbox: asyncio.Queue = asyncio.Queue()
-        self.loads: list[LoadAdapter] = []
-
-    async def broadcast(self, msg):
-        if isinstance(msg, LoadAdapter):
-            self.loads.append(msg)
-            self.inbox.put_nowait((0, AdapterLoaded(msg.slot, msg.adapter_key, None)))
-            return
-        ids = [n.req_id for n in msg.new_seqs] + list(msg.decode_ids)
-        outs = [SeqOutput(i, ord("x"), -0.1) for i in ids]
-        self.inbox.put_nowait((0, StepResult(msg.step_id, outs, 0.0)))
-
-    async def recv(self):
-        return await self.inbox.get()
+Workers = FakeWorkerSocket  # every step: an 'x' per sequence; every adapter load succeeds
 
 
 def config(**adapters):
@@ -57,7 +42,8 @@ def config(**adapters):
         adapters=SimpleNamespace(**{
             "max_active_adapters": 2, "adapter_cycle_time_s": 1.0, "adapter_source": "hub",
             "preloaded_adapter_ids": (), "max_adapter_downloads": 2,
-            "adapter_fetch_timeout_s": 30.0, **adapters}))
+            "adapter_fetch_timeout_s": 30.0, **adapters}),
+        worker=WorkerConfig())
 
 
 async def start_engine(sources, **adapters) -> AsyncEngine:

@@ -7,10 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from loraxd.config.tree import WorkerConfig
 from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent,
                                    ValidationError)
 from loraxd.protocol.worker import Ready, SeqFailure, SeqOutput, StepResult
+from tests.unit.fakes import FakeWorkerSocket, step_ids
 
 BAD_TOKEN = 66  # the fake tokenizer cannot decode it
 
@@ -27,22 +29,21 @@ class FakeTokenizer:
         return [ord(c) for c in text]
 
 
-class FakeWorkers:
+class FakeWorkers(FakeWorkerSocket):
     """Answers each Step with token `next_token[req_id]` (default 'x') for every sequence,
     except that a sequence in `fail_at` fails alone once it has that many tokens."""
 
     def __init__(self):
-        self.inbox: asyncio.Queue = asyncio.Queue()
+        super().__init__()
         self.next_token: dict[int, int] = {}
         self.fail_at: dict[int, tuple[int, SeqFailure]] = {}
         self.num_tokens: dict[int, int] = {}
         self.steps = []
 
-    async def broadcast(self, step):
+    def answer(self, step):
         self.steps.append(step)
-        ids = [n.req_id for n in step.new_seqs] + list(step.decode_ids)
         outs, failed = [], []
-        for i in ids:
+        for i in step_ids(step):
             at, failure = self.fail_at.get(i, (None, None))
             if self.num_tokens.get(i, 0) == at:
                 failed.append(failure)
@@ -50,9 +51,6 @@ class FakeWorkers:
             self.num_tokens[i] = self.num_tokens.get(i, 0) + 1
             outs.append(SeqOutput(i, self.next_token.get(i, ord("x")), -0.1))
         self.inbox.put_nowait((0, StepResult(step.step_id, outs, 0.0, failed)))
-
-    async def recv(self):
-        return await self.inbox.get()
 
 
 def config():
@@ -63,7 +61,8 @@ def config():
                                   max_best_of=2, max_stop_sequences=4, max_input_length=32,
                                   max_total_tokens=64, max_batch_total_tokens=256),
         adapters=SimpleNamespace(max_active_adapters=2, adapter_cycle_time_s=1.0,
-                                 adapter_source="local", preloaded_adapter_ids=()))
+                                 adapter_source="local", preloaded_adapter_ids=()),
+        worker=WorkerConfig())
 
 
 @pytest.fixture

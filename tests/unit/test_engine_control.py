@@ -11,7 +11,8 @@ import pytest
 from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, Unavailable
 from loraxd.logs import JsonFormatter
-from loraxd.protocol.worker import Ready, SeqOutput, StepResult
+from loraxd.protocol.worker import Ready
+from tests.unit.fakes import FakeWorkerSocket
 from tests.unit.test_engine import config
 
 
@@ -25,26 +26,20 @@ class FakeTokenizer:
         return [ord(c) for c in text]
 
 
-class GatedWorkers:
+class GatedWorkers(FakeWorkerSocket):
     """Answers every step with an 'x' per sequence, once `gate` is set (a hung worker
     while it is clear)."""
 
     def __init__(self):
-        self.inbox: asyncio.Queue = asyncio.Queue()
+        super().__init__()
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def broadcast(self, step):
-        ids = [n.req_id for n in step.new_seqs] + list(step.decode_ids)
-
-        async def answer():
+    def answer(self, step):
+        async def later():
             await self.gate.wait()
-            outs = [SeqOutput(i, ord("x"), -0.1) for i in ids]
-            self.inbox.put_nowait((0, StepResult(step.step_id, outs, 0.0)))
-        asyncio.ensure_future(answer())
-
-    async def recv(self):
-        return await self.inbox.get()
+            super(GatedWorkers, self).answer(step)
+        asyncio.ensure_future(later())
 
 
 @pytest.fixture
@@ -101,7 +96,7 @@ async def test_the_heartbeat_goes_stale_while_a_step_waits_for_the_workers(engin
 
 async def test_the_heartbeat_is_infinite_once_the_step_loop_ended(engine):
     engine._task.cancel()
-    await asyncio.sleep(0)
+    await asyncio.gather(engine._task, return_exceptions=True)
     assert engine.stalled_for() == float("inf")
 
 

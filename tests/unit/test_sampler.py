@@ -51,13 +51,32 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(logits):
     shared = sample(batch, seqs_for([params, SamplingParams(do_sample=True, seed=7),
                                      SamplingParams(), params]))
     assert alone.token_ids[0] == shared.token_ids[0] == shared.token_ids[3]
-    # a sequence's generator lives across steps: draw several steps in a row
+    # each draw is seeded by its index in the sequence: draw several steps in a row
     seq_alone = seqs_for([params])
     seq_shared = seqs_for([SamplingParams(do_sample=True, seed=3), params])
-    run_alone = [sample(logits[:1], seq_alone).token_ids[0] for _ in range(20)]
-    run_shared = [sample(batch[2:4], seq_shared).token_ids[1] for _ in range(20)]
+    run_alone = [draw(logits[:1], seq_alone)[0] for _ in range(20)]
+    run_shared = [draw(batch[2:4], seq_shared)[1] for _ in range(20)]
     assert run_alone == run_shared
     assert len(set(run_alone)) > 1  # it does sample
+
+
+def draw(logits, seqs) -> list[int]:
+    """One step as the runner takes it: sample, then each sequence keeps its token."""
+    tokens = sample(logits, seqs).token_ids
+    for seq, token in zip(seqs, tokens):
+        seq.token_ids.append(token)
+    return tokens
+
+
+def test_a_resumed_sequence_draws_what_the_first_one_would_have(logits):
+    """A worker that takes over a sequence gets prompt + generated ids with the prompt's
+    length: its next draws and penalties are the uninterrupted run's."""
+    params = SamplingParams(do_sample=True, temperature=1.5, seed=11, frequency_penalty=0.3)
+    prompt = [1, 2, 3]
+    first = seqs_for([params], prompt)
+    run = [draw(logits[:1], first)[0] for _ in range(12)]
+    resumed = [SeqSampling(params, prompt + run[:5], len(prompt))]
+    assert [draw(logits[:1], resumed)[0] for _ in range(7)] == run[5:]
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(logits):

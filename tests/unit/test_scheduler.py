@@ -193,13 +193,29 @@ def test_a_loading_adapter_does_not_block_others():
     assert [(n.req_id, n.adapter_slot) for n in plan.step.new_seqs] == [(1, 3)]
 
 
-def test_fail_all_running_resets_state():
+def test_requeue_running_resumes_with_prompt_plus_generated_tokens():
+    """The workers were replaced: running sequences go back to the head of the queue with
+    their tokens, their pages are freed, and the next step prefills prompt + generated."""
     s = make_scheduler()
     s.add(make_seq(1, max_new=50))
-    run_step(s, {})
-    failed = s.fail_all_running()
-    assert [q.req_id for q in failed] == [1]
-    assert s.blocks.num_free == s.blocks.num_blocks and s.schedule() is None
+    s.add(make_seq(2, prompt="de", max_new=50))
+    for token in (ord("x"), ord("y")):
+        run_step(s, {1: token, 2: token})
+    s.add(make_seq(3, max_new=5))  # queued behind the running ones
+    resumed = s.requeue_running()
+    assert [q.req_id for q in resumed] == [1, 2]
+    assert s.blocks.num_free == s.blocks.num_blocks and not s.running
+    assert [q.req_id for q in s.waiting] == [1, 2, 3]
+    plan = s.schedule()
+    first = plan.step.new_seqs[0]
+    assert plan.step.finished_ids == []  # the new workers never knew the old sequences
+    assert first.prompt_ids == [ord(c) for c in "abcxy"] and first.num_generated == 2
+    assert [n.req_id for n in plan.step.new_seqs] == [1, 2, 3]
+    events = s.update(plan, StepResult(plan.step.step_id,
+                                       [SeqOutput(i, ord("z"), -0.1) for i in (1, 2, 3)], 0.0))
+    one = [e for i, e in events if i == 1]
+    assert one[0].text == "z" and s.running[1].output.text == "xyz"
+    assert s.running[1].num_cached == len("abcxy")  # the new token's K/V come next step
 
 
 @pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🎉 ok"])

@@ -1,8 +1,9 @@
 """Next-token choice for a batch of sequences, each with its own SamplingParams.
 
 Work is vectorised over the batch; the one per-sequence loop is the draw of the sampled
-rows (each sequence has its own seeded generator, so a seed gives the same tokens whatever
-batch the sequence shares). When every sequence is greedy without penalties, a
+rows. Each draw is seeded from the request's seed and the draw's index in its sequence, so a
+seed gives the same tokens whatever batch the sequence shares, and a sequence resumed on a
+new worker draws exactly what the old one would have. When every sequence is greedy without penalties, a
 fast path does an argmax and a logsumexp and nothing else.
 
 Semantics (transformers / OpenAI / LoRAX):
@@ -30,6 +31,7 @@ import torch
 from loraxd.protocol.worker import SamplingParams
 
 NEG_INF = float("-inf")
+_DRAW_STRIDE = 0x9E3779B97F4A7C15  # spreads the draws of one seed over the 64-bit seed space
 MIN_TEMPERATURE = 1e-6  # the HTTP door refuses tinier ones; this guards every other caller
 
 
@@ -40,18 +42,22 @@ class SeqSampling:
     params: SamplingParams
     token_ids: list[int]  # prompt + generated so far
     prompt_len: int
-    generator: torch.Generator | None = None
     fast: bool = field(init=False)  # plain greedy: argmax of the raw logits
+    _generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
         p = self.params
         self.fast = (not self.is_sampled() and p.repetition_penalty == 1.0
                      and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
-        if self.is_sampled() and self.generator is None:
-            self.generator = torch.Generator().manual_seed(p.seed)
+        self._generator = torch.Generator()
 
     def is_sampled(self) -> bool:
         return self.params.do_sample and self.params.temperature >= MIN_TEMPERATURE
+
+    def draw_generator(self) -> torch.Generator:
+        """The generator of the next draw: seeded from (seed, number of tokens generated)."""
+        draw = len(self.token_ids) - self.prompt_len
+        return self._generator.manual_seed((self.params.seed + draw * _DRAW_STRIDE) % 2**64)
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ def _draw(scores: torch.Tensor, seqs: list[SeqSampling], sampled: list[int],
         warped = typical_filter(warped, [p.typical_p for p in params])
     probs = warped.softmax(-1).cpu()  # the generators are CPU ones, on every device
     drawable = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
-    draws = {i: torch.multinomial(probs[j], 1, generator=seqs[i].generator)
+    draws = {i: torch.multinomial(probs[j], 1, generator=seqs[i].draw_generator())
              for j, i in enumerate(sampled) if drawable[j]}
     if draws:
         tokens[list(draws)] = torch.cat(list(draws.values())).to(tokens.device)
