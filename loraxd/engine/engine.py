@@ -23,8 +23,8 @@ from loraxd.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
 from loraxd.engine.sequence import Sequence
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
-from loraxd.protocol.worker import (AdapterLoaded, AdapterMerge, LoadAdapter, Ready, StepFailed,
-                                    StepResult)
+from loraxd.protocol.worker import (AdapterLoaded, AdapterMerge, LoadAdapter, Ready,
+                                    SetLogLevel, StepFailed, StepResult)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class AsyncEngine:
         self._reader: asyncio.Task | None = None
         self._step_id = -1
         self._lost: WorkerLost | None = None
+        self._worker_log_level: str | None = None  # to send before the next step
         self._handlers = {StepResult: self._on_step_result, StepFailed: self._on_step_result,
                           AdapterLoaded: self._on_adapter_loaded}
         self.num_steps = 0
@@ -125,6 +126,12 @@ class AsyncEngine:
         queue.put_nowait(EngineError("Request failed during generation: cancelled by the "
                                      "operator"))
         return True
+
+    def set_worker_log_level(self, level: str) -> None:
+        """Every rank logs at `level` from the next step on. A restarted rank needs no
+        message: it starts at the supervisor's level, set first (loraxd.logs.set_level)."""
+        self._worker_log_level = level
+        self._wake.set()
 
     def _wake_up(self) -> None:
         self._wake.set()
@@ -284,6 +291,13 @@ class AsyncEngine:
         while True:
             if self._lost is not None:
                 self._reader = await self._on_worker_lost(self._lost)
+                continue
+            if self._worker_log_level is not None:  # between steps, never inside one
+                level, self._worker_log_level = self._worker_log_level, None
+                try:
+                    await self.workers.broadcast(SetLogLevel(level))
+                except WorkerLost as exc:
+                    self._lost = exc
                 continue
             plan = self.scheduler.schedule()
             if plan is None:
