@@ -97,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     command(actions, "show", "every setting in force; changed ones marked pending")
     command(actions, "check", "validate the configuration as a reload would; apply nothing")
 
-    level = command(commands, "log-level", "show or set the daemon's log level (until the "
-                    "next reload)")
+    level = command(commands, "log-level", "show or set the log level of the daemon and its "
+                    "workers (until the next reload)")
     level.add_argument("level", nargs="?", choices=LEVELS, metavar="LEVEL",
                        help="one of " + ", ".join(LEVELS))
     return parser

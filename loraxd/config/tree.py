@@ -89,12 +89,12 @@ class ServerConfig:
         flag="--public-route")
     stream_write_timeout_s: float = _setting(
         30.0, "seconds a stream's written tokens may wait unread before the client is dropped",
-        _POSITIVE)
+        _POSITIVE, reload=True)
     header_read_timeout_s: float = _setting(
         10.0, "seconds a client has to send a request's headers (also the idle keep-alive)",
-        _POSITIVE)
+        _POSITIVE, reload=True)
     body_read_timeout_s: float = _setting(30.0, "seconds a client has to send a request body",
-                                          _POSITIVE)
+                                          _POSITIVE, reload=True)
 
 
 @dataclass(frozen=True)

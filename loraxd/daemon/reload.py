@@ -4,6 +4,7 @@
 the object that reads it. It never awaits, so on the one event loop no request, step or
 command sees half of the old tree and half of the new. The settings are the ones marked
 `reload=True` in loraxd.config.tree; a restart-only setting is never touched here.
+drain_timeout_s is read from the service's tree, which the caller swaps.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from loraxd.engine.adapters import adapter_key
 from loraxd.engine.request import AdapterRef
 from loraxd.engine.scheduler import SchedulerLimits
 from loraxd.http.schemas import Limits
+from loraxd.http.settings import DoorSettings
 from loraxd.logs import set_level
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,10 @@ def apply(new: Config, *, old: Config, engine: Any, frontend: Any, supervisor: A
         _preloads(engine.adapters, old.adapters, adapters)
     frontend.limits = Limits.from_config(new)
     frontend.limiter.max_inflight = sched.max_concurrent_requests
-    supervisor.config = new
+    frontend.settings = DoorSettings.from_config(new)  # the HTTP timeouts, read per request
+    supervisor.config = new  # ready_timeout_s, read at each start of the workers
     set_level(new.server.log_level)
+    engine.set_worker_log_level(new.server.log_level)  # sent to every rank before its next step
 
 
 def _preloads(manager: Any, old: Any, new: Any) -> None:

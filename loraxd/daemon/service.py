@@ -82,7 +82,9 @@ class Service:
         return current_level()
 
     def set_log_level(self, level: str) -> None:
-        set_level(level)
+        """The supervisor's level now, every worker's before its next step."""
+        set_level(level)  # ValueError for an unknown level
+        self.engine.set_worker_log_level(level)
         log.info("log level set to %s", level)
 
     def drain(self) -> None:

@@ -25,7 +25,7 @@ from loraxd.engine.sequence import Sequence
 from loraxd.engine.step_loop import StepLoop
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
-from loraxd.protocol.worker import AdapterMerge, LoadAdapter, Ready
+from loraxd.protocol.worker import AdapterMerge, LoadAdapter, Ready, SetLogLevel
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,11 @@ class AsyncEngine:
         queue.put_nowait(EngineError("Request failed during generation: cancelled by the "
                                      "operator"))
         return True
+
+    def set_worker_log_level(self, level: str) -> None:
+        """Every rank logs at `level` from the next step on. A restarted rank needs no
+        message: it starts at the supervisor's level, set first (loraxd.logs.set_level)."""
+        self.steps.send_between_steps(SetLogLevel(level))
 
     def _wake_up(self) -> None:
         self.steps.wake()

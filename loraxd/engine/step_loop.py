@@ -79,6 +79,7 @@ class StepLoop:
         self.step_started: float | None = None  # the step in flight, if any
         self.ready: Ready | None = None  # the replacement workers' Ready, after a recovery
         self._inbox: asyncio.Queue = asyncio.Queue()
+        self._outbox: dict[type, Any] = {}  # control messages for every rank, between steps
         self._woken = False
         self._pump: asyncio.Task | None = None
         self._pings: dict[int, float] = {}  # Ping seq -> when it went out, until all answer
@@ -86,6 +87,12 @@ class StepLoop:
         self._next_ping = 0
         self._last_ping = 0.0
         self._lost_at: float | None = None
+
+    def send_between_steps(self, msg: Any) -> None:
+        """Broadcast `msg` before the next step (or now, if idle); of several of one kind
+        only the last is sent."""
+        self._outbox[type(msg)] = msg
+        self.wake()
 
     def wake(self) -> None:
         if not self._woken:
@@ -110,6 +117,9 @@ class StepLoop:
 
     async def _serve(self) -> None:
         while True:
+            while self._outbox:
+                _, msg = self._outbox.popitem()
+                await self.workers.broadcast(msg)
             plan = self.scheduler.schedule()
             if plan is None:
                 await self._idle()

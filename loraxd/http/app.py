@@ -19,10 +19,8 @@ from loraxd.http.metrics import MetricsRoutes
 from loraxd.http.native import NativeRoutes
 from loraxd.http.openai import OpenAIRoutes
 from loraxd.http.openapi import OpenAPIRoutes
-from loraxd.http.service import Frontend
-from loraxd.http.settings import SETTINGS_KEY, DoorSettings
+from loraxd.http.service import FRONTEND_KEY, Frontend
 
-FRONTEND_KEY = web.AppKey("frontend", Frontend)
 KEYRING_KEY = web.AppKey("api_keys", KeyRing)
 
 # What an AppRunner / web.run_app serving this app must be given.
@@ -36,10 +34,11 @@ def make_app(engine: Any, config: Any) -> web.Application:
 
     Raises KeysFileError when an API keys file is configured and cannot be used.
     """
-    settings = DoorSettings.from_config(config)
+    frontend = Frontend.from_config(engine, config)
+    settings = frontend.settings  # api_keys_file and public_routes: restart-only
     keys = KeyRing(settings.api_keys_file)
     keys.load()
-    frontend = Frontend.from_config(engine, config, keys_required=keys.enabled)
+    frontend.keys_required = keys.enabled
     heads: dict = {}
     # Outermost first: the head deadline's bookkeeping, CORS preflight, the key check
     # (before any body is read), errors.
@@ -52,14 +51,13 @@ def make_app(engine: Any, config: Any) -> web.Application:
                           middlewares=middlewares)
     app[FRONTEND_KEY] = frontend
     app[KEYRING_KEY] = keys
-    app[SETTINGS_KEY] = settings
     app[HEAD_DEADLINES] = heads
     if origins:
         app.on_response_prepare.append(_cors_headers(origins))
-    NativeRoutes(frontend, config).register(app)
-    OpenAIRoutes(frontend, config).register(app)
+    NativeRoutes(frontend).register(app)
+    OpenAIRoutes(frontend).register(app)
     MetricsRoutes(engine, config.model.model_id).register(app)
-    OpenAPIRoutes(frontend.limits, keys_required=keys.enabled,
+    OpenAPIRoutes(frontend, keys_required=keys.enabled,
                   public_routes=settings.public_routes).register(app)
     return app
 
@@ -70,9 +68,11 @@ def reload(app: web.Application) -> bool:
 
 
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
-    """The runner to serve `app` with: handler cancellation and the request-head deadline."""
-    return DeadlineRunner(app, header_read_timeout_s=app[SETTINGS_KEY].header_read_timeout_s,
-                          **{**RUNNER_KWARGS, **kwargs})
+    """The runner to serve `app` with: handler cancellation and the request-head deadline
+    (the one in force: a reload replaces the frontend's settings)."""
+    frontend = app[FRONTEND_KEY]
+    return DeadlineRunner(app, **{**RUNNER_KWARGS, **kwargs},
+                          header_read_timeout_s=lambda: frontend.settings.header_read_timeout_s)
 
 
 def _allowed_origin(origins: tuple[str, ...], origin: str | None) -> str | None:

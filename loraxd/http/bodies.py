@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from loraxd.http.errors import bad_request, validation_error
-from loraxd.http.settings import SETTINGS_KEY
+from loraxd.http.service import door_settings
 
 
 def dumps(obj: Any) -> str:
@@ -33,7 +33,7 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         raise bad_request(f"expected Content-Type application/json, got {request.content_type}")
     if request.content_length is not None and request.content_length > max_bytes:
         raise bad_request(f"request body is over the size limit of {max_bytes} bytes")
-    settings = request.config_dict.get(SETTINGS_KEY)
+    settings = door_settings(request)  # a reload's timeout applies to the next body
     timeout_s = settings.body_read_timeout_s if settings is not None else None
     try:
         async with asyncio.timeout(timeout_s):  # a body trickled in byte by byte ends here

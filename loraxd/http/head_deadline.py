@@ -5,13 +5,14 @@ response, is closed. An idle keep-alive connection closes after that long too.
 aiohttp has no such deadline of its own, so each connection's aiohttp protocol is wrapped
 (`HeadDeadline`) and the app's outermost middleware tells the wrapper when a request has
 arrived and when it is done (`head_deadline_middleware`). Serve the app through
-`DeadlineRunner` (app.make_runner).
+`DeadlineRunner` (app.make_runner). The timeout is asked for at each arming, so a reload's
+value applies to new connections, and to open ones from their next response on.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -22,9 +23,10 @@ class HeadDeadline(asyncio.Protocol):
     """Forwards everything to aiohttp's protocol for the connection; closes the transport
     when the deadline passes with no request being handled."""
 
-    def __init__(self, inner: Any, timeout_s: float, registry: dict):
+    def __init__(self, inner: Any, timeout_s: Callable[[], float], registry: dict):
         self.inner = inner
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # the setting in force
+        self.armed_s = 0.0  # what the running timer was armed with
         self.registry = registry
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -34,7 +36,8 @@ class HeadDeadline(asyncio.Protocol):
 
     def arm(self) -> None:
         self.disarm()
-        self.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
+        self.armed_s = self.timeout_s()
+        self.timer = asyncio.get_running_loop().call_later(self.armed_s, self._expire)
 
     def disarm(self) -> None:
         if self.timer is not None:
@@ -53,7 +56,7 @@ class HeadDeadline(asyncio.Protocol):
     def _expire(self) -> None:
         self.timer = None
         if self.num_active == 0 and self.transport is not None:
-            log.debug("no request head within %g s; connection closed", self.timeout_s)
+            log.debug("no request head within %g s; connection closed", self.armed_s)
             self.transport.abort()
 
     # -- asyncio.Protocol, forwarded ----------------------------------------------------------
@@ -104,9 +107,10 @@ class DeadlineRunner(web.AppRunner):
     """An AppRunner whose connections get the head deadline, whatever site serves it
     (sites build each connection's protocol from `runner.server`)."""
 
-    def __init__(self, app: web.Application, *, header_read_timeout_s: float, **kwargs: Any):
+    def __init__(self, app: web.Application, *, header_read_timeout_s: Callable[[], float],
+                 **kwargs: Any):
         super().__init__(app, **kwargs)
-        self.header_read_timeout_s = header_read_timeout_s
+        self.header_read_timeout_s = header_read_timeout_s  # asked at each arming
 
     @property
     def server(self) -> Any:

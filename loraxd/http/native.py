@@ -105,9 +105,8 @@ def _ms(seconds: float) -> str:
 
 
 class NativeRoutes:
-    def __init__(self, frontend: Frontend, config: Any):
-        self.fe = frontend
-        self.config = config
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend  # what a reload changes is read from it at each request
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/generate", self.generate)
@@ -248,10 +247,10 @@ class NativeRoutes:
 
     async def info(self, request: web.Request) -> web.Response:
         info = dict(self.fe.engine.info())
-        sched = self.config.scheduler
-        for key in ("max_concurrent_requests", "max_best_of", "max_stop_sequences",
-                    "max_input_length", "max_total_tokens"):
-            info.setdefault(key, getattr(sched, key))
+        limits = self.fe.limits  # the ones in force (a reload replaces them)
+        info.setdefault("max_concurrent_requests", self.fe.limiter.max_inflight)
+        for key in ("max_best_of", "max_stop_sequences", "max_input_length", "max_total_tokens"):
+            info.setdefault(key, getattr(limits, key))
         info.setdefault("model_id", self.fe.model_id)
         info.setdefault("adapter_source", self.fe.limits.default_adapter_source)
         info.setdefault("version", __version__)

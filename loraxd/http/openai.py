@@ -101,9 +101,8 @@ def _openai_errors(handler: Callable) -> Callable:
 
 
 class OpenAIRoutes:
-    def __init__(self, frontend: Frontend, config: Any):
-        self.fe = frontend
-        self.config = config
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend  # what a reload changes is read from it at each request
         self.created = int(time.time())
         self._templates: ChatTemplates | None = None
 

@@ -1,8 +1,8 @@
 """GET /openapi.json and /docs: the API's description, generated from the Structs that hold
 requests (request_types.py) and state responses (response_types.py) by msgspec's JSON Schema
 generation, and the table of operations below. The document describes this daemon: its
-limits (max_best_of, max_input_length, ...) and, with API keys configured, which routes
-need one.
+limits (max_best_of, max_input_length, ...; rebuilt when a reload changes them) and, with
+API keys configured, which routes need one.
 """
 from __future__ import annotations
 
@@ -194,8 +194,21 @@ def build_spec(limits: Limits, *, keys_required: bool, public_routes: tuple[str,
 
 
 class OpenAPIRoutes:
-    def __init__(self, limits: Limits, *, keys_required: bool, public_routes: tuple[str, ...]):
-        self.spec = build_spec(limits, keys_required=keys_required, public_routes=public_routes)
+    def __init__(self, frontend: Any, *, keys_required: bool, public_routes: tuple[str, ...]):
+        self.frontend = frontend  # loraxd.http.service.Frontend: the limits in force
+        self.keys_required = keys_required
+        self.public_routes = public_routes
+        self._limits: Limits | None = None
+        self._spec: dict = {}
+
+    @property
+    def spec(self) -> dict:
+        limits = self.frontend.limits
+        if limits != self._limits:
+            self._spec = build_spec(limits, keys_required=self.keys_required,
+                                    public_routes=self.public_routes)
+            self._limits = limits
+        return self._spec
 
     def register(self, app: web.Application) -> None:
         app.router.add_get("/openapi.json", self.openapi)

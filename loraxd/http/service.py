@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator
 
 import msgspec
+from aiohttp import web
 
 from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent)
 from loraxd.http.errors import overloaded, validation_error
@@ -45,6 +46,9 @@ class InflightLimiter:
 
 @dataclass
 class Frontend:
+    """What the routes share. A reload (loraxd.daemon.reload) replaces `limits` and
+    `settings` and sets the limiter's maximum; readers look them up at each use."""
+
     engine: Any  # AsyncEngine
     limits: Limits
     limiter: InflightLimiter
@@ -64,6 +68,15 @@ class Frontend:
     def hub_token_fallback(self, authorization: str | None) -> str | None:
         """The Bearer token as the hub token (LoRAX's habit), only when it is not an API key."""
         return None if self.keys_required else bearer_token(authorization)
+
+
+FRONTEND_KEY = web.AppKey("frontend", Frontend)
+
+
+def door_settings(request: web.Request) -> DoorSettings | None:
+    """The door's settings in force for this request; None for an app without a Frontend."""
+    frontend = request.config_dict.get(FRONTEND_KEY)
+    return frontend.settings if frontend is not None else None
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
 """The HTTP door's settings (the [server] keys it reads), with the tree's defaults.
 
 Read through one place so that a partial config (the HTTP tests build only the sections
-they use) gets ServerConfig's defaults for the keys it leaves out.
+they use) gets ServerConfig's defaults for the keys it leaves out. The snapshot in force is
+`Frontend.settings`, which a reload replaces whole; readers look it up for each request or
+connection and never keep it (see `door_settings` in service.py).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
 
 from loraxd.config.tree import ServerConfig
 
@@ -30,5 +30,3 @@ class DoorSettings:
         return cls(**{f.name: getattr(server, f.name, _DEFAULTS[f.name])
                       for f in dataclasses.fields(cls)})
 
-
-SETTINGS_KEY = web.AppKey("door_settings", DoorSettings)

@@ -19,7 +19,7 @@ from typing import Any, Coroutine, Mapping
 from aiohttp import web
 
 from loraxd.http.bodies import dumps
-from loraxd.http.settings import SETTINGS_KEY
+from loraxd.http.service import door_settings
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ async def open_stream(request: web.Request,
         "X-Accel-Buffering": "no",  # no proxy buffering in front of a token stream
         **(headers or {}),
     })
-    settings = request.config_dict.get(SETTINGS_KEY)
+    settings = door_settings(request)  # a reload's timeout applies to the next stream
     if settings is not None:
         _shrink_send_buffer(request.transport)
         response.watch = WriteWatch(request.transport, settings.stream_write_timeout_s)

@@ -6,6 +6,8 @@ prompt travels once, in `NewSeq`; after that a `Step` only names what changed.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 # -- worker -> scheduler -------------------------------------------------------------------
@@ -174,10 +176,19 @@ class Ping(msgspec.Struct, tag=True, frozen=True):
     seq: int
 
 
+class SetLogLevel(msgspec.Struct, tag=True, frozen=True):
+    """Write log lines of `level` and above from now on (loraxctl log-level, a reload).
+
+    The level is checked when the frame is decoded: any other name is an undecodable frame.
+    """
+
+    level: Literal["debug", "info", "warning", "error"]  # loraxd.logs.LEVELS
+
+
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
-ToWorker = Step | LoadAdapter | Ping | Shutdown
+ToWorker = Step | LoadAdapter | Ping | SetLogLevel | Shutdown
 FromWorker = (Hello | Ready | StepResult | StepFailed | AdapterLoaded | Pong | FrameRejected
               | WorkerError)

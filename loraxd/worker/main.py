@@ -3,7 +3,8 @@
 --options JSON`; it never forks from the event-loop process.
 
 Life: title, signals, connect, Hello, load the model, Ready, then answer messages until
-Shutdown or until the supervisor goes away.
+Shutdown or until the supervisor goes away. Messages are handled one at a time, so a
+SetLogLevel takes effect between two steps.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import traceback
 import zmq
 
 from loraxd.logs import configure as configure_logging
+from loraxd.logs import set_level
 from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
 from loraxd.protocol.worker import (
     FrameRejected,
@@ -30,6 +32,7 @@ from loraxd.protocol.worker import (
     Ready,
     SeqFailure,
     SeqOutput,
+    SetLogLevel,
     Shutdown,
     Step,
     StepFailed,
@@ -69,7 +72,7 @@ class Worker:
         self.rank = rank
         self.adapters = adapters
         self.handlers = {Step: self.on_step, LoadAdapter: self.on_load_adapter,
-                         Ping: self.on_ping}
+                         Ping: self.on_ping, SetLogLevel: self.on_set_log_level}
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -112,13 +115,20 @@ class Worker:
         failed = [r for r in results if isinstance(r, SeqFailure)]
         for failure in failed:
             log.warning("request %d failed alone: %s", failure.req_id, failure.message)
-        return StepResult(step.step_id, outputs, time.perf_counter() - start, failed)
+        elapsed = time.perf_counter() - start
+        log.debug("step %d: %d prefilled, %d decoded, %d failed in %.1f ms", step.step_id,
+                  len(step.new_seqs), len(step.decode_ids), len(failed), 1000 * elapsed)
+        return StepResult(step.step_id, outputs, elapsed, failed)
 
     def on_ping(self, msg: Ping) -> Pong:
         return Pong(self.rank, msg.seq)
 
     def on_load_adapter(self, msg: LoadAdapter) -> None:
         self.adapters.submit(msg)  # answered by AdapterLoaded once installed
+
+    def on_set_log_level(self, msg: SetLogLevel) -> None:
+        set_level(msg.level)
+        log.info("log level set to %s", msg.level)
 
 
 def adapter_limits(options: dict):

@@ -1,11 +1,14 @@
 """The daemon as a service, live on the default model: every loraxctl command and exit code,
-reload (file, SIGHUP) with a valid and an invalid file, drain and resume, a stop that
-drains a running stream to its end, and JSON log lines from the supervisor and the worker."""
+reload (file, SIGHUP) with a valid and an invalid file, a reloaded HTTP timeout, the log
+level reaching the worker, drain and resume, a stop that drains a running stream to its
+end, and JSON log lines from the supervisor and the worker."""
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -242,6 +245,58 @@ def test_sighup_reloads(daemon):
         time.sleep(0.2)
     assert ctl(daemon, "log-level", "debug")[:2] == (0, "debug\n")
     assert ctl(daemon, "log-level", "info")[:2] == (0, "info\n")
+
+
+def cut_off_within(daemon, seconds: float) -> bool:
+    """Whether a request head trickled one byte per 100 ms is cut off within `seconds`."""
+    deadline = time.monotonic() + seconds
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            if time.monotonic() > deadline:
+                return False
+            try:
+                sock.sendall(bytes([byte]))
+                if select.select([sock], [], [], 0.1)[0] and not sock.recv(1024):
+                    return True
+            except (BrokenPipeError, ConnectionResetError):
+                return True
+    return False
+
+
+def test_a_reload_shortens_the_head_deadline_of_a_live_daemon(daemon):
+    path = daemon.config_path
+    good = path.read_text()
+    assert not cut_off_within(daemon, 2.0)  # the default: 10 s
+    try:
+        path.write_text(good + "\n[server]\nheader_read_timeout_s = 0.5\n")
+        code, data = ctl_json(daemon, "reload")
+        assert code == 0 and data["applied"] == [
+            {"key": "server.header_read_timeout_s", "old": 10.0, "new": 0.5}]
+        assert cut_off_within(daemon, 5.0)
+        assert generate(daemon).status_code == 200  # a client that sends its head is served
+    finally:
+        path.write_text(good)
+        assert ctl(daemon, "reload")[0] == 0
+    assert not cut_off_within(daemon, 2.0)
+
+
+def test_the_log_level_reaches_the_worker(daemon):
+    def worker_step_lines(offset: int) -> list[bytes]:
+        return [line for line in daemon.log_path.read_bytes()[offset:].splitlines()
+                if b" worker0 DEBUG loraxd.worker: step " in line]
+    offset = daemon.log_path.stat().st_size
+    assert generate(daemon).status_code == 200
+    assert worker_step_lines(offset) == []  # info: no step lines
+    assert ctl(daemon, "log-level", "debug")[:2] == (0, "debug\n")
+    try:
+        offset = daemon.log_path.stat().st_size
+        assert generate(daemon).status_code == 200  # the worker logs a step before answering
+        assert worker_step_lines(offset), daemon.log()
+    finally:
+        assert ctl(daemon, "log-level", "info")[:2] == (0, "info\n")
+    offset = daemon.log_path.stat().st_size
+    assert generate(daemon).status_code == 200
+    assert worker_step_lines(offset) == []
 
 
 def test_exit_codes_of_usage_and_of_an_unreachable_daemon(daemon, tmp_path):

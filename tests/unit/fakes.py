@@ -1,8 +1,8 @@
 """A fake worker socket for engine tests: no processes, no torch.
 
 It answers as one rank would: a Pong to each Ping, AdapterLoaded to each LoadAdapter, and
-to each Step whatever `answer(step)` returns (put in the inbox, or nothing for a hung
-worker)."""
+to each Step what `answer(step)` puts in the inbox (nothing, for a hung worker). `sent`
+keeps every message but the pings, in order."""
 from __future__ import annotations
 
 import asyncio
@@ -18,15 +18,18 @@ class FakeWorkerSocket:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.loads: list[LoadAdapter] = []
         self.pings = 0
+        self.sent: list = []
 
     async def broadcast(self, msg):
         if isinstance(msg, Ping):
             self.pings += 1
             self.inbox.put_nowait((0, Pong(0, msg.seq)))
-        elif isinstance(msg, LoadAdapter):
+            return
+        self.sent.append(msg)
+        if isinstance(msg, LoadAdapter):
             self.loads.append(msg)
             self.inbox.put_nowait((0, AdapterLoaded(msg.slot, msg.adapter_key, None)))
-        else:
+        elif isinstance(msg, Step):
             self.answer(msg)
 
     def answer(self, step: Step) -> None:

@@ -2,14 +2,16 @@ import pytest
 
 from loraxd.protocol.codec import (PROTOCOL_VERSION, DecodeError, decode_from_worker,
                                    decode_to_worker, encode)
+from loraxd.logs import LEVELS
 from loraxd.protocol.worker import (Hello, LoadAdapter, NewSeq, Ready, SamplingParams,
-                                    SeqOutput, Shutdown, Step, StepResult)
+                                    SeqOutput, SetLogLevel, Shutdown, Step, StepResult)
 
 
 @pytest.mark.parametrize("msg", [
     Step(3, [NewSeq(7, [1, 2, 3], [0, 1], SamplingParams(do_sample=True, seed=2**64 - 1), 2)],
          [4, 5], {4: [9]}, [1]),
     LoadAdapter(1, "local:a", "/x"),
+    *(SetLogLevel(level) for level in LEVELS),
     Shutdown(),
 ])
 def test_to_worker_round_trip(msg):
@@ -30,3 +32,9 @@ def test_direction_and_garbage_are_refused():
         decode_to_worker(encode(Hello(PROTOCOL_VERSION, 0, 1, 1)))
     with pytest.raises(DecodeError):
         decode_from_worker(b"\xc1garbage")
+
+
+def test_a_log_level_the_workers_do_not_know_is_undecodable():
+    for level in ("verbose", "DEBUG", ""):
+        with pytest.raises(DecodeError, match="level"):
+            decode_to_worker(encode(SetLogLevel(level)))

@@ -1,5 +1,5 @@
 """What the service asks of the engine: drain and resume, cancel, the heartbeat, the request
-log lines. A fake worker socket that can hold its answers stands in for a hung worker."""
+log lines, the workers' log level. A fake worker socket that can hold its answers stands in for a hung worker."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ import pytest
 from loraxd.engine.engine import AsyncEngine
 from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, Unavailable
 from loraxd.logs import JsonFormatter
-from loraxd.protocol.worker import Ready
+from loraxd.protocol.worker import Ready, SetLogLevel, Step
 from tests.unit.fakes import FakeWorkerSocket
 from tests.unit.test_engine import config
 
@@ -125,3 +125,21 @@ async def test_one_log_line_per_request_with_its_id_and_none_for_probes(engine, 
     assert lines[0].getMessage().startswith(f"request {lines[0].request_id} finished (length)")
     entry = json.loads(JsonFormatter("loraxd").format(lines[0]))
     assert entry["request_id"] == lines[0].request_id and entry["level"] == "info"
+
+
+async def test_a_log_level_goes_to_the_workers_between_two_steps(engine):
+    sent = engine.workers.sent
+    engine.set_worker_log_level("debug")  # idle: sent at once
+    await asyncio.sleep(0.01)
+    assert sent == [SetLogLevel("debug")]
+    engine.workers.gate.clear()
+    running = asyncio.ensure_future(run(engine, request(3)))
+    await asyncio.sleep(0.05)
+    engine.set_worker_log_level("warning")
+    engine.set_worker_log_level("info")  # only the last one counts
+    await asyncio.sleep(0.05)
+    assert [type(m) for m in sent] == [SetLogLevel, Step]  # never while a step is out
+    engine.workers.gate.set()
+    assert isinstance((await running)[-1], FinishEvent)
+    assert sent[2] == SetLogLevel("info") and len(sent) > 3
+    assert all(isinstance(m, Step) for m in sent[3:])

@@ -4,6 +4,7 @@ documented shape (against the fake engine here; tests/integration against the da
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import threading
@@ -17,7 +18,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, positive_
 from openapi_spec_validator import validate
 
 from loraxd.http import request_types
-from loraxd.http.app import make_app, make_runner
+from loraxd.http.app import FRONTEND_KEY, make_app, make_runner
 from tests.unit.test_http_auth import KEY_A, write_keys
 from tests.unit.test_http_native import make_config
 from tests.unit.test_http_native import serve  # noqa: F401 - the fixture, shared
@@ -49,6 +50,25 @@ async def test_the_document_is_valid_and_names_every_route(serve):  # noqa: F811
         assert "security" not in op  # no keys configured
     errors = spec["paths"]["/generate"]["post"]["responses"]
     assert {"200", "400", "403", "422", "424", "429", "500", "503"} <= set(errors)
+
+
+async def test_the_document_and_info_follow_a_reload_of_the_limits(serve):  # noqa: F811
+    client, _ = await serve()
+    frontend = client.server.app[FRONTEND_KEY]
+
+    async def best_of_maximum() -> int:
+        params = (await (await client.get("/openapi.json")).json())[
+            "components"]["schemas"]["Parameters"]["properties"]
+        return next(b for b in params["best_of"]["anyOf"] if b.get("type") == "integer")[
+            "maximum"]
+    assert await best_of_maximum() == 4
+    # what loraxd.daemon.reload.apply does to the frontend
+    frontend.limits = dataclasses.replace(frontend.limits, max_best_of=2, max_input_length=9)
+    frontend.limiter.max_inflight = 5
+    assert await best_of_maximum() == 2
+    info = await (await client.get("/info")).json()
+    assert (info["max_best_of"], info["max_input_length"], info["max_concurrent_requests"]) == (
+        2, 9, 5)
 
 
 async def test_with_keys_the_document_says_which_routes_need_one(serve, tmp_path):  # noqa: F811

@@ -1,9 +1,11 @@
 """Slow and greedy clients, through the runner the daemon serves with (make_runner): a
 client that stops reading a stream is dropped after the write timeout; a request head
-trickled byte by byte (slowloris) is cut off at the head deadline."""
+trickled byte by byte (slowloris) is cut off at the head deadline; a reload's new timeouts
+apply to the next connection and request."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -11,7 +13,7 @@ import time
 import pytest
 from aiohttp import web
 
-from loraxd.http.app import make_app, make_runner
+from loraxd.http.app import FRONTEND_KEY, make_app, make_runner
 from tests.unit.test_http_native import PROMPT, FakeEngine, make_config
 
 
@@ -27,6 +29,7 @@ async def served():
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         runners.append(runner)
+        start.frontend = app[FRONTEND_KEY]
         return runner.addresses[0][1]
 
     yield start
@@ -149,4 +152,55 @@ async def test_the_head_deadline_spares_requests_and_closes_idle_keepalive(serve
     assert b'"generated_text":"Hello world"' in received
     idle = await closed_by_server(sock, 3)  # then idle on keep-alive: closed at the deadline
     assert 0.2 < idle < 1.5
+    sock.close()
+
+
+async def slowloris(port: int, within: float) -> bool:
+    """Whether a head trickled one byte per 50 ms is cut off within `within` seconds."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    start = time.monotonic()
+    try:
+        for byte in b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            try:
+                await loop.sock_sendall(sock, bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                return True
+            await asyncio.sleep(0.05)
+            if time.monotonic() - start > within:
+                return False
+        return False
+    finally:
+        sock.close()
+
+
+async def test_a_reload_shortens_the_timeouts_of_the_next_connections(served):
+    """What loraxd.daemon.reload.apply does: the frontend's settings replaced whole."""
+    engine = CountingEngine()
+    port = await served(engine, header_read_timeout_s=30.0, stream_write_timeout_s=30.0,
+                        body_read_timeout_s=30.0)
+    assert not await slowloris(port, within=1.5)  # 30 s: still sending
+    frontend = served.frontend
+    frontend.settings = dataclasses.replace(frontend.settings, header_read_timeout_s=0.5,
+                                            stream_write_timeout_s=0.5, body_read_timeout_s=0.3)
+    assert await slowloris(port, within=2.5)
+
+    body = json.dumps({"inputs": PROMPT}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    writer.close()
+
+    sock = tiny_client(port)
+    sock.sendall(request_bytes("/generate_stream", {"inputs": PROMPT,
+                                                    "parameters": {"max_new_tokens": 5000}}))
+    async with asyncio.timeout(10):  # never read: dropped after 0.5 s, not 30 s
+        while not engine.closed:
+            await asyncio.sleep(0.05)
+    assert engine.num_tokens < 2500
     sock.close()
