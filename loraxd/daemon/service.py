@@ -202,7 +202,8 @@ class Service:
         ready = await self.supervisor.start()
         self.engine = AsyncEngine(config, tokenizer, workers, ready,
                                   recover=self.supervisor.restart,
-                                  sources=adapter_sources(config))
+                                  sources=adapter_sources(config),
+                                  ranks=self.supervisor.rank_summaries)
         self.engine.start()
         parts["engine"] = self.engine
         notify.status("the workers answered; checking that they generate")

@@ -17,6 +17,7 @@ from loraxd.engine.adapter_fetch import AdapterFetcher
 from loraxd.engine.adapters import AdapterManager, adapter_key
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.rank_replies import AdapterReplies
 from loraxd.engine.request import (AdapterError, AdapterRef, EngineError, FinishEvent,
                                    GenerationRequest, MergedAdapters, TokenEvent, Unavailable)
 from loraxd.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
@@ -35,7 +36,8 @@ _HEALTH_PROBE_TIMEOUT_S = 30.0
 
 class AsyncEngine:
     def __init__(self, config, tokenizer: Tokenizer, workers: WorkerClient, ready: Ready,
-                 recover: Callable[[], Awaitable[Ready]], sources=None):
+                 recover: Callable[[], Awaitable[Ready]], sources=None,
+                 ranks: Callable[[], list[dict]] | None = None):
         self.config = config
         self.model_id = config.model.model_id
         self.tokenizer = tokenizer
@@ -43,6 +45,8 @@ class AsyncEngine:
         self.ready = ready
         self._recover = recover
         self.sources = sources  # loraxd.adapters.sources.AdapterSources, or None: base only
+        self._ranks = ranks  # each rank's device and memory, for /info
+        self._adapter_replies = AdapterReplies(config.model.num_shard)
         self.adapters = AdapterManager(
             num_slots=config.adapters.max_active_adapters,
             cycle_time_s=config.adapters.adapter_cycle_time_s,
@@ -222,6 +226,7 @@ class AsyncEngine:
             "sha": None,
             "docker_label": None,
             "request_logger_url": None,
+            "ranks": self._ranks() if self._ranks is not None else [],
         }
 
     def stats(self) -> dict:
@@ -267,7 +272,9 @@ class AsyncEngine:
             self.adapters.on_loaded(slot, entry.key, f"the workers are restarting ({exc})")
 
     def _on_adapter_loaded(self, msg: AdapterLoaded) -> None:
-        self.adapters.on_loaded(msg.slot, msg.adapter_key, msg.error)
+        joined = self._adapter_replies.add(msg)  # loaded once every rank holds its part
+        if joined is not None:
+            self.adapters.on_loaded(joined.slot, joined.adapter_key, joined.error)
 
     def _adapter_failed(self, key: str, error: str) -> None:
         doomed = [s for s in self.scheduler.waiting if s.request.adapter_spec is not None
@@ -365,6 +372,7 @@ class AsyncEngine:
             self._fail([s.req_id for s in waiting], Unavailable(f"no healthy worker: {err}"))
             raise
         self.adapters.reset_slots()
+        self._adapter_replies.reset()
         self._serving = True
         self._lost = None
         log.info("workers are back; serving")
