@@ -197,7 +197,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, typing.Any]]) -> Config:
-        """The inverse of `to_dict`, validated like a TOML file (workers rebuild it so)."""
+        """The inverse of `to_dict`, validated like a TOML file (a reload checks so)."""
         from loraxd.config.loader import config_from_tables
         return config_from_tables(data)
 
