@@ -217,7 +217,8 @@ class CausalLM:
         biases = [linear.bias for layer in self.layers for linear in layer.linears()
                   if linear.bias is not None]  # row-parallel biases added after the sum
         weight = self.embed_tokens.weight
-        return (sum(k.num_bytes for k in kernels) + self.lm_head.num_bytes
+        shared = self.lm_head.kernel.weight is weight  # tied and unpacked: one tensor
+        return (sum(k.num_bytes for k in kernels) + (0 if shared else self.lm_head.num_bytes)
                 + sum(b.numel() * b.element_size() for b in biases)
                 + weight.numel() * weight.element_size())
 
