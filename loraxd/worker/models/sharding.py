@@ -56,9 +56,9 @@ class ModelShard:
     def lora_parts(self) -> dict[str, tuple[str, slice]]:
         """Module -> ("out", rows of B) for column-parallel modules, ("in", columns of A)
         for row-parallel ones: the part of each adapter tensor this rank keeps."""
-        q, kv = self.arch.num_heads * self.arch.head_dim, self.arch.num_kv_heads * self.arch.head_dim
-        part = self.shard.part
-        i = self.arch.intermediate_size
+        arch, part = self.arch, self.shard.part
+        q, kv, i = (arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim,
+                    arch.intermediate_size)
         return {"q_proj": ("out", part(q)), "k_proj": ("out", part(kv, self.kv_replicas)),
                 "v_proj": ("out", part(kv, self.kv_replicas)), "o_proj": ("in", part(q)),
                 "gate_proj": ("out", part(i)), "up_proj": ("out", part(i)),
