@@ -205,7 +205,7 @@ class AsyncEngine:
             "model_id": self.model_id,
             "model_sha": None,
             "model_dtype": self.ready.dtype,
-            "model_device_type": self.ready.device,
+            "model_device_type": self.ready.device.partition(":")[0],  # "cuda", not "cuda:0"
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": c.scheduler.max_concurrent_requests,
             "max_best_of": c.scheduler.max_best_of,
