@@ -65,10 +65,20 @@ def version(r: Version, client_version: str) -> str:
 
 
 def workers(r: WorkerList) -> str:
-    return table(("RANK", "PID", "DEVICE", "STATE", "MEMORY", "UPTIME", "RESTARTS"),
+    """MEMORY: the process's resident memory; WEIGHTS and KV: the rank's shard of each;
+    GPU: free/total memory of its GPU when it became ready."""
+    def maybe(n: int) -> str:
+        return size(n) if n else "-"
+
+    def device_free(w) -> str:
+        total = w.device_total_bytes
+        return f"{size(w.device_free_bytes)}/{size(total)}" if total else "-"
+
+    return table(("RANK", "PID", "DEVICE", "STATE", "MEMORY", "WEIGHTS", "KV", "GPU",
+                  "UPTIME", "RESTARTS"),
                  [(str(w.rank), "-" if w.pid is None else str(w.pid), w.device or "-",
-                   w.state, size(w.rss_bytes) if w.rss_bytes else "-", duration(w.uptime_s),
-                   str(w.restarts)) for w in r.workers])
+                   w.state, maybe(w.rss_bytes), maybe(w.weight_bytes), maybe(w.kv_cache_bytes),
+                   device_free(w), duration(w.uptime_s), str(w.restarts)) for w in r.workers])
 
 
 def adapters(r: AdapterList) -> str:

@@ -36,9 +36,8 @@ _POSITIVE_INT = _rule(lambda v: v > 0, "must be a positive integer")
 _POSITIVE = _rule(lambda v: v > 0, "must be greater than 0")
 _NON_NEGATIVE = _rule(lambda v: v >= 0, "must not be negative")
 _PORT = _rule(lambda v: 1 <= v <= 65535, "must be between 1 and 65535")
-# more than one shard would start whole replicas, not a sharded model: refused until it is real
-_ONE_SHARD: Rule = lambda v: _POSITIVE_INT(v) or (  # noqa: E731
-    None if v == 1 else "tensor parallelism is not implemented yet; only 1 is supported")
+_PORT_OR_ZERO = _rule(lambda v: 0 <= v <= 65535, "must be between 0 (pick a free one) and "
+                      "65535")
 _NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
 _NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
 _ROUTES = _rule(lambda v: all(i.startswith("/") for i in v),
@@ -63,8 +62,13 @@ class ModelConfig:
     dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, "
                           "else float32", choices=DTYPES)
     device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
-    num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each; only 1 "
-                              "until tensor parallelism lands", _ONE_SHARD)
+    num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each (rank i "
+                              "on GPU i); each holds 1/num_shard of the weights and KV cache",
+                              _POSITIVE_INT)
+    master_addr: str = _setting("127.0.0.1", "address where the tensor-parallel ranks meet "
+                                "(rank 0 listens there); used when num_shard > 1", _NON_EMPTY)
+    master_port: int = _setting(0, "TCP port where the tensor-parallel ranks meet; 0: a free "
+                                "port picked at each start", _PORT_OR_ZERO)
     huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's")
 
 
@@ -212,7 +216,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, typing.Any]]) -> Config:
-        """The inverse of `to_dict`, validated like a TOML file (workers rebuild it so)."""
+        """The inverse of `to_dict`, validated like a TOML file (a reload checks so)."""
         from loraxd.config.loader import config_from_tables
         return config_from_tables(data)
 

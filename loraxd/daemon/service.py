@@ -209,7 +209,8 @@ class Service:
         ready = await self.supervisor.start()
         self.engine = AsyncEngine(config, tokenizer, workers, ready,
                                   recover=self.supervisor.replace,
-                                  sources=adapter_sources(config))
+                                  sources=adapter_sources(config),
+                                  ranks=self.supervisor.rank_summaries)
         self.engine.start()
         self.engine.when_ended(self._on_engine_ended)
         parts["engine"] = self.engine

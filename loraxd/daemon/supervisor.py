@@ -13,8 +13,8 @@ RestartBudgetSpent, and the daemon exits 1 so that its own supervisor starts it 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import socket
 import sys
 import time
 from collections import deque
@@ -24,7 +24,8 @@ from loraxd.daemon.notify import child_environment
 from loraxd.daemon.proc import process_state, rss_bytes
 from loraxd.engine.worker_client import ModelUnsupported, WorkerClient
 from loraxd.logs import current_level
-from loraxd.protocol.worker import Ready, Shutdown
+from loraxd.protocol.codec import encode_options
+from loraxd.protocol.worker import Ready, Shutdown, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ class RankInfo:
     rss_bytes: int
     uptime_s: float
     restarts: int
+    weight_bytes: int = 0  # this rank's shard, once ready
+    kv_cache_bytes: int = 0
+    device_total_bytes: int = 0  # CUDA only
+    device_free_bytes: int = 0
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (the rendezvous of a new group)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class Supervisor:
@@ -69,17 +81,19 @@ class Supervisor:
 
     def _options(self) -> str:
         c = self.config
-        return json.dumps({
-            "dtype": c.model.dtype, "device": c.model.device,
-            "block_size": c.scheduler.block_size,
-            "max_batch_total_tokens": c.scheduler.max_batch_total_tokens,
-            "num_threads": c.worker.num_threads,
-            "max_active_adapters": c.adapters.max_active_adapters,
-            "adapter_memory_bytes": c.adapters.adapter_memory_bytes,
-            "max_lora_rank": c.adapters.max_lora_rank,
-            "max_adapter_bytes": c.adapters.max_adapter_bytes,
-            "log_level": current_level(), "json_output": c.server.json_output,
-        })
+        port = c.model.master_port
+        if self.world_size > 1 and port == 0:  # a fresh port per group: no stale rendezvous
+            port = free_port(c.model.master_addr)
+        return encode_options(WorkerOptions(
+            dtype=c.model.dtype, device=c.model.device, block_size=c.scheduler.block_size,
+            max_batch_total_tokens=c.scheduler.max_batch_total_tokens,
+            num_threads=c.worker.num_threads,
+            max_active_adapters=c.adapters.max_active_adapters,
+            adapter_memory_bytes=c.adapters.adapter_memory_bytes,
+            max_lora_rank=c.adapters.max_lora_rank,
+            max_adapter_bytes=c.adapters.max_adapter_bytes,
+            master_addr=c.model.master_addr, master_port=port,
+            log_level=current_level(), json_output=c.server.json_output))
 
     async def start(self) -> Ready:
         """Spawn every rank and wait for their Ready while checking they stay alive."""
@@ -184,11 +198,23 @@ class Supervisor:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p.returncode is None]
 
+    def rank_summaries(self) -> list[dict]:
+        """/info's view of each rank: where it runs and the memory it holds."""
+        return [{"rank": r.rank, "device": r.device, "state": r.state,
+                 "weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
+                 "rss_bytes": r.rss_bytes, "device_total_bytes": r.device_total_bytes,
+                 "device_free_bytes": r.device_free_bytes} for r in self.ranks()]
+
     def ranks(self) -> list[RankInfo]:
         uptime = round(time.monotonic() - self._started_at, 3) if self._procs else 0.0
-        device = self.ready.device if self.ready is not None else ""
         out = []
         for rank in range(self.world_size):
+            ready = self.workers.ready_ranks.get(rank) if self.ready is not None else None
+            memory = {} if ready is None else dict(
+                weight_bytes=ready.weight_bytes, kv_cache_bytes=ready.kv_cache_bytes,
+                device_total_bytes=ready.device_total_bytes,
+                device_free_bytes=ready.device_free_bytes)
+            device = "" if ready is None else ready.device
             proc = self._procs[rank] if rank < len(self._procs) else None
             if proc is None or proc.returncode is not None:
                 out.append(RankInfo(rank, None, device, "exited", 0, 0.0, self._restarts))
@@ -197,5 +223,5 @@ class Supervisor:
             if state == "running":
                 state = "ready" if self.ready is not None else "starting"
             out.append(RankInfo(rank, proc.pid, device, state, rss_bytes(proc.pid), uptime,
-                                self._restarts))
+                                self._restarts, **memory))
         return out

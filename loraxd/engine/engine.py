@@ -18,6 +18,7 @@ from loraxd.engine.adapter_fetch import AdapterFetcher
 from loraxd.engine.adapters import AdapterManager, adapter_key
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
+from loraxd.engine.rank_replies import AdapterReplies
 from loraxd.engine.request import (AdapterError, AdapterRef, EngineError, FinishEvent,
                                    GenerationRequest, MergedAdapters, TokenEvent, Unavailable)
 from loraxd.engine.scheduler import Scheduler, SchedulerLimits
@@ -25,7 +26,8 @@ from loraxd.engine.sequence import Sequence
 from loraxd.engine.step_loop import StepLoop
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient, WorkerLost
-from loraxd.protocol.worker import AdapterMerge, LoadAdapter, Ready, SetLogLevel
+from loraxd.protocol.worker import (AdapterLoaded, AdapterMerge, LoadAdapter, Ready,
+                                    SetLogLevel)
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,16 @@ _HEALTH_PROBE_TIMEOUT_S = 30.0
 
 class AsyncEngine:
     def __init__(self, config, tokenizer: Tokenizer, workers: WorkerClient, ready: Ready,
-                 recover: Callable[[], Awaitable[Ready]], sources=None):
+                 recover: Callable[[], Awaitable[Ready]], sources=None,
+                 ranks: Callable[[], list[dict]] | None = None):
         self.config = config
         self.model_id = config.model.model_id
         self.tokenizer = tokenizer
         self.workers = workers
         self._ready = ready
         self.sources = sources  # loraxd.adapters.sources.AdapterSources, or None: base only
+        self._ranks = ranks  # each rank's device and memory, for /info
+        self._adapter_replies = AdapterReplies(config.model.num_shard)
         self.adapters = AdapterManager(
             num_slots=config.adapters.max_active_adapters,
             cycle_time_s=config.adapters.adapter_cycle_time_s,
@@ -61,9 +66,11 @@ class AsyncEngine:
             special_ids=tokenizer.special_ids,
             decode_one=lambda i: tokenizer.decode([i]),
             adapters=self.adapters)
-        self.steps = StepLoop(scheduler=self.scheduler, workers=workers, adapters=self.adapters,
+        self.steps = StepLoop(scheduler=self.scheduler, workers=workers,
                               settings=lambda: self.config.worker, recover=recover,
-                              deliver=self._deliver, fail=self._fail)
+                              deliver=self._deliver, fail=self._fail,
+                              adapter_loaded=self._on_adapter_loaded,
+                              replaced=self._on_workers_replaced)
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
         self._draining = False  # loraxctl drain / a stop: new requests get 503
@@ -229,7 +236,7 @@ class AsyncEngine:
             "model_id": self.model_id,
             "model_sha": None,
             "model_dtype": self.ready.dtype,
-            "model_device_type": self.ready.device,
+            "model_device_type": self.ready.device.partition(":")[0],  # "cuda", not "cuda:0"
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": c.scheduler.max_concurrent_requests,
             "max_best_of": c.scheduler.max_best_of,
@@ -250,6 +257,7 @@ class AsyncEngine:
             "sha": None,
             "docker_label": None,
             "request_logger_url": None,
+            "ranks": self._ranks() if self._ranks is not None else [],
         }
 
     def stats(self) -> dict:
@@ -293,6 +301,16 @@ class AsyncEngine:
             await self.workers.broadcast(msg)
         except WorkerLost:  # the workers are being replaced: it loads into the new ones
             self.adapters.unsent(slot, entry.key)
+
+    def _on_adapter_loaded(self, msg: AdapterLoaded) -> None:
+        joined = self._adapter_replies.add(msg)  # loaded once every rank holds its part
+        if joined is not None:
+            self.adapters.on_loaded(joined.slot, joined.adapter_key, joined.error)
+
+    def _on_workers_replaced(self) -> None:
+        """New workers, with empty slots: every adapter loads again (or is quarantined)."""
+        self._adapter_replies.reset()
+        self.adapters.reset_slots()
 
     def _adapter_failed(self, key: str, error: str) -> None:
         doomed = [s for s in self.scheduler.waiting if s.request.adapter_spec is not None

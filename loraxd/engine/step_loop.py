@@ -61,14 +61,20 @@ def _num_tokens(step: Step) -> int:
 
 
 class StepLoop:
-    def __init__(self, *, scheduler: Scheduler, workers: Any, adapters: Any,
+    def __init__(self, *, scheduler: Scheduler, workers: Any,
                  settings: Callable[[], Any], recover: Callable[[], Awaitable[Ready]] | None,
                  deliver: Callable[[int, Any], None],
-                 fail: Callable[[list[int], Exception], None]):
+                 fail: Callable[[list[int], Exception], None],
+                 adapter_loaded: Callable[[AdapterLoaded], None],
+                 replaced: Callable[[], None]):
+        """`deliver` and `fail` hand a request its event or its error; `adapter_loaded`
+        takes each rank's answer to a LoadAdapter; `replaced` runs once new workers are up,
+        before any step goes to them."""
         self.scheduler = scheduler
         self.workers = workers
-        self.adapters = adapters  # loraxd.engine.adapters.AdapterManager
         self.settings = settings  # the worker section of the configuration in force
+        self._adapter_loaded = adapter_loaded
+        self._replaced = replaced
         self._recover = recover
         self._deliver = deliver
         self._fail = fail
@@ -203,7 +209,7 @@ class StepLoop:
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, AdapterLoaded):
-            self.adapters.on_loaded(msg.slot, msg.adapter_key, msg.error)
+            self._adapter_loaded(msg)
         elif isinstance(msg, Pong):
             self._answered[msg.rank] = max(msg.seq, self._answered.get(msg.rank, 0))
             done = min(self._answered.get(r, 0) for r in range(self.workers.world_size))
@@ -264,7 +270,7 @@ class StepLoop:
         self._woken = False
         self._pings.clear()
         self._answered.clear()
-        self.adapters.reset_slots()
+        self._replaced()
         self.serving = True
         log.info("the workers are back after %.2f s; resuming %d request(s)",
                  time.monotonic() - self._lost_at, len(resumed))

@@ -37,6 +37,7 @@ class WorkerClient:
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted rank takes its name back
         self._sock.bind(endpoint)
         self._lost = asyncio.Event()
+        self.ready_ranks: dict[int, Ready] = {}  # each rank's Ready, from the last handshake
 
     def mark_lost(self) -> None:
         """Called by the supervisor when a worker process exits: wakes every waiter."""
@@ -77,9 +78,12 @@ class WorkerClient:
                 raise WorkerLost(f"worker rank {rank} is not connected: {exc}") from exc
 
     async def handshake(self) -> Ready:
-        """Wait for Hello then Ready from every rank; returns rank 0's Ready."""
+        """Wait for Hello then Ready from every rank; returns rank 0's Ready (every rank's
+        stays in `ready_ranks`). The ranks must agree on the KV pages the scheduler
+        hands out."""
         hello: set[int] = set()
         ready: dict[int, Ready] = {}
+        self.ready_ranks = ready
         while len(ready) < self.world_size:
             rank, msg = await self.recv()
             if isinstance(msg, Hello):
@@ -92,6 +96,9 @@ class WorkerClient:
             else:
                 log.warning("unexpected %s from rank %d during handshake", type(msg).__name__,
                             rank)
+        pages = {(r.num_blocks, r.block_size) for r in ready.values()}
+        if len(pages) > 1:
+            raise WorkerLost(f"the ranks disagree on the KV cache pages: {sorted(pages)}")
         return ready[0]
 
     def close(self) -> None:

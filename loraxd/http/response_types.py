@@ -104,6 +104,19 @@ class TokenizedToken(_Out):
     stop: int
 
 
+class RankSummary(_Out):
+    """One tensor-parallel rank: where it runs and what it holds (its shard's bytes)."""
+
+    rank: int
+    device: str
+    state: str
+    weight_bytes: int
+    kv_cache_bytes: int
+    rss_bytes: int  # the process's resident memory
+    device_total_bytes: int  # CUDA only; else 0
+    device_free_bytes: int
+
+
 class Info(_Out):
     model_id: str
     max_concurrent_requests: int
@@ -116,6 +129,8 @@ class Info(_Out):
     model_device_type: str | UnsetType = UNSET
     max_batch_total_tokens: int | UnsetType = UNSET
     adapter_source: str | UnsetType = UNSET
+    num_shard: int | UnsetType = UNSET
+    ranks: list[RankSummary] | UnsetType = UNSET
 
 
 class Metrics(_Out):

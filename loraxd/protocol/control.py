@@ -156,6 +156,10 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     rss_bytes: int
     uptime_s: float
     restarts: int
+    weight_bytes: int = 0  # this rank's shard of the weights, once ready
+    kv_cache_bytes: int = 0
+    device_total_bytes: int = 0  # CUDA only
+    device_free_bytes: int = 0
 
 
 class WorkerList(msgspec.Struct, tag="workers", frozen=True):

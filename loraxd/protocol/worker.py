@@ -21,7 +21,10 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 
 
 class Ready(msgspec.Struct, tag=True, frozen=True):
-    """The model is loaded and the KV cache allocated; `num_blocks` pages of `block_size`."""
+    """The model is loaded and the KV cache allocated; `num_blocks` pages of `block_size`.
+
+    The byte counts are this rank's own: its shard of the weights and of the KV cache;
+    the device's are 0 on a CPU."""
 
     rank: int
     num_blocks: int
@@ -32,6 +35,10 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
     dtype: str
     device: str
     architecture: str
+    weight_bytes: int = 0
+    kv_cache_bytes: int = 0
+    device_total_bytes: int = 0
+    device_free_bytes: int = 0
 
 
 class SeqOutput(msgspec.Struct, array_like=True, frozen=True):
@@ -99,6 +106,31 @@ class StepFailed(msgspec.Struct, tag=True, frozen=True):
     step_id: int
     req_ids: list[int]
     message: str
+
+
+# -- supervisor -> worker, at start -------------------------------------------------------
+
+
+class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything a worker needs to start, from the config tree: one JSON argument.
+
+    No field has a default: the supervisor names every one, so a worker never guesses.
+    `master_port` is the rendezvous port of the tensor-parallel group (the supervisor picks
+    a free one when the config leaves it 0); unused with one rank."""
+
+    dtype: str
+    device: str
+    block_size: int
+    max_batch_total_tokens: int
+    num_threads: int
+    max_active_adapters: int
+    adapter_memory_bytes: int
+    max_lora_rank: int
+    max_adapter_bytes: int
+    master_addr: str
+    master_port: int
+    log_level: str
+    json_output: bool
 
 
 # -- scheduler -> worker -------------------------------------------------------------------

@@ -1,16 +1,24 @@
-"""A worker process: one per GPU (one on CPU). Started by the supervisor as
-`python -m loraxd.worker.main --endpoint ipc://… --rank R --world-size N --model-dir DIR
---options JSON`; it never forks from the event-loop process.
+"""A worker process: one per tensor-parallel rank (rank i on GPU i; one on a CPU).
+Started by the supervisor as `python -m loraxd.worker.main --endpoint ipc://… --rank R
+--world-size N --model-dir DIR --options JSON` (a `WorkerOptions`); it never forks from the
+event-loop process.
 
-Life: title, signals, connect, Hello, load the model, Ready, then answer messages until
-Shutdown or until the supervisor goes away. Messages are handled one at a time, so a
-SetLogLevel takes effect between two steps.
+Life: title, signals, connect, Hello, join the tensor-parallel group, load this rank's
+shard, Ready, then answer messages until Shutdown or until the supervisor goes away.
+Messages are handled one at a time, so a SetLogLevel takes effect between two steps, and a
+Ping is answered as soon as no step runs.
+
+Every rank gets every message from the scheduler's socket (one frame, encoded once, sent to
+each rank), so ranks wait between steps in a socket poll, never in a collective, and a
+Shutdown reaches each one even when a peer is dead. Only rank 0 answers a step. In a group
+a step that fails inside the forward pass is fatal: the peers may be waiting in a
+collective it never reached, so the rank reports and exits, and the supervisor replaces
+the group.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -22,7 +30,8 @@ import zmq
 
 from loraxd.logs import configure as configure_logging
 from loraxd.logs import set_level
-from loraxd.protocol.codec import PROTOCOL_VERSION, DecodeError, decode_to_worker, encode
+from loraxd.protocol.codec import (PROTOCOL_VERSION, DecodeError, decode_options,
+                                   decode_to_worker, encode)
 from loraxd.protocol.worker import (
     FrameRejected,
     Hello,
@@ -38,6 +47,7 @@ from loraxd.protocol.worker import (
     StepFailed,
     StepResult,
     WorkerError,
+    WorkerOptions,
 )
 from loraxd.worker.adapter_loader import AdapterLoader
 
@@ -61,15 +71,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--options", default="{}", help="JSON: dtype, device, block_size, …")
+    p.add_argument("--options", required=True, help="JSON: a WorkerOptions")
     return p.parse_args(argv)
 
 
+class GroupBroken(Exception):
+    """A step failed on a rank of a tensor-parallel group: the group must be replaced."""
+
+
 class Worker:
-    def __init__(self, runner, sock: zmq.Socket, rank: int, adapters: AdapterLoader):
+    def __init__(self, runner, sock: zmq.Socket, rank: int, adapters: AdapterLoader,
+                 world_size: int = 1):
         self.runner = runner
         self.sock = sock
         self.rank = rank
+        self.world_size = world_size
         self.adapters = adapters
         self.handlers = {Step: self.on_step, LoadAdapter: self.on_load_adapter,
                          Ping: self.on_ping, SetLogLevel: self.on_set_log_level}
@@ -96,17 +112,22 @@ class Worker:
             self._send(self.handlers[type(msg)](msg))
 
     def _send(self, reply) -> None:
-        if reply is not None and (self.rank == 0 or not isinstance(reply, StepResult)):
-            self.sock.send(encode(reply), copy=False)
+        if reply is None or (self.rank != 0 and isinstance(reply, (StepResult, StepFailed))):
+            return
+        self.sock.send(encode(reply), copy=False)
 
     def on_step(self, step: Step):
         start = time.perf_counter()
         if not step.new_seqs and not step.decode_ids:  # only forgets finished sequences
             self.runner.forget(step.finished_ids)
             return StepResult(step.step_id, [], 0.0)
+        from loraxd.worker.runner import StepRejected
         try:
             results = self.runner.execute(step)
         except Exception as exc:  # noqa: BLE001 - a bad step fails its requests, not the worker
+            if self.world_size > 1 and not isinstance(exc, StepRejected):
+                raise GroupBroken(f"step {step.step_id} failed on rank {self.rank}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
             log.exception("step %d failed", step.step_id)
             ids = [s.req_id for s in step.new_seqs] + list(step.decode_ids)
             self.runner.forget(ids)
@@ -131,18 +152,47 @@ class Worker:
         log.info("log level set to %s", msg.level)
 
 
-def adapter_limits(options: dict):
+def adapter_limits(options: WorkerOptions):
     """What an adapter may be (see loraxd.worker.lora.limits), from the supervisor's options."""
     from loraxd.worker.lora.limits import AdapterLimits
-    return AdapterLimits(max_rank=options.get("max_lora_rank", 64),
-                         max_bytes=options.get("max_adapter_bytes"))
+    return AdapterLimits(max_rank=options.max_lora_rank, max_bytes=options.max_adapter_bytes)
+
+
+def _device(options: WorkerOptions, rank: int):
+    """Rank i runs on CUDA device i; `auto` is CUDA when there is one."""
+    import torch
+    kind = options.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind != "cuda":
+        return torch.device(kind)
+    if rank >= torch.cuda.device_count():
+        from loraxd.worker.models import UnsupportedModel
+        raise UnsupportedModel(f"rank {rank} needs CUDA device {rank}, but "
+                               f"{torch.cuda.device_count()} are visible (num_shard)")
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
+
+
+def _load(args: argparse.Namespace, options: WorkerOptions):
+    """Join the group and load this rank's shard: (runner, tp)."""
+    from loraxd.worker.distributed import init_tensor_parallel
+    from loraxd.worker.runner import ModelRunner
+    device = _device(options, args.rank)
+    tp = init_tensor_parallel(args.rank, args.world_size, device,
+                              master_addr=options.master_addr, master_port=options.master_port)
+    runner = ModelRunner(args.model_dir, dtype=options.dtype, device=str(device),
+                         max_batch_total_tokens=options.max_batch_total_tokens,
+                         block_size=options.block_size, num_threads=options.num_threads,
+                         tp=tp)
+    return runner, tp
 
 
 def worker_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    options = json.loads(args.options)
-    configure_logging(json_output=options.get("json_output", False),
-                      level=options.get("log_level", "info"), process=f"worker{args.rank}")
+    options = decode_options(args.options)
+    configure_logging(json_output=options.json_output, level=options.log_level,
+                      process=f"worker{args.rank}")
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
     ctx = zmq.Context()
@@ -150,21 +200,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.IDENTITY, b"rank-%d" % args.rank)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(args.endpoint)
+    tp = None
     try:
         sock.send(encode(Hello(PROTOCOL_VERSION, args.rank, args.world_size, os.getpid())))
         try:
-            import torch
-
-            from loraxd.worker.runner import ModelRunner
-            device = options.get("device", "auto")
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            runner = ModelRunner(args.model_dir, dtype=options.get("dtype", "float32"),
-                                 device=device,
-                                 max_batch_total_tokens=options.get("max_batch_total_tokens",
-                                                                    32768),
-                                 block_size=options.get("block_size", 16),
-                                 num_threads=options.get("num_threads", 0))
+            runner, tp = _load(args, options)
         except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit
             from loraxd.worker.models import UnsupportedModel
 
@@ -174,19 +214,29 @@ def worker_main(argv: list[str] | None = None) -> int:
             sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}",
                                          unsupported=unsupported)))
             return 1
-        limits = adapter_limits(options)
-        runner.enable_lora(options.get("max_active_adapters", 32), max_rank=limits.max_rank)
-        adapters = AdapterLoader(runner, options.get("adapter_memory_bytes", 2 << 30),
-                                 limits=limits)
-        sock.send(encode(Ready(rank=args.rank, **runner.ready_info())))
-        try:
-            Worker(runner, sock, args.rank, adapters).serve()
-        finally:
-            adapters.close()
-        return 0
+        return _serve(runner, sock, args, options)
     finally:
+        if tp is not None:
+            tp.close()
         sock.close()
         ctx.term()
+
+
+def _serve(runner, sock: zmq.Socket, args: argparse.Namespace, options: WorkerOptions) -> int:
+    limits = adapter_limits(options)
+    runner.enable_lora(options.max_active_adapters, max_rank=limits.max_rank)
+    adapters = AdapterLoader(runner, options.adapter_memory_bytes, limits=limits)
+    sock.send(encode(Ready(rank=args.rank, **runner.ready_info())))
+    try:
+        Worker(runner, sock, args.rank, adapters, args.world_size).serve()
+    except GroupBroken as exc:
+        log.error("%s; leaving the tensor-parallel group", exc)
+        log.debug("%s", traceback.format_exc())
+        sock.send(encode(WorkerError(args.rank, str(exc))))
+        return 1
+    finally:
+        adapters.close()
+    return 0
 
 
 if __name__ == "__main__":

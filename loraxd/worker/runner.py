@@ -1,5 +1,9 @@
 """ModelRunner: the worker's tensors. Loads the model, owns the KV cache and each running
 sequence's state, and turns a `Step` into one forward pass and one token per sequence.
+
+With tensor parallelism every rank runs the same step on its shard; rank 0 alone samples,
+then broadcasts the step's tokens so that every rank's sequences advance alike (a failed
+sequence is -1: every rank frees it). Only rank 0 returns results.
 """
 from __future__ import annotations
 
@@ -11,15 +15,21 @@ import torch
 
 from loraxd.protocol.worker import NewSeq, SeqFailure, SeqOutput, Step
 from loraxd.worker import loader
+from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
 from loraxd.worker.layers.attention import StepContext
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
 from loraxd.worker.models import CausalLM, UnsupportedModel, read_config_json, resolve
 
-__all__ = ["ModelRunner", "StepContext", "UnsupportedModel"]
+__all__ = ["ModelRunner", "StepContext", "StepRejected", "UnsupportedModel"]
 
 SPARE_BLOCKS = 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepRejected(ValueError):
+    """A step that names sequences or pages it cannot: refused before any computation,
+    alike on every rank (so a tensor-parallel group stays in step)."""
 
 
 @dataclass(eq=False)
@@ -51,26 +61,29 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 class ModelRunner:
     def __init__(self, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                  max_batch_total_tokens: int = 32768, block_size: int = 16,
-                 num_threads: int = 0):
+                 num_threads: int = 0, tp: TensorParallel | None = None):
         if torch.device(device).type == "cpu":
             torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
+        self.tp = tp or TensorParallel.single(self.device)
         self.model_dir = model_dir
         arch = resolve(model_dir)
         self.arch = arch
         self.architecture = arch.architecture
         self.eos_token_ids = loader.eos_token_ids(model_dir, read_config_json(model_dir))
         with torch.inference_mode():
-            self.model = CausalLM(arch, dtype=self.dtype, device=self.device)
+            self.model = CausalLM(arch, dtype=self.dtype, device=self.device, tp=self.tp)
             self.model.load_weights(loader.iter_weights(model_dir))
         self.num_layers = arch.num_layers
+        # adapters are read and checked whole, then cut to this rank's shapes
         self.module_shapes: dict[str, tuple[int, int]] = arch.module_shapes()
+        self.shard_shapes = self.model.shard.module_shapes()
         self.block_size = block_size
         self.num_blocks = math.ceil(max_batch_total_tokens / block_size) + SPARE_BLOCKS
         self.kv_cache = PagedKVCache(arch.num_layers, self.num_blocks, block_size,
-                                     arch.num_kv_heads, arch.head_dim, dtype=self.dtype,
-                                     device=self.device)
+                                     self.model.shard.num_kv_heads, arch.head_dim,
+                                     dtype=self.dtype, device=self.device)
         self.tables = BlockTables(self.device, pad=self.kv_cache.null_block)
         self.seqs: dict[int, SeqState] = {}
         self.lora_pool = None  # see attach_lora
@@ -85,7 +98,7 @@ class ModelRunner:
 
     def enable_lora(self, num_slots: int, max_rank: int = 64) -> None:
         from loraxd.worker.lora import LoraSlotPool
-        self.attach_lora(LoraSlotPool(num_slots, self.module_shapes, self.num_layers,
+        self.attach_lora(LoraSlotPool(num_slots, self.shard_shapes, self.num_layers,
                                       max_rank=max_rank, dtype=self.dtype, device=self.device))
 
     def read_adapter(self, path: str, limits=None):
@@ -97,10 +110,13 @@ class ModelRunner:
                                  limits=limits)
 
     def install_adapter(self, slot: int, adapter) -> None:
-        """Put a read adapter into slot `slot`; only between steps."""
+        """Put a read adapter (whole, or merged whole) into slot `slot`, cut to this rank's
+        shard; only between steps."""
+        from loraxd.worker.lora.sharding import shard_adapter
         if self.lora_pool is None:
             raise RuntimeError("LoRA is not enabled on this worker (no slot pool)")
-        self.lora_pool.load(slot, adapter)
+        self.lora_pool.load(slot, shard_adapter(adapter, self.model.shard.lora_parts(),
+                                                self.tp.world_size))
 
     def load_adapter(self, slot: int, path: str) -> None:
         self.install_adapter(slot, self.read_adapter(path))
@@ -115,7 +131,16 @@ class ModelRunner:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "architecture": self.architecture,
+            "weight_bytes": self.model.weight_bytes(),
+            "kv_cache_bytes": self.kv_cache.data.numel() * self.kv_cache.data.element_size(),
+            **self._device_memory(),
         }
+
+    def _device_memory(self) -> dict:
+        if self.device.type != "cuda":
+            return {"device_total_bytes": 0, "device_free_bytes": 0}
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"device_total_bytes": total, "device_free_bytes": free}
 
     # -- a step -------------------------------------------------------------------------
 
@@ -123,12 +148,17 @@ class ModelRunner:
         """One result per sequence of the step: its token, or why it failed (and is gone)."""
         self.forget(step.finished_ids)
         for req_id, block_ids in step.new_blocks.items():
+            if req_id not in self.seqs:
+                raise StepRejected(f"pages for request {req_id}, which is not running here")
             self.tables.append(self.seqs[req_id].row, block_ids)
         new: list[SeqState] = []
         try:
-            for seq in step.new_seqs:
-                new.append(self._admit(seq))
-            decode = [self._decoding(req_id) for req_id in step.decode_ids]
+            try:
+                for seq in step.new_seqs:
+                    new.append(self._admit(seq))
+                decode = [self._decoding(req_id) for req_id in step.decode_ids]
+            except (KeyError, ValueError) as exc:
+                raise StepRejected(exc.args[0] if exc.args else str(exc)) from exc
             if not new and not decode:
                 return []
             with torch.inference_mode():
@@ -146,24 +176,32 @@ class ModelRunner:
         elif ctx.lora is not None and hasattr(ctx.lora, "prepare"):
             ctx.lora.prepare(ctx)
         hidden, residual = self.model.forward(ctx, self.kv_cache)
-        logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)
+        logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)  # rank 0 only
         states = new + decode
-        rows = logits if ctx.sample_idx is None else logits[ctx.sample_idx]  # [num_seqs, vocab]
-        result = sample(rows, [s.sampling for s in states])
-        prompt_lps = self._prompt_logprobs(logits, new_seqs)
+        result, prompt_lps, token_ids = None, {}, None
+        if logits is not None:
+            rows = logits if ctx.sample_idx is None else logits[ctx.sample_idx]  # [seqs, vocab]
+            result = sample(rows, [s.sampling for s in states])
+            prompt_lps = self._prompt_logprobs(logits, new_seqs)
+            token_ids = result.token_ids  # -1: that sequence failed
+        token_ids = self.tp.broadcast_ids(token_ids, len(states))
         outputs: list[SeqOutput | SeqFailure] = []
         for i, state in enumerate(states):
-            failure = result.failures.get(i)
-            if failure is not None:  # this sequence alone ends; the batch goes on
+            token = token_ids[i]
+            if token < 0:  # this sequence alone ends; the batch goes on
                 self._free(state.req_id, clear=True)
-                outputs.append(SeqFailure(state.req_id, failure.reason, failure.bad_request))
+                if result is not None:
+                    failure = result.failures[i]
+                    outputs.append(SeqFailure(state.req_id, failure.reason,
+                                              failure.bad_request))
                 continue
-            token = result.token_ids[i]
             state.num_cached = ctx.seq_lens[i]
             state.last_token = token
             state.sampling.token_ids.append(token)
-            outputs.append(SeqOutput(state.req_id, token, result.logprobs[i], result.top_ids[i],
-                                     result.top_logprobs[i], prompt_lps.get(i)))
+            if result is not None:
+                outputs.append(SeqOutput(state.req_id, token, result.logprobs[i],
+                                         result.top_ids[i], result.top_logprobs[i],
+                                         prompt_lps.get(i)))
         return outputs
 
     def forget(self, req_ids) -> None:

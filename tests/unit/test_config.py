@@ -164,13 +164,17 @@ def test_flag_value_errors_name_the_flag():
         "command line: --max-best-of = 0: must be a positive integer"
 
 
-def test_more_than_one_shard_is_refused_not_replicated(tmp_path):
-    reason = "tensor parallelism is not implemented yet; only 1 is supported"
-    assert error_of(["--num-shard", "2"]) == f"command line: --num-shard = 2: {reason}"
-    assert error_of(environ={**USER_ENV, "LORAXD_NUM_SHARD": "4"}) == \
-        f"environment: LORAXD_NUM_SHARD = 4: {reason}"
-    path = write(tmp_path, "[model]\nnum_shard = 2\n")
-    assert error_of(["--config", path]) == f"{path}: model.num_shard = 2: {reason}"
+def test_num_shard_and_rendezvous_settings(tmp_path):
+    config, _ = run(["--num-shard", "2", "--master-addr", "127.0.0.2", "--master-port",
+                     "29500"])
+    assert (config.model.num_shard, config.model.master_addr, config.model.master_port) == \
+        (2, "127.0.0.2", 29500)
+    assert run()[0].model.master_port == 0  # a free port at each start
+    assert error_of(["--num-shard", "0"]) == \
+        "command line: --num-shard = 0: must be a positive integer"
+    path = write(tmp_path, "[model]\nmaster_port = 70000\n")
+    assert error_of(["--config", path]) == \
+        f"{path}: model.master_port = 70000: must be between 0 (pick a free one) and 65535"
 
 
 def test_cross_key_rules_blame_the_key_set_last(tmp_path):

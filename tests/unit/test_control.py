@@ -87,7 +87,10 @@ class FakeService:
     def __init__(self):
         self.engine = FakeEngine()
         self.supervisor = SimpleNamespace(
-            pids=[4242], ranks=lambda: [RankInfo(0, 4242, "cpu", "ready", 3 << 30, 12.5, 1)])
+            pids=[4242], ranks=lambda: [
+                RankInfo(0, 4242, "cpu", "ready", 3 << 30, 12.5, 1, 1 << 30, 1 << 29),
+                RankInfo(1, 4243, "cuda:1", "ready", 1 << 30, 12.5, 1, 1 << 30, 1 << 29,
+                         80 << 30, 20 << 30)])
         self.state = "serving"
         self.uptime_s = 3723.0
         self.url = "http://127.0.0.1:3000"
@@ -207,13 +210,18 @@ async def test_version(control, capsys):
 
 async def test_workers(control, capsys):
     code, out, _ = await ctl(control, capsys, "workers")
-    head, row = out.splitlines()
-    assert code == 0 and head.split() == ["RANK", "PID", "DEVICE", "STATE", "MEMORY", "UPTIME",
-                                          "RESTARTS"]
-    assert row.split() == ["0", "4242", "cpu", "ready", "3.0", "GiB", "0h", "00m", "12s", "1"]
+    head, row0, row1 = out.splitlines()
+    assert code == 0 and head.split() == ["RANK", "PID", "DEVICE", "STATE", "MEMORY", "WEIGHTS",
+                                          "KV", "GPU", "UPTIME", "RESTARTS"]
+    assert row0.split() == ["0", "4242", "cpu", "ready", "3.0", "GiB", "1.0", "GiB", "512.0",
+                            "MiB", "-", "0h", "00m", "12s", "1"]
+    assert row1.split()[:3] == ["1", "4243", "cuda:1"]
+    assert "20.0 GiB/80.0 GiB" in row1
     code, data = await ctl_json(control, capsys, "workers")
-    assert data["workers"] == [{"rank": 0, "pid": 4242, "device": "cpu", "state": "ready",
-                                "rss_bytes": 3 << 30, "uptime_s": 12.5, "restarts": 1}]
+    assert data["workers"][0] == {
+        "rank": 0, "pid": 4242, "device": "cpu", "state": "ready", "rss_bytes": 3 << 30,
+        "uptime_s": 12.5, "restarts": 1, "weight_bytes": 1 << 30, "kv_cache_bytes": 1 << 29,
+        "device_total_bytes": 0, "device_free_bytes": 0}
 
 
 # -- adapters ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from loraxd.protocol.worker import (NewSeq, Ready, SamplingParams, SeqFailure,  # noqa: E402
                                    SeqOutput, Step)
-from loraxd.worker.runner import ModelRunner, UnsupportedModel  # noqa: E402
+from loraxd.worker.runner import ModelRunner, StepRejected, UnsupportedModel  # noqa: E402
 from tests.unit.test_model_fidelity import Driver, build_tiny_model, hf_greedy  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def test_seeded_sampling_same_tokens_alone_or_in_a_batch(llama):
 def test_failed_step_leaves_no_state(llama):
     _, runner, _ = llama
     bad = NewSeq(77, [1, 2, 3], [0], SamplingParams())  # a block id, then a bad decode id
-    with pytest.raises(KeyError):
+    with pytest.raises(StepRejected, match="12345"):  # alike on every rank: no rank runs it
         runner.execute(Step(0, new_seqs=[bad], decode_ids=[12345]))
     assert 77 not in runner.seqs
     runner.execute(Step(1, new_seqs=[bad]))  # the same request can be retried

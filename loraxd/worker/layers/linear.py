@@ -1,4 +1,4 @@
-"""Linear layers, written for tensor parallelism (world size 1 for now), with the LoRA hook.
+"""Linear layers, column- and row-parallel over the tensor-parallel ranks, with the LoRA hook.
 
 All matmuls go through `DenseKernel`: on a CPU it holds the weight reordered once for
 oneDNN (the private `mkldnn._reorder_linear_weight` / `_linear_pointwise` ops that
@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from loraxd.worker.distributed import ShardSpec
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 DEFAULT_BATCH_HINT = 8  # decode batches are small; the hint hardly matters above 8
@@ -52,6 +54,12 @@ class DenseKernel:
             return None
         return packed
 
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the weight (as the logical shape counts them when packed) and bias."""
+        tensors = [t for t in (self.packed, self.weight, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
@@ -78,17 +86,21 @@ class _LoraSite:
 
 class ColumnParallelLinear:
     """Output features split over ranks; `output_sizes` (merged variant) lists the fused
-    sub-matrices ([q, k, v] or [gate, up]), each split over ranks on its own."""
+    sub-matrices ([q, k, v] or [gate, up]), each split over ranks on its own.
+
+    `replicas[i]`: how many ranks hold the same part of sub-matrix i (1: each rank its own);
+    K and V of a model with fewer KV heads than ranks are replicated this way, as vLLM does."""
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool = False,
                  rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", layer_idx: int | None = None,
-                 group: str | None = None):
-        for size in output_sizes:
-            if size % world_size:
-                raise ValueError(f"output size {size} does not split over {world_size} ranks")
+                 group: str | None = None, replicas: list[int] | None = None):
+        self.shard = ShardSpec(rank, world_size)
+        self.replicas = replicas or [1] * len(output_sizes)
+        self.parts = [self.shard.part(size, r) for size, r in zip(output_sizes, self.replicas)]
+        self.full_sizes = list(output_sizes)
         self.in_features = in_features
-        self.output_sizes = [size // world_size for size in output_sizes]  # per rank
+        self.output_sizes = [p.stop - p.start for p in self.parts]  # per rank
         self.out_features = sum(self.output_sizes)
         self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
         self.rank, self.world_size = rank, world_size
@@ -100,16 +112,16 @@ class ColumnParallelLinear:
     def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
         """Place full HF weight `shard` (e.g. 0 = q_proj of a fused qkv) into this rank's rows."""
         size, start = self.output_sizes[shard], self.offsets[shard]
-        self.weight[start:start + size].copy_(weight[self.rank * size:(self.rank + 1) * size])
+        self.weight[start:start + size].copy_(weight[self.parts[shard]])
 
     def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
         size, start = self.output_sizes[shard], self.offsets[shard]
-        self.bias[start:start + size].copy_(bias[self.rank * size:(self.rank + 1) * size])
+        self.bias[start:start + size].copy_(bias[self.parts[shard]])
 
     def load_fused(self, tensor: torch.Tensor, load: Callable) -> None:
         """Place a checkpoint tensor that holds every sub-matrix at once (Phi-3's qkv_proj),
         each through `load` (load_weight or load_bias) as its own shard."""
-        sizes = [size * self.world_size for size in self.output_sizes]
+        sizes = self.full_sizes
         if tensor.shape[0] != sum(sizes):
             raise ValueError(f"a fused tensor of {tensor.shape[0]} rows does not hold "
                              f"sub-matrices of {sizes} rows")
@@ -138,6 +150,7 @@ class RowParallelLinear:
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] = no_all_reduce):
         if in_features % world_size:
             raise ValueError(f"input size {in_features} does not split over {world_size} ranks")
+        self.cols = ShardSpec(rank, world_size).part(in_features)
         self.in_features = in_features // world_size  # per rank
         self.out_features = out_features
         self.rank, self.world_size = rank, world_size
@@ -148,8 +161,7 @@ class RowParallelLinear:
         self.kernel: DenseKernel | None = None
 
     def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
-        cols = slice(self.rank * self.in_features, (self.rank + 1) * self.in_features)
-        self.weight.copy_(weight[:, cols])
+        self.weight.copy_(weight[:, self.cols])
 
     def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
         self.bias.copy_(bias)

@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import PagedKVCache
 from loraxd.worker.layers.attention import PagedAttention, StepContext
-from loraxd.worker.layers.linear import (ColumnParallelLinear, DenseKernel, RowParallelLinear,
-                                         no_all_reduce)
+from loraxd.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from loraxd.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from loraxd.worker.layers.norm import RMSNorm
 from loraxd.worker.layers.rotary import RotaryEmbedding
 from loraxd.worker.models.arch import ModelArch
 from loraxd.worker.models.hf_config import UnsupportedModel
+from loraxd.worker.models.sharding import ModelShard, shard_model
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -29,15 +31,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class DecoderLayer:
-    def __init__(self, arch: ModelArch, layer_idx: int, *, dtype: torch.dtype,
-                 device: str | torch.device, rank: int, world_size: int,
+    def __init__(self, shard: ModelShard, layer_idx: int, *, dtype: torch.dtype,
+                 device: str | torch.device,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor]):
+        arch = shard.arch
         h, d = arch.hidden_size, arch.head_dim
-        if arch.num_kv_heads % world_size:
-            raise UnsupportedModel(f"{arch.num_kv_heads} KV heads do not split over "
-                                   f"{world_size} ranks")
-        common = dict(rank=rank, world_size=world_size, dtype=dtype, device=device,
-                      layer_idx=layer_idx)
+        common = dict(rank=shard.shard.rank, world_size=shard.world_size, dtype=dtype,
+                      device=device, layer_idx=layer_idx)
 
         def norm(size: int = h) -> RMSNorm:
             return RMSNorm(size, arch.rms_norm_eps, dtype=dtype, device=device,
@@ -53,10 +53,11 @@ class DecoderLayer:
         self.sandwich = arch.sandwich_norms
         self.qkv_proj = ColumnParallelLinear(
             h, [arch.num_heads * d, arch.num_kv_heads * d, arch.num_kv_heads * d],
-            bias=arch.qkv_bias, group="qkv", **common)
+            bias=arch.qkv_bias, group="qkv", replicas=[1, shard.kv_replicas, shard.kv_replicas],
+            **common)
         layer_type = arch.layer_types[layer_idx]
-        self.attn = PagedAttention(layer_idx, arch.num_heads // world_size,
-                                   arch.num_kv_heads // world_size, d, scale=arch.attn_scale,
+        self.attn = PagedAttention(layer_idx, shard.num_heads, shard.num_kv_heads, d,
+                                   scale=arch.attn_scale,
                                    sliding_window=arch.sliding_windows[layer_idx],
                                    rope_key=layer_type, qk_norms=qk_norms,
                                    softcap=arch.attn_softcap)
@@ -67,7 +68,7 @@ class DecoderLayer:
         self.down_proj = RowParallelLinear(arch.intermediate_size, h, bias=arch.mlp_bias,
                                            group="down", all_reduce=all_reduce, **common)
         self.act = ACTIVATIONS[arch.hidden_act]
-        self.intermediate_per_rank = arch.intermediate_size // world_size
+        self.intermediate_per_rank = shard.intermediate_size
 
     def linears(self) -> list:
         return [self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj]
@@ -114,23 +115,27 @@ _FUSED_WEIGHTS = {"self_attn.qkv_proj": ("self_attn.qkv_proj", None),
 
 
 class CausalLM:
+    """The whole model, or with `tp` over N ranks this rank's shard of it (see
+    models/sharding.py and layers/embedding.py for what each rank holds)."""
+
     def __init__(self, arch: ModelArch, *, dtype: torch.dtype, device: str | torch.device,
-                 rank: int = 0, world_size: int = 1,
-                 all_reduce: Callable[[torch.Tensor], torch.Tensor] = no_all_reduce):
+                 tp: TensorParallel | None = None):
         self.arch = arch
         self.dtype, self.device = dtype, device
-        self.embed_tokens = torch.zeros(arch.vocab_size, arch.hidden_size, dtype=dtype,
-                                        device=device)
+        self.tp = tp or TensorParallel.single(device)
+        self.shard = shard_model(arch, self.tp.shard)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp,
+                                                   dtype=dtype, device=device)
         self.embedding_scale = None
         if arch.embedding_scale is not None:  # as transformers: the fp32 scalar cast first
             self.embedding_scale = torch.tensor(arch.embedding_scale).to(dtype)
-        self.layers = [DecoderLayer(arch, i, dtype=dtype, device=device, rank=rank,
-                                    world_size=world_size, all_reduce=all_reduce)
+        self.layers = [DecoderLayer(self.shard, i, dtype=dtype, device=device,
+                                    all_reduce=self.tp.all_reduce)
                        for i in range(arch.num_layers)]
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype, device=device,
                             offset=arch.norm_offset)
-        self.lm_head_weight: torch.Tensor | None = None
-        self.lm_head: DenseKernel | None = None
+        self.lm_head_weight: VocabParallelEmbedding | None = None  # untied: its rows
+        self.lm_head: ParallelLMHead | None = None
         self.rotary = {kind: RotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
                                              spec, arch.config, dtype=dtype, device=device)
                        for kind, spec in arch.rope.items()}
@@ -158,13 +163,16 @@ class CausalLM:
 
     def _load_one(self, name: str, tensor: torch.Tensor) -> bool:
         if name == "model.embed_tokens.weight":
-            self.embed_tokens.copy_(tensor)
+            self.embed_tokens.load(tensor)
         elif name == "model.norm.weight":
             self.norm.load(tensor)
         elif name == "lm_head.weight":
             if self.arch.tie_word_embeddings:
                 return False
-            self.lm_head_weight = tensor.to(self.device)
+            self.lm_head_weight = VocabParallelEmbedding(
+                self.arch.vocab_size, self.arch.hidden_size, self.tp, dtype=self.dtype,
+                device=self.device)
+            self.lm_head_weight.load(tensor)
         elif name.startswith("model.layers."):
             return self._load_layer_weight(name, tensor)
         else:
@@ -199,15 +207,27 @@ class CausalLM:
             for linear in layer.linears():
                 linear.finalize()
         head = self.embed_tokens if self.arch.tie_word_embeddings else self.lm_head_weight
-        self.lm_head = DenseKernel(head)
+        self.lm_head = ParallelLMHead(head.weight, self.arch.vocab_size, self.tp)
         self.lm_head_weight = None
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights as they sit on the device (packed kernels included;
+        norms and rotary tables are not weights and are left out, a few KB)."""
+        kernels = [linear.kernel for layer in self.layers for linear in layer.linears()]
+        biases = [linear.bias for layer in self.layers for linear in layer.linears()
+                  if linear.bias is not None]  # row-parallel biases added after the sum
+        weight = self.embed_tokens.weight
+        shared = self.lm_head.kernel.weight is weight  # tied and unpacked: one tensor
+        return (sum(k.num_bytes for k in kernels) + (0 if shared else self.lm_head.num_bytes)
+                + sum(b.numel() * b.element_size() for b in biases)
+                + weight.numel() * weight.element_size())
 
     def forward(self, ctx: StepContext, kv_cache: PagedKVCache
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's (output, residual), each [num_tokens, hidden]; their sum is the
         final hidden state before the last norm (applied in compute_logits, on fewer rows)."""
         ctx.rope = {kind: rotary.tables(ctx.positions) for kind, rotary in self.rotary.items()}
-        hidden = F.embedding(ctx.input_ids, self.embed_tokens)  # [num_tokens, hidden]
+        hidden = self.embed_tokens.forward(ctx.input_ids)  # [num_tokens, hidden]
         if self.embedding_scale is not None:
             hidden = hidden * self.embedding_scale
         residual = None
@@ -216,12 +236,16 @@ class CausalLM:
         return hidden, residual
 
     def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor,
-                       rows: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [len(rows), vocab] of the given token rows."""
+                       rows: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits [len(rows), vocab] of the given token rows, on rank 0 (every rank
+        must call it: the logit shards are gathered); None on the other ranks."""
         if rows.shape[0] != hidden.shape[0]:  # rows ascend: as many as tokens means all
             hidden, residual = hidden[rows], residual[rows]
         normed, _ = self.norm.forward(hidden, residual)
-        logits = self.lm_head(normed).float()
+        logits = self.lm_head(normed)
+        if logits is None:
+            return None
+        logits = logits.float()
         cap = self.arch.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap).mul_(cap)
