@@ -136,3 +136,61 @@ async def test_preload_of_a_known_adapter_pins_it_in_place():
     h.m.preload(AdapterRef("a", "local"))
     assert h.m.entries["local:a"] is entry and entry.pinned and entry.slot == 0
     assert h.loads == [(0, "local:a")]
+
+
+class HangingLoads(Harness):
+    """Loads that never answer: the workers die while they are under way."""
+
+    def __init__(self, hang=("bad",)):
+        super().__init__(num_slots=2)
+        self.hang = set(hang)
+
+    async def load(self, slot, entry):
+        self.loads.append((slot, entry.key))
+        if entry.ref.adapter_id not in self.hang:
+            self.m.on_loaded(slot, entry.key, None)
+
+
+async def test_an_adapter_loading_at_two_deaths_in_a_row_is_quarantined():
+    h = HangingLoads()
+    bad, good = seq("bad", 1), seq("good", 2)
+    for s in (bad, good):
+        h.m.enqueue(s)
+        h.m.acquire(s)
+    await settle()
+    assert h.m.entries["local:bad"].status == "loading"
+    h.m.reset_slots()  # the workers died once while it loaded: it loads again
+    await settle()
+    assert h.m.entries["local:bad"].status == "loading" and not h.failed
+    assert [key for _, key in h.loads].count("local:bad") == 2
+    h.m.reset_slots()  # twice in a row: quarantined, its requests told why
+    await settle()
+    entry = h.m.entries["local:bad"]
+    assert entry.status == "quarantined" and entry.slot == -1
+    assert h.failed == [("local:bad", "quarantined: the workers died while loading it 2 "
+                                      "times in a row")]
+    assert h.m.entries["local:good"].status == "loaded"  # loaded fine both times: unharmed
+    assert h.m.acquire(seq("bad", 3)) is None  # a later request is refused, not loaded
+    await settle()
+    assert h.failed[-1][0] == "local:bad"
+    assert [key for _, key in h.loads].count("local:bad") == 2
+    try:
+        await h.m.ensure_fetched(AdapterRef("bad", "local"))
+    except Exception as exc:  # noqa: BLE001 - the HTTP layer turns this into a 424
+        assert "quarantined: the workers died" in str(exc)
+    else:
+        raise AssertionError("a quarantined adapter was fetched")
+    h.m.unload("local:bad")  # the operator lifts it
+    assert "local:bad" not in h.m.entries
+
+
+async def test_a_load_that_succeeds_clears_the_strikes():
+    h = HangingLoads(hang=())
+    s = seq("a")
+    h.m.acquire(s)
+    await settle()
+    entry = h.m.entries["local:a"]
+    entry.status = "loading"  # as if its load were under way at a death
+    h.m.reset_slots()
+    await settle()
+    assert entry.strikes == 0 and entry.status == "loaded"
