@@ -172,7 +172,12 @@ class Supervisor:
         self._stopping = False
 
     async def stop(self) -> None:
+        """Shutdown, then SIGKILL what is left after one grace period; a stopped (SIGSTOP)
+        rank can read nothing, so it is killed at once."""
         self._stopping = True
+        for proc in self._procs:
+            if proc.returncode is None and process_state(proc.pid) == "stopped":
+                proc.kill()
         if any(p.returncode is None for p in self._procs):
             try:
                 await asyncio.wait_for(self.workers.broadcast(Shutdown()), 1.0)

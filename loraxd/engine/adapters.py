@@ -12,7 +12,9 @@ are pinned and never rotate out.
 
 An adapter that was loading each of the last two times the workers died is quarantined:
 its requests get the reason instead of another load that may kill the next worker, until
-`loraxctl adapters unload` lifts it (say, once its files were replaced).
+`loraxctl adapters unload` lifts it (say, once its files were replaced). After one such
+death an adapter is a suspect, and loads alone: a second death is then its own, and an
+adapter that merely loaded beside it is not blamed twice.
 """
 from __future__ import annotations
 
@@ -227,7 +229,10 @@ class AdapterManager:
         return min(idle)[2] if idle else None
 
     def _assign_slots(self) -> None:
-        while self.pending:
+        while self.pending and not self._suspect_loading():
+            head = self.entries[next(iter(self.pending))]
+            if head.strikes and any(e.status == LOADING for e in self.entries.values()):
+                return  # a suspect loads alone, so that a death during its load is its own
             slot = self._free_slot()
             if slot is None:
                 return
@@ -242,6 +247,9 @@ class AdapterManager:
             self.slots[slot] = key
             self._spawn(self._load(slot, entry))
 
+    def _suspect_loading(self) -> bool:
+        return any(e.status == LOADING and e.strikes for e in self.entries.values())
+
     def on_loaded(self, slot: int, key: str, error: str | None) -> None:
         entry = self.entries.get(key)
         if entry is None or entry.slot != slot or entry.status != LOADING:
@@ -254,6 +262,8 @@ class AdapterManager:
         entry.status, entry.strikes = LOADED, 0
         entry.loaded_at = entry.last_used = self._clock()
         log.info("adapter %s loaded into slot %d", key, slot)
+        if self.pending:
+            self._assign_slots()
         self._wake()
 
     def unsent(self, slot: int, key: str) -> None:

@@ -178,7 +178,7 @@ class AsyncEngine:
 
     async def generate(self, req: GenerationRequest, *,
                        quiet: bool = False) -> AsyncIterator[TokenEvent | FinishEvent]:
-        if not self.serving:
+        if self._stopped or self.ended:  # while the workers restart, requests queue
             raise Unavailable("no healthy worker")
         if self._draining:
             raise Unavailable("the server is draining: it takes no new requests")

@@ -49,16 +49,19 @@ class WorkerClient:
     async def recv(self) -> tuple[int, FromWorker]:
         """The next message from any rank; raises WorkerLost if a worker dies meanwhile."""
         recv = asyncio.ensure_future(self._sock.recv_multipart(copy=False))
-        lost = asyncio.ensure_future(self._lost.wait())
         try:
-            done, _ = await asyncio.wait({recv, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-        if recv not in done:  # a dying worker may have said why just before it exited
-            done, _ = await asyncio.wait({recv}, timeout=_LAST_WORDS_S)
-        if recv not in done:
-            recv.cancel()
-            raise WorkerLost("a worker process exited")
+            lost = asyncio.ensure_future(self._lost.wait())
+            try:
+                done, _ = await asyncio.wait({recv, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+            if recv not in done:  # a dying worker may have said why just before it exited
+                done, _ = await asyncio.wait({recv}, timeout=_LAST_WORDS_S)
+            if recv not in done:
+                raise WorkerLost("a worker process exited")
+        except BaseException:
+            recv.cancel()  # left pending, it would swallow the next frame (a new Hello)
+            raise
         identity, payload = recv.result()
         try:
             msg = decode_from_worker(payload.bytes)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +20,11 @@ import sys
 import pytest
 import requests
 
+from tests.integration import tiny_model
 from tests.integration.daemon import Daemon
 
 pytestmark = pytest.mark.integration
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PROMPTS = ["The best way to learn is", "Paris is a city", "My favourite animal is",
            "The ocean is"]
 ADAPTERS = [None, "a", "b", "c"]  # one request each, all at once
@@ -36,23 +35,9 @@ LONG = 300  # tokens of the stream whose rank is killed
 @pytest.fixture(scope="module")
 def model_dir(default_model_dir, tmp_path_factory):
     """The tiny model and three PEFT adapters (ranks 8, 4, 2, on every linear)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tests.unit.test_family_adapters import _save_adapter
-
-    root = tmp_path_factory.mktemp("tp-model")
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        initializer_range=0.5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(7)
-    base = transformers.AutoModelForCausalLM.from_config(config).eval()
-    base.save_pretrained(root / "model")
-    for name in TOKENIZER_FILES:
-        shutil.copy(default_model_dir / name, root / "model")
-    for name, seed, rank in (("a", 1, 8), ("b", 2, 4), ("c", 3, 2)):
-        base = _save_adapter(base, root / "adapters" / name, seed=seed, rank=rank)
-    return root
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return tiny_model.build(default_model_dir, tmp_path_factory.mktemp("tp-model"))
 
 
 def _start(root, tmp, num_shard: int) -> Daemon:

@@ -194,3 +194,20 @@ async def test_a_load_that_succeeds_clears_the_strikes():
     h.m.reset_slots()
     await settle()
     assert entry.strikes == 0 and entry.status == "loaded"
+
+
+async def test_a_suspect_loads_alone_so_a_bystander_is_not_blamed_twice():
+    h = HangingLoads(hang=("bad", "slow"))
+    for i, name in enumerate(("bad", "slow"), 1):
+        s = seq(name, i)
+        h.m.enqueue(s)
+        h.m.acquire(s)
+    await settle()
+    h.m.reset_slots()  # both were loading: both suspects now
+    await settle()
+    loading = [k for k, e in h.m.entries.items() if e.status == "loading"]
+    assert len(loading) == 1  # one suspect at a time
+    h.m.reset_slots()  # the second death is the lone loader's
+    await settle()
+    states = {k: e.status for k, e in h.m.entries.items()}
+    assert sorted(states.values()) == ["loading", "quarantined"]
