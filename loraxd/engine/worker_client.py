@@ -93,6 +93,10 @@ class WorkerClient:
                 if msg.protocol_version != PROTOCOL_VERSION:
                     raise WorkerLost(f"worker rank {rank} speaks protocol {msg.protocol_version}"
                                      f", this daemon {PROTOCOL_VERSION}")
+                if (msg.rank, msg.world_size) != (rank, self.world_size):
+                    raise WorkerLost(f"a worker says it is rank {msg.rank} of "
+                                     f"{msg.world_size} from the socket of rank {rank} of "
+                                     f"{self.world_size}")
                 hello.add(rank)
             elif isinstance(msg, Ready) and rank in hello:
                 ready[rank] = msg
