@@ -1,5 +1,6 @@
 """Reading the configuration: defaults < TOML file (`--config PATH`, else $LORAXD_CONFIG,
-else /etc/loraxd/loraxd.toml when it exists) < environment `LORAXD_<KEY>` < flags.
+else /etc/loraxd/loraxd.toml when it exists) < LoRAX's environment names (`MODEL_ID`, ...)
+< environment `LORAXD_<KEY>` < flags.
 Errors are `ConfigError`s naming the source, the key, the value and the reason.
 Stdlib only: the daemon imports this before anything heavy.
 """
@@ -17,12 +18,14 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from loraxd.config.lorax_only import add_lorax_only_flags, refuse_lorax_only
 from loraxd.config.tree import (DEFAULT_CONFIG_PATH, ENV_PREFIX, EXIT_CONFIG, Actions, Config,
                                 ConfigError, Rule, default_paths)
 
 
 # kind: (annotation, why a value of the wrong type is wrong)
-_KINDS = {"bool": (bool, "must be true or false"), "int": (int, "must be an integer"),
+_KINDS = {"bool": (bool, "must be true or false"),
+          "optbool": (bool | None, "must be true or false"), "int": (int, "must be an integer"),
           "float": (float, "must be a number"), "str": (str, "must be a string"),
           "optstr": (str | None, "must be a string"), "strs": (tuple[str, ...], "must be a list")}
 
@@ -39,6 +42,7 @@ class _Key:
     flag: str  # the long flag; env is the environment name
     short: str | None
     env: str
+    lorax_env: str | None  # LoRAX's name for it, read below `env`
 
 
 def _table() -> tuple[dict[str, type], dict[str, _Key]]:
@@ -53,7 +57,8 @@ def _table() -> tuple[dict[str, type], dict[str, _Key]]:
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
             keys[f.name] = _Key(section, f.name, kind, f.default, meta["help"], meta["rule"],
                                 meta["choices"], meta["flag"] or flag, meta["short"],
-                                ENV_PREFIX + f.name.upper())
+                                ENV_PREFIX + f.name.upper(),
+                                f.name.upper() if meta["lorax"] else None)
     return sections, keys
 
 
@@ -85,7 +90,9 @@ def _from_text(kind: str, raw: str | list[str]) -> typing.Any:
         return raw or None
     if kind == "str":
         return raw
-    if kind == "bool" and raw.strip().lower() in _TRUE + _FALSE:
+    if kind == "optbool" and not raw.strip():
+        return None
+    if kind in ("bool", "optbool") and raw.strip().lower() in _TRUE + _FALSE:
         return raw.strip().lower() in _TRUE
     try:
         return {"int": int, "float": float}[kind](raw.strip())
@@ -97,6 +104,7 @@ def _from_value(kind: str, raw: typing.Any) -> typing.Any:
     """Check a TOML (or to_dict) value's type; raise ValueError(reason)."""
     number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
     ok = {"bool": isinstance(raw, bool),
+          "optbool": raw is None or isinstance(raw, bool),
           "int": number and isinstance(raw, int),
           "float": number,
           "str": isinstance(raw, str),
@@ -181,8 +189,14 @@ def _from_tables(source: str, data: Mapping[str, typing.Any], rank: int) -> dict
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, _Setting]:
-    return {name: _settle(key, environ[key.env], "environment", key.env, 2, text=True)
-            for name, key in _KEYS.items() if key.env in environ}
+    """LoRAX's names first, so that a LORAXD_* name wins over them. HOSTNAME is not read:
+    shells and Kubernetes set it to the machine's name, not to an address to listen on."""
+    settings = {name: _settle(key, environ[key.lorax_env], "environment", key.lorax_env, 2,
+                              text=True)
+                for name, key in _KEYS.items() if key.lorax_env in environ}
+    settings.update({name: _settle(key, environ[key.env], "environment", key.env, 2, text=True)
+                     for name, key in _KEYS.items() if key.env in environ})
+    return settings
 
 
 def _from_args(args: argparse.Namespace) -> dict[str, _Setting]:
@@ -213,18 +227,30 @@ def _check_order(settings: dict[str, _Setting]) -> None:
         raise where.fail(f"must be {word} {other}, which is {value} ({origin})")
 
 
+def _check_sharding(settings: dict[str, _Setting]) -> None:
+    (sharded, where), (num_shard, shard_where) = settings["sharded"], settings["num_shard"]
+    origin = "default" if shard_where.rank == 0 else f"{shard_where.source} {shard_where.key}"
+    if sharded is True and num_shard == 1:
+        raise where.fail(f"needs num_shard over 1, which is 1 ({origin}): set it to the "
+                         "number of GPUs to shard over (loraxd does not count them)")
+    if sharded is False and num_shard > 1:
+        raise where.fail(f"needs num_shard 1, which is {num_shard} ({origin})")
+
+
 def _derive_paths(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> None:
     runtime_dir, cache_dir = default_paths(environ, euid)
     for name, value in (("runtime_dir", runtime_dir), ("cache_dir", cache_dir)):
         if not settings[name][0]:
             settings[name] = (value, dataclasses.replace(settings[name][1], shown=value))
-    if not settings["control_socket"][0]:
-        runtime_dir, where = settings["runtime_dir"]
-        settings["control_socket"] = (os.path.join(runtime_dir, "control.sock"), where)
+    runtime_dir, where = settings["runtime_dir"]
+    for name, file in (("control_socket", "control.sock"), ("shard_uds_path", "workers.sock")):
+        if not settings[name][0]:
+            settings[name] = (os.path.join(runtime_dir, file), where)
 
 
 def _build(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> Config:
     _check_order(settings)
+    _check_sharding(settings)
     _derive_paths(settings, environ, euid)
     values: dict[str, dict[str, typing.Any]] = {section: {} for section in _SECTIONS}
     for name, (value, _) in settings.items():
@@ -240,7 +266,8 @@ class _Parser(argparse.ArgumentParser):
 def _flag_help(key: _Key) -> str:
     default = ("derived" if key.section == "paths" else "unset" if key.default in (None, ())
                else _show(key.default, False))
-    text = f"{key.help} [env {key.env}; default {default}]"
+    env = f"{key.env} or {key.lorax_env}" if key.lorax_env else key.env
+    text = f"{key.help} [env {env}; default {default}]"
     return text.replace("%", "%%")
 
 
@@ -252,23 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Precedence: defaults < TOML file < LORAXD_* env < flags.")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help=f"TOML file [env LORAXD_CONFIG; default {DEFAULT_CONFIG_PATH}]")
-    for flag, text in (("--download-only", "download the model and adapters, then exit"),
-                       ("--check-config", "validate the configuration and exit (0 or 78)"),
-                       ("--env", "print the resolved configuration as JSON")):
-        parser.add_argument(flag, action="store_true", default=False, help=text)
-    parser.add_argument("--version", action="version", version=f"loraxd {__version__}")
+    for flags, text in ((("--download-only",), "download the model and adapters, then exit "
+                                               "[env LORAXD_DOWNLOAD_ONLY or DOWNLOAD_ONLY]"),
+                        (("--check-config",), "validate the configuration and exit (0 or 78)"),
+                        (("-e", "--env"), "print the versions, the platform and the resolved "
+                                          "configuration as JSON")):
+        parser.add_argument(*flags, action="store_true", default=False, help=text)
+    parser.add_argument("-V", "--version", action="version", version=f"loraxd {__version__}")
     groups = {section: parser.add_argument_group(f"[{section}]") for section in _SECTIONS}
     for key in _KEYS.values():
         names = (key.flag, key.short) if key.short else (key.flag,)
         options: dict[str, typing.Any] = {"dest": key.name, "help": _flag_help(key)}
         if key.kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
+        elif key.kind == "optbool":  # LoRAX's `--sharded true`
+            options["metavar"] = "{true,false}"
         else:
             options["metavar"] = "{" + ",".join(key.choices) + "}" if key.choices \
                 else key.kind.removeprefix("opt").removesuffix("s").upper()
             if key.kind == "strs":
                 options["action"] = "append"
         groups[key.section].add_argument(*names, **options)
+    add_lorax_only_flags(parser)
     return parser
 
 
@@ -290,6 +322,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     euid = os.geteuid() if euid is None else euid
     args = build_parser().parse_args(argv)
+    refuse_lorax_only(args, environ)
     config_file = _config_file(args.config, environ, default_config_path)
     settings = _defaults()
     if config_file is not None:
@@ -297,7 +330,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     settings.update(_from_env(environ))
     settings.update(_from_args(args))
     config = _build(settings, environ, euid)
-    actions = Actions(download_only=args.download_only, check_config=args.check_config,
+    download_only = args.download_only or any(
+        environ.get(name, "").strip().lower() in _TRUE
+        for name in ("DOWNLOAD_ONLY", ENV_PREFIX + "DOWNLOAD_ONLY"))
+    actions = Actions(download_only=download_only, check_config=args.check_config,
                       env=args.env, config_file=config_file)
     return config, actions
 

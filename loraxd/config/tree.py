@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("cpu", "cuda", "auto")
 ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
+MODEL_SOURCES = ("hub", "local", "s3", "pbase")  # LoRAX's; s3 and pbase are refused
 
 
 class ConfigError(Exception):
@@ -44,41 +45,63 @@ _ROUTES = _rule(lambda v: all(i.startswith("/") for i in v),
                 "entries must be paths starting with /")
 
 
+_MODEL_SOURCE = _rule(lambda v: v in ("hub", "local"),
+                      "only hub and local models are built yet (adapters may come from s3)")
+
+
 def _setting(default: object, help: str, rule: Rule | None = None, *,
              choices: tuple[str, ...] = (), flag: str | None = None,
-             short: str | None = None, reload: bool = False) -> typing.Any:
+             short: str | None = None, reload: bool = False, lorax: bool = False) -> typing.Any:
     """`reload=True`: a reload (SIGHUP, `loraxctl reload`) applies it live; any other
-    setting changed in the file waits for a restart."""
+    setting changed in the file waits for a restart. `lorax=True`: LoRAX's launcher has this
+    flag, and its environment name (the key in capitals, no prefix) is read too."""
     meta = {"help": help, "rule": rule, "choices": choices, "flag": flag, "short": short,
-            "reload": reload}
+            "reload": reload, "lorax": lorax}
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model_id: str = _setting("HuggingFaceTB/SmolLM2-135M-Instruct",
-                             "base model: a local directory or a Hugging Face Hub id", _NON_EMPTY)
-    revision: str | None = _setting(None, "Hub revision (branch, tag or commit) of the model")
+                             "base model: a local directory or a Hugging Face Hub id", _NON_EMPTY,
+                             lorax=True)
+    source: str = _setting("hub", "where model_id is found: hub (a Hub id, or a local "
+                           "directory), local (a local directory only, never downloaded)",
+                           _MODEL_SOURCE, choices=MODEL_SOURCES, lorax=True)
+    revision: str | None = _setting(None, "Hub revision (branch, tag or commit) of the model",
+                                    lorax=True)
     dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, "
-                          "else float32", choices=DTYPES)
+                          "else float32", choices=DTYPES, lorax=True)
     device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
     num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each (rank i "
                               "on GPU i); each holds 1/num_shard of the weights and KV cache",
-                              _POSITIVE_INT)
+                              _POSITIVE_INT, lorax=True)
+    sharded: bool | None = _setting(None, "true: num_shard must be over 1; false: it must be "
+                                    "1; unset: as num_shard says", lorax=True)
     master_addr: str = _setting("127.0.0.1", "address where the tensor-parallel ranks meet "
-                                "(rank 0 listens there); used when num_shard > 1", _NON_EMPTY)
+                                "(rank 0 listens there); used when num_shard > 1", _NON_EMPTY,
+                                lorax=True)
     master_port: int = _setting(0, "TCP port where the tensor-parallel ranks meet; 0: a free "
-                                "port picked at each start", _PORT_OR_ZERO)
-    huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's")
+                                "port picked at each start", _PORT_OR_ZERO, lorax=True)
+    huggingface_hub_cache: str | None = _setting(None, "Hub cache directory; unset: the Hub's",
+                                                 lorax=True)
+    weights_cache_override: str | None = _setting(
+        None, "directory holding the model's files (config, tokenizer, weights), read instead "
+        "of model_id's; model_id still names the model", lorax=True)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = _setting("127.0.0.1", "address the HTTP server listens on", _NON_EMPTY)
-    port: int = _setting(3000, "TCP port of the HTTP server", _PORT, short="-p")
+    port: int = _setting(3000, "TCP port of the HTTP server", _PORT, short="-p", lorax=True)
     cors_allow_origin: tuple[str, ...] = _setting((), "origins allowed by CORS (repeatable flag)",
-                                                  _NO_EMPTY_ITEMS)
-    json_output: bool = _setting(False, "write log lines as JSON")
+                                                  _NO_EMPTY_ITEMS, lorax=True)
+    json_output: bool = _setting(False, "write log lines as JSON", lorax=True)
+    validation_workers: int = _setting(1, "threads that tokenize and check prompts",
+                                       _POSITIVE_INT, lorax=True)
+    metrics_adapter_labels: int = _setting(
+        100, "adapter ids named in /metrics labels; further adapters count as <other>",
+        _NON_NEGATIVE)
     log_level: str = _setting("info", "least severe log level written", choices=LOG_LEVELS,
                               reload=True)
     drain_timeout_s: float = _setting(
@@ -104,34 +127,39 @@ class ServerConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_concurrent_requests: int = _setting(128, "requests in flight before 429", _POSITIVE_INT,
-                                            reload=True)
-    max_best_of: int = _setting(2, "largest best_of of a request", _POSITIVE_INT, reload=True)
+                                            reload=True, lorax=True)
+    max_best_of: int = _setting(2, "largest best_of of a request", _POSITIVE_INT, reload=True,
+                                lorax=True)
     max_stop_sequences: int = _setting(4, "most stop sequences of a request", _NON_NEGATIVE,
-                                       reload=True)
+                                       reload=True, lorax=True)
     max_input_length: int = _setting(1024, "most prompt tokens of a request", _POSITIVE_INT,
-                                     reload=True)
+                                     reload=True, lorax=True)
     max_total_tokens: int = _setting(2048, "most prompt + generated tokens of a request",
-                                     _POSITIVE_INT, reload=True)
+                                     _POSITIVE_INT, reload=True, lorax=True)
     max_batch_prefill_tokens: int = _setting(4096, "most prompt tokens prefilled in one step",
-                                             _POSITIVE_INT, reload=True)
+                                             _POSITIVE_INT, reload=True, lorax=True)
     max_batch_total_tokens: int = _setting(32768, "most tokens held by the running batch",
-                                           _POSITIVE_INT)
+                                           _POSITIVE_INT, lorax=True)
     waiting_served_ratio: float = _setting(
         1.2, "waiting/running ratio above which waiting requests interrupt decoding",
-        _NON_NEGATIVE, reload=True)
+        _NON_NEGATIVE, reload=True, lorax=True)
     max_waiting_tokens: int = _setting(20, "decode steps before waiting requests may join",
-                                       _POSITIVE_INT, reload=True)
+                                       _POSITIVE_INT, reload=True, lorax=True)
     block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
+    adapter_id: str | None = _setting(
+        None, "default adapter of requests that name none; loaded at start and kept loaded",
+        lorax=True)
     adapter_source: str = _setting("hub", "where adapter ids are looked up unless a request says",
-                                   choices=ADAPTER_SOURCES, reload=True)
-    max_active_adapters: int = _setting(32, "adapter slots on the device", _POSITIVE_INT)
+                                   choices=ADAPTER_SOURCES, reload=True, lorax=True)
+    max_active_adapters: int = _setting(32, "adapter slots on the device", _POSITIVE_INT,
+                                        lorax=True)
     adapter_cycle_time_s: float = _setting(
         2.0, "seconds an adapter keeps the batch before waiting adapters get a turn", _POSITIVE,
-        reload=True)
+        reload=True, lorax=True)
     local_adapter_dirs: tuple[str, ...] = _setting(
         (), "directories holding local adapters (repeatable flag)", _NO_EMPTY_ITEMS,
         flag="--local-adapter-dir", reload=True)
@@ -163,6 +191,8 @@ class PathsConfig:
     control_socket: str = _setting("", "loraxctl's socket; <runtime_dir>/control.sock")
     cache_dir: str = _setting("", "downloads; /var/cache/loraxd as root, else "
                                   "$XDG_CACHE_HOME/loraxd or ~/.cache/loraxd")
+    shard_uds_path: str = _setting("", "the socket the workers connect to; "
+                                       "<runtime_dir>/workers.sock", lorax=True)
 
     def __post_init__(self) -> None:
         runtime_dir, cache_dir = default_paths(os.environ, os.geteuid())
@@ -171,6 +201,8 @@ class PathsConfig:
         object.__setattr__(self, "cache_dir", self.cache_dir or cache_dir)
         object.__setattr__(self, "control_socket",
                            self.control_socket or os.path.join(runtime_dir, "control.sock"))
+        object.__setattr__(self, "shard_uds_path",
+                           self.shard_uds_path or os.path.join(runtime_dir, "workers.sock"))
 
 
 @dataclass(frozen=True)
