@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = resolve_model(config.model.model_id, revision=config.model.revision,
                                   cache_dir=config.paths.cache_dir,
-                                  hub_cache=config.model.huggingface_hub_cache)
+                                  hub_cache=config.model.huggingface_hub_cache,
+                                  source=config.model.source,
+                                  weights_dir=config.model.weights_cache_override)
     except ModelNotFound as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

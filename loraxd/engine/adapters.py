@@ -64,6 +64,7 @@ class AdapterEntry:
     fetched: asyncio.Future | None = None  # resolves once the files are on disk
     strikes: int = 0  # worker deaths in a row while it was loading
     error: str | None = None  # why it is quarantined
+    moved_at: float = 0.0  # when its fetch or its load started
 
 
 class AdapterManager:
@@ -83,6 +84,8 @@ class AdapterManager:
         self.slots: list[str | None] = [None] * num_slots
         self.pending: OrderedDict[str, None] = OrderedDict()  # fetched, waiting for a slot
         self._tasks: set[asyncio.Task] = set()
+        # Called with ("fetch" | "load", entry, seconds) as each fetch or load succeeds.
+        self.timing_observers: list[Callable[[str, AdapterEntry, float], None]] = []
 
     # -- the scheduler's side ----------------------------------------------------------------
 
@@ -198,6 +201,7 @@ class AdapterManager:
         return entry
 
     async def _fetch_then_queue(self, entry: AdapterEntry) -> None:
+        entry.moved_at = self._clock()
         try:
             entry.path = await self._fetch(entry.ref)
         except Exception as exc:  # noqa: BLE001 - reported to every request for it
@@ -206,6 +210,7 @@ class AdapterManager:
             self._failed(entry, str(exc))
             return
         entry.fetched.set_result(None)
+        self._timed("fetch", entry)
         entry.status = FETCHED
         self.pending[entry.key] = None
         self._assign_slots()
@@ -243,7 +248,7 @@ class AdapterManager:
                 old.status, old.slot = FETCHED, -1
                 log.info("adapter %s leaves slot %d for %s", evicted, slot, key)
             entry = self.entries[key]
-            entry.status, entry.slot = LOADING, slot
+            entry.status, entry.slot, entry.moved_at = LOADING, slot, self._clock()
             self.slots[slot] = key
             self._spawn(self._load(slot, entry))
 
@@ -261,6 +266,7 @@ class AdapterManager:
             return
         entry.status, entry.strikes = LOADED, 0
         entry.loaded_at = entry.last_used = self._clock()
+        self._timed("load", entry)
         log.info("adapter %s loaded into slot %d", key, slot)
         if self.pending:
             self._assign_slots()
@@ -282,6 +288,10 @@ class AdapterManager:
         self.pending.pop(entry.key, None)
         self._on_failed(entry.key, error)
         self._wake()
+
+    def _timed(self, stage: str, entry: AdapterEntry) -> None:
+        for observe in self.timing_observers:
+            observe(stage, entry, self._clock() - entry.moved_at)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

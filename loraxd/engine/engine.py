@@ -48,6 +48,7 @@ class AsyncEngine:
         self.sources = sources  # loraxd.adapters.sources.AdapterSources, or None: base only
         self._ranks = ranks  # each rank's device and memory, for /info
         self._adapter_replies = AdapterReplies(config.model.num_shard)
+        self.host_cached: frozenset[str] = frozenset()  # the workers' host LRU, for /metrics
         self.adapters = AdapterManager(
             num_slots=config.adapters.max_active_adapters,
             cycle_time_s=config.adapters.adapter_cycle_time_s,
@@ -246,7 +247,7 @@ class AsyncEngine:
             "waiting_served_ratio": c.scheduler.waiting_served_ratio,
             "max_batch_total_tokens": c.scheduler.max_batch_total_tokens,
             "max_waiting_tokens": c.scheduler.max_waiting_tokens,
-            "validation_workers": 1,
+            "validation_workers": c.server.validation_workers,
             "eos_token": self.ready.eos_token_ids[0] if self.ready.eos_token_ids else None,
             "max_active_adapters": c.adapters.max_active_adapters,
             "adapter_source": c.adapters.adapter_source,
@@ -264,7 +265,8 @@ class AsyncEngine:
         """Scheduler state for /metrics and loraxctl."""
         s = self.scheduler
         return {"num_waiting": s.num_waiting, "num_running": len(s.running),
-                "kv_cache_usage": s.blocks.usage, "num_steps": self.num_steps}
+                "kv_cache_usage": s.blocks.usage, "num_steps": self.num_steps,
+                "batch_max_tokens": sum(seq.max_len for seq in s.running.values())}
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -305,11 +307,13 @@ class AsyncEngine:
     def _on_adapter_loaded(self, msg: AdapterLoaded) -> None:
         joined = self._adapter_replies.add(msg)  # loaded once every rank holds its part
         if joined is not None:
+            self.host_cached = frozenset(joined.host_cached)
             self.adapters.on_loaded(joined.slot, joined.adapter_key, joined.error)
 
     def _on_workers_replaced(self) -> None:
         """New workers, with empty slots: every adapter loads again (or is quarantined)."""
         self._adapter_replies.reset()
+        self.host_cached = frozenset()
         self.adapters.reset_slots()
 
     def _adapter_failed(self, key: str, error: str) -> None:

@@ -3,7 +3,8 @@
 Every tensor-parallel rank installs its part of an adapter on its own, between its steps;
 a slot may be used only once every rank holds its part, or one rank would compute with
 another adapter's weights. So a slot counts as loaded when all ranks have answered, and as
-failed if any rank failed (the first error is the one reported).
+failed if any rank failed (the first error is the one reported). An adapter is in host
+memory when every rank's LRU holds it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ class AdapterReplies:
             return None
         del self._pending[key]
         error = next((r.error for r in replies if r.error is not None), None)
-        return AdapterLoaded(msg.slot, msg.adapter_key, error)
+        held = set.intersection(*(set(r.host_cached) for r in replies))  # by every rank
+        return AdapterLoaded(msg.slot, msg.adapter_key, error,
+                             [k for k in msg.host_cached if k in held])
 
     def reset(self) -> None:
         """The group was replaced: answers from the old one will never complete."""

@@ -66,6 +66,9 @@ class SchedulerLimits:
 class StepPlan:
     step: Step
     seqs: dict[int, Sequence] = field(default_factory=dict)  # req_id -> seq in this step
+    # Why new sequences join a running batch: "backpressure" (enough of them wait),
+    # "wait_exceeded" (they waited max_waiting_tokens steps); None: no batch was running.
+    join_reason: str | None = None
 
 
 Event = tuple[int, TokenEvent | FinishEvent | EngineError]  # an error ends its request
@@ -119,6 +122,9 @@ class Scheduler:
     # -- planning ----------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
+        join_reason = "backpressure" if self.running else None
+        if self.running and self._steps_since_admission + 1 >= self.limits.max_waiting_tokens:
+            join_reason = "wait_exceeded"
         admitted = self._admit()
         if not admitted and not self.running and not self._to_free:
             return None  # nothing runnable (requests may wait for an adapter)
@@ -143,7 +149,7 @@ class Scheduler:
         step = Step(self._next_step_id, new_seqs, decode_ids, new_blocks, self._to_free)
         self._next_step_id += 1
         self._to_free = []
-        return StepPlan(step, plan_seqs)
+        return StepPlan(step, plan_seqs, join_reason if admitted else None)
 
     def _admit(self) -> list[Sequence]:
         if not self.waiting:

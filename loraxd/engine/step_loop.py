@@ -84,6 +84,9 @@ class StepLoop:
         self.last_step_done = 0.0
         self.step_started: float | None = None  # the step in flight, if any
         self.ready: Ready | None = None  # the replacement workers' Ready, after a recovery
+        # Called with (plan, result, seconds) after each step; result None: the workers were
+        # lost during it.
+        self.step_observers: list[Callable[[StepPlan, Any, float], None]] = []
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._outbox: dict[type, Any] = {}  # control messages for every rank, between steps
         self._woken = False
@@ -142,12 +145,15 @@ class StepLoop:
         s = self.settings()
         step = plan.step
         timeout = self.deadline.timeout(step, s.step_timeout_floor_s, s.step_timeout_factor)
-        self.step_started = time.monotonic()
+        started = self.step_started = time.monotonic()
+        result = None
         try:
             await self.workers.broadcast(step)
             result = await self._result_of(step.step_id, timeout)
         finally:
             self.step_started = None
+            for observe in self.step_observers:
+                observe(plan, result, time.monotonic() - started)
         self._heard_from_all()  # every rank took part in the step
         if isinstance(result, StepFailed):
             log.error("step %d failed: %s", result.step_id, result.message)

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, num_threads: int = 1):
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.exists():
@@ -25,8 +25,9 @@ class Tokenizer:
         self.chat_template = read_chat_template(model_dir, self.config)
         self.special_tokens = special_token_strings(
             self.config, _read_json(model_dir / "special_tokens_map.json"))
-        # One thread: encoding is quick, and the worker owns the cores.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        # One thread by default: encoding is quick, and the worker owns the cores.
+        self.num_threads = num_threads
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tokenizer")
 
     def encode_now(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

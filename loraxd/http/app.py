@@ -15,7 +15,7 @@ from loraxd.http.api_keys import KeyRing
 from loraxd.http.auth import auth_middleware
 from loraxd.http.errors import error_middleware
 from loraxd.http.head_deadline import HEAD_DEADLINES, DeadlineRunner, head_deadline_middleware
-from loraxd.http.metrics import MetricsRoutes
+from loraxd.http.metrics import Metrics
 from loraxd.http.native import NativeRoutes
 from loraxd.http.openai import OpenAIRoutes
 from loraxd.http.openapi import OpenAPIRoutes
@@ -34,15 +34,17 @@ def make_app(engine: Any, config: Any) -> web.Application:
 
     Raises KeysFileError when an API keys file is configured and cannot be used.
     """
-    frontend = Frontend.from_config(engine, config)
+    metrics = Metrics(engine, config)
+    frontend = Frontend.from_config(metrics.metered(engine), config)
     settings = frontend.settings  # api_keys_file and public_routes: restart-only
     keys = KeyRing(settings.api_keys_file)
     keys.load()
     frontend.keys_required = keys.enabled
     heads: dict = {}
     # Outermost first: the head deadline's bookkeeping, CORS preflight, the key check
-    # (before any body is read), errors.
-    middlewares = [auth_middleware(keys, settings.public_routes), error_middleware]
+    # (before any body is read), the request metrics (which see the errors rendered), errors.
+    middlewares = [auth_middleware(keys, settings.public_routes), metrics.middleware(),
+                   error_middleware]
     origins = tuple(config.server.cors_allow_origin)
     if origins:
         middlewares.insert(0, _cors_preflight(origins))
@@ -56,7 +58,7 @@ def make_app(engine: Any, config: Any) -> web.Application:
         app.on_response_prepare.append(_cors_headers(origins))
     NativeRoutes(frontend).register(app)
     OpenAIRoutes(frontend).register(app)
-    MetricsRoutes(engine, config.model.model_id).register(app)
+    metrics.register(app)
     OpenAPIRoutes(frontend, keys_required=keys.enabled,
                   public_routes=settings.public_routes).register(app)
     return app

@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 
 from loraxd.engine.request import EngineError
+from loraxd.http.metrics_recorder import note_error
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,14 @@ def overloaded() -> ApiError:
 
 
 def as_api_error(exc: BaseException) -> ApiError:
-    """Any exception as the ApiError the client sees; unexpected ones are logged here."""
+    """Any exception as the ApiError the client sees (and the request metrics count);
+    unexpected ones are logged here."""
+    err = _as_api_error(exc)
+    note_error(err.error_type)
+    return err
+
+
+def _as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, EngineError):

@@ -145,6 +145,7 @@ class Metrics(_Out):
     num_adapters_loaded: int
     running_lora_adapters: list[str]
     waiting_lora_adapters: list[str]
+    adapter_tiers: dict[str, str]  # public adapter id -> device | host | disk
 
 
 # -- OpenAI ---------------------------------------------------------------------------------

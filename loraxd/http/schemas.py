@@ -31,6 +31,7 @@ class Limits:
     max_input_length: int
     max_total_tokens: int
     default_adapter_source: str
+    default_adapter_id: str | None = None  # for requests that name no adapter
 
     @classmethod
     def from_config(cls, config: Any) -> Limits:
@@ -38,7 +39,8 @@ class Limits:
         return cls(max_best_of=sched.max_best_of, max_stop_sequences=sched.max_stop_sequences,
                    max_input_length=sched.max_input_length,
                    max_total_tokens=sched.max_total_tokens,
-                   default_adapter_source=config.adapters.adapter_source)
+                   default_adapter_source=config.adapters.adapter_source,
+                   default_adapter_id=config.adapters.adapter_id)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any, AsyncIterator, Iterator
 import msgspec
 from aiohttp import web
 
-from loraxd.engine.request import (EngineError, FinishEvent, GenerationRequest, TokenEvent)
+from loraxd.engine.request import (AdapterRef, EngineError, FinishEvent, GenerationRequest,
+                                   TokenEvent)
 from loraxd.http.errors import overloaded, validation_error
 from loraxd.http.schemas import SEED_MODULUS, GenerateParams, Limits, bearer_token
 from loraxd.http.settings import DoorSettings
@@ -102,8 +103,12 @@ async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limi
                   add_special_tokens: bool = True) -> Prepared:
     """Tokenize (off the loop), truncate, check the lengths, build the engine requests.
 
-    `add_special_tokens=False` for a rendered chat template, which holds its own.
+    `add_special_tokens=False` for a rendered chat template, which holds its own. A request
+    that names no adapter runs the default adapter, when one is configured.
     """
+    if params.adapter is None and params.merged is None and limits.default_adapter_id:
+        params = replace(params, adapter=AdapterRef(limits.default_adapter_id,
+                                                    limits.default_adapter_source))
     prompt_ids = await engine.tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
     if not prompt_ids:  # nothing to prefill: the model has no position to predict from
         raise validation_error("`inputs` is made of no tokens")

@@ -76,6 +76,8 @@ class AdapterLoaded(msgspec.Struct, tag=True, frozen=True):
     slot: int
     adapter_key: str
     error: str | None = None
+    # What the rank's host-memory LRU holds after this load: adapter paths, a merge's key.
+    host_cached: list[str] = []
 
 
 class WorkerError(msgspec.Struct, tag=True, frozen=True):

@@ -37,6 +37,10 @@ class HostCache:
                 self._items.move_to_end(path)
             return adapter
 
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
     def put(self, path: str, adapter) -> None:
         size = adapter.num_bytes
         if size > self.budget_bytes:
@@ -121,7 +125,7 @@ class AdapterLoader:
                     error = f"{exc}"
             if error is not None:
                 log.warning("adapter %s: %s", msg.adapter_key, error)
-            replies.append(AdapterLoaded(msg.slot, msg.adapter_key, error))
+            replies.append(AdapterLoaded(msg.slot, msg.adapter_key, error, self.cache.keys()))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

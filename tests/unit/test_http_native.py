@@ -98,8 +98,8 @@ def make_config(**sections) -> SimpleNamespace:
     parts = {
         "scheduler": dict(max_concurrent_requests=8, max_best_of=4, max_stop_sequences=2,
                           max_input_length=32, max_total_tokens=64),
-        "adapters": dict(adapter_source="hub"),
-        "server": dict(max_request_bytes=4096, cors_allow_origin=()),
+        "adapters": dict(adapter_source="hub", adapter_id=None),
+        "server": dict(max_request_bytes=4096, cors_allow_origin=(), metrics_adapter_labels=100),
         "model": dict(model_id="fake/base"),
     }
     for name, values in sections.items():
