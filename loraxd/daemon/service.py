@@ -215,6 +215,9 @@ class Service:
                                   recover=self.supervisor.replace,
                                   sources=adapter_sources(config),
                                   ranks=self.supervisor.rank_summaries)
+        # The app first: its metrics observe the engine from its first step and adapter move.
+        self.app = make_app(self.engine, config)
+        self.frontend = self.app[FRONTEND_KEY]
         self.engine.start()
         if config.adapters.adapter_id is not None:  # the default adapter: pinned like a preload
             self.engine.adapters.preload(AdapterRef(config.adapters.adapter_id,
@@ -225,8 +228,6 @@ class Service:
         if not await self.engine.health():
             raise WorkerStartError("the workers loaded the model but a one-token probe did "
                                    "not generate")
-        self.app = make_app(self.engine, config)
-        self.frontend = self.app[FRONTEND_KEY]
         runner = make_runner(self.app, access_log=None, shutdown_timeout=_HTTP_SHUTDOWN_S)
         await runner.setup()
         parts["runner"] = runner

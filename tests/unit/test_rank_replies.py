@@ -25,3 +25,19 @@ def test_a_replaced_group_forgets_partial_answers():
     replies.reset()
     assert replies.add(AdapterLoaded(0, "local:a")) is None  # the new group's first answer
     assert replies.add(AdapterLoaded(0, "local:a")) == AdapterLoaded(0, "local:a")
+
+
+def test_host_memory_holds_what_every_rank_holds():
+    replies = AdapterReplies(2)
+    assert replies.add(AdapterLoaded(0, "local:a", None, ["/a", "/b", "/c"])) is None
+    assert replies.add(AdapterLoaded(0, "local:a", None, ["/c", "/a"])).host_cached == ["/c", "/a"]
+
+
+def test_the_worker_reports_its_host_lru():
+    from types import SimpleNamespace
+
+    from loraxd.worker.adapter_loader import HostCache
+    cache = HostCache(budget_bytes=10)
+    for path in ("/a", "/b", "/c"):
+        cache.put(path, SimpleNamespace(num_bytes=4))
+    assert cache.keys() == ["/b", "/c"]  # /a evicted to stay within 10 bytes

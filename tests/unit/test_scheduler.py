@@ -232,3 +232,16 @@ def test_incremental_detokenizer_handles_multibyte(text):
     pieces = [detok.push(i) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_plans_say_why_new_sequences_join_a_running_batch():
+    s = make_scheduler(ratio=1.0, max_waiting=3)
+    s.add(make_seq(1, max_new=20))
+    assert run_step(s, {})[0].join_reason is None  # nothing was running
+    s.add(make_seq(2, max_new=20))
+    plan, _ = run_step(s, {})
+    assert [n.req_id for n in plan.step.new_seqs] == [2] and plan.join_reason == "backpressure"
+    s.add(make_seq(3, max_new=20))  # 1 waiting < 2 running: waits max_waiting steps
+    reasons = [run_step(s, {})[0] for _ in range(3)]
+    assert [(bool(p.step.new_seqs), p.join_reason) for p in reasons] == [
+        (False, None), (False, None), (True, "wait_exceeded")]
