@@ -607,7 +607,8 @@ def test_loraxctl_imports_only_the_protocol_the_client_and_the_path_rules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.splitlines()
     assert out[0].split(",") == ["loraxd", "loraxd.cli", "loraxd.cli.loraxctl",
-                                 "loraxd.cli.render", "loraxd.config", "loraxd.config.loader",
+                                 "loraxd.cli.render", "loraxd.config",
+                                 "loraxd.config.loader", "loraxd.config.lorax_only",
                                  "loraxd.config.tree", "loraxd.control",
                                  "loraxd.control.client", "loraxd.protocol",
                                  "loraxd.protocol.control"]
