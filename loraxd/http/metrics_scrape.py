@@ -132,7 +132,8 @@ class EngineGauges:
         lora = {"max_lora": str(s.num_adapter_slots),
                 "running_lora_adapters": ",".join(s.running_adapters),
                 "waiting_lora_adapters": ",".join(s.waiting_adapters)}
-        lora_doc = "Adapter slots and the adapters of running and waiting requests; value: unix time"
+        lora_doc = ("Adapter slots and the adapters of running and waiting requests; value: "
+                    "unix time")
         usage = "Fraction of the KV cache pages in use (0..1)"
         yield _gauge("loraxd_requests_waiting", "Requests waiting in the queue", s.num_waiting)
         yield _gauge("loraxd_requests_running", "Requests in the running batch", s.num_running)
