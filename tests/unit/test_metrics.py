@@ -197,7 +197,8 @@ async def test_gauges_follow_the_engine_at_each_scrape(serve):
     assert value(fams, "vllm:num_requests_waiting", model_name="fake/base") == 5
     assert value(fams, "vllm:num_requests_running") == value(fams, "lorax_batch_current_size") == 3
     assert value(fams, "vllm:kv_cache_usage_perc") == 0.375
-    assert value(fams, "lorax_queue_size") == 5 and value(fams, "lorax_batch_current_max_tokens") == 96
+    assert value(fams, "lorax_queue_size") == 5
+    assert value(fams, "lorax_batch_current_max_tokens") == 96
     assert value(fams, "loraxd_steps", "loraxd_steps_total") == 1200
     (info,) = fams["vllm:lora_requests_info"].samples
     assert info.labels == {"max_lora": "4", "running_lora_adapters": "a,b",
