@@ -266,7 +266,10 @@ class AsyncEngine:
         s = self.scheduler
         return {"num_waiting": s.num_waiting, "num_running": len(s.running),
                 "kv_cache_usage": s.blocks.usage, "num_steps": self.num_steps,
-                "batch_max_tokens": sum(seq.max_len for seq in s.running.values())}
+                "batch_max_tokens": sum(seq.max_len for seq in s.running.values()),
+                "num_kv_pages_used": s.blocks.num_blocks - s.blocks.num_free,
+                "num_kv_pages_reserved": s.num_reserved_blocks,
+                "num_requests_held": self.num_requests}
 
     # -- adapters ----------------------------------------------------------------------------
 

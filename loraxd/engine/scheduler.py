@@ -119,6 +119,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_reserved_blocks(self) -> int:
+        """Pages promised to the running sequences for their whole length (admission's
+        budget; the pages allocated so far are fewer)."""
+        return self._reserved_blocks
+
     # -- planning ----------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:

@@ -41,6 +41,9 @@ class Snapshot:
     waiting_adapters: list[str]
     time_s: float
     batch_max_tokens: int = 0
+    kv_pages_used: int = 0  # in pages, so a leak of one page shows (the ratio rounds it)
+    kv_pages_reserved: int = 0
+    num_held: int = 0  # requests the engine holds a stream for, whatever their state
     tiers: dict[str, str] = field(default_factory=dict)  # adapter id -> tier, public ones
     tier_counts: dict[str, int] = field(default_factory=dict)  # tier -> adapters, all of them
 
@@ -51,7 +54,9 @@ class Snapshot:
                 "max_lora": self.num_adapter_slots, "num_adapters_loaded":
                 self.num_adapters_loaded, "running_lora_adapters": self.running_adapters,
                 "waiting_lora_adapters": self.waiting_adapters,
-                "adapter_tiers": self.tiers}
+                "adapter_tiers": self.tiers, "num_kv_pages_used": self.kv_pages_used,
+                "num_kv_pages_reserved": self.kv_pages_reserved,
+                "num_requests_held": self.num_held}
 
 
 def _public_id(entry: Any) -> str | None:
@@ -110,6 +115,9 @@ def snapshot(engine: Any, model_id: str, clock: Callable[[], float] = time.time,
         waiting_adapters=_names(e for e in entries if getattr(e, "num_waiting", 0) > 0),
         time_s=clock(),
         batch_max_tokens=int(stats.get("batch_max_tokens", 0)),
+        kv_pages_used=int(stats.get("num_kv_pages_used", 0)),
+        kv_pages_reserved=int(stats.get("num_kv_pages_reserved", 0)),
+        num_held=int(stats.get("num_requests_held", 0)),
         tiers=dict(ordered[:max_labeled] if max_labeled is not None else ordered),
         tier_counts=counts)
 
@@ -138,6 +146,12 @@ class EngineGauges:
         yield _gauge("loraxd_requests_waiting", "Requests waiting in the queue", s.num_waiting)
         yield _gauge("loraxd_requests_running", "Requests in the running batch", s.num_running)
         yield _gauge("loraxd_kv_cache_usage_ratio", usage, s.kv_cache_usage)
+        yield _gauge("loraxd_kv_pages_used", "KV cache pages allocated to sequences",
+                     s.kv_pages_used)
+        yield _gauge("loraxd_kv_pages_reserved", "KV cache pages reserved for the running "
+                     "sequences' whole length", s.kv_pages_reserved)
+        yield _gauge("loraxd_requests_held", "Requests the engine holds (running, waiting, or "
+                     "their last event unread)", s.num_held)
         yield CounterMetricFamily("loraxd_steps", "Forward steps run", value=s.num_steps)
         yield _gauge("loraxd_adapter_slots", "Device slots for adapters", s.num_adapter_slots)
         yield _gauge("loraxd_adapters_loaded", "Adapters loaded in a slot",

@@ -86,7 +86,19 @@ async def test_generates_until_length_and_frees_everything(engine):
     assert [type(e) for e in events] == [TokenEvent] * 3 + [FinishEvent]
     assert events[-1].generated_text == "xxx" and events[-1].finish_reason == "length"
     await asyncio.sleep(0.01)
-    assert engine.stats()["num_running"] == 0 and engine.stats()["kv_cache_usage"] == 0
+    stats = engine.stats()
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    assert (stats["num_kv_pages_used"], stats["num_kv_pages_reserved"],
+            stats["num_requests_held"]) == (0, 0, 0)
+
+
+async def test_stats_count_the_pages_of_a_running_request(engine):
+    gen = engine.generate(GenerationRequest([ord("a")] * 5, max_new_tokens=20))
+    await gen.__anext__()
+    stats = engine.stats()  # pages of 4 tokens: 2 or more in use, 7 reserved for 25 tokens
+    assert 2 <= stats["num_kv_pages_used"] <= 7
+    assert (stats["num_kv_pages_reserved"], stats["num_requests_held"]) == (7, 1)
+    await gen.aclose()
 
 
 async def test_closing_the_stream_aborts_the_request(engine):

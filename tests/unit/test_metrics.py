@@ -47,7 +47,8 @@ class StatsEngine(FakeEngine):
     def __init__(self, entries=(), num_slots=4, host_cached=(), **stats):
         super().__init__()
         self._stats = {"num_waiting": 5, "num_running": 3, "kv_cache_usage": 0.375,
-                       "num_steps": 1200, "batch_max_tokens": 96, **stats}
+                       "num_steps": 1200, "batch_max_tokens": 96, "num_kv_pages_used": 12,
+                       "num_kv_pages_reserved": 20, "num_requests_held": 9, **stats}
         self.adapters = SimpleNamespace(entries={e.key: e for e in entries},
                                         slots=[None] * num_slots, timing_observers=[])
         self.steps = SimpleNamespace(step_observers=[])
@@ -200,6 +201,9 @@ async def test_gauges_follow_the_engine_at_each_scrape(serve):
     assert value(fams, "lorax_queue_size") == 5
     assert value(fams, "lorax_batch_current_max_tokens") == 96
     assert value(fams, "loraxd_steps", "loraxd_steps_total") == 1200
+    assert value(fams, "loraxd_kv_pages_used") == 12
+    assert value(fams, "loraxd_kv_pages_reserved") == 20
+    assert value(fams, "loraxd_requests_held") == 9
     (info,) = fams["vllm:lora_requests_info"].samples
     assert info.labels == {"max_lora": "4", "running_lora_adapters": "a,b",
                            "waiting_lora_adapters": "b,c"} and info.value > 1.7e9
@@ -233,7 +237,8 @@ async def test_json_when_asked(serve):
         "model_id": "fake/base", "num_requests_waiting": 5, "num_requests_running": 3,
         "kv_cache_usage": 0.375, "num_steps": 1200, "max_lora": 4, "num_adapters_loaded": 1,
         "running_lora_adapters": ["a"], "waiting_lora_adapters": [],
-        "adapter_tiers": {"a": "device"}}
+        "adapter_tiers": {"a": "device"}, "num_kv_pages_used": 12,
+        "num_kv_pages_reserved": 20, "num_requests_held": 9}
 
 
 async def test_an_engine_without_read_outs_reads_as_zero(serve):
