@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterable, Iterator
 
 from loraxd.engine.request import AdapterRef, MergedAdapters
 from loraxd.engine.sequence import Sequence
@@ -298,9 +298,14 @@ class AdapterManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def reset_slots(self) -> None:
+    def reset_slots(self, queue: Iterable[Sequence] = ()) -> None:
         """The workers restarted with empty slots: everything must load again, except an
-        adapter whose load was under way at this death and the one before (quarantined)."""
+        adapter whose load was under way at this death and the one before (quarantined).
+
+        The slots go first to the adapters `queue` (the waiting requests, resumed ones at
+        its head) wants, in its order: releasing the resumed requests let adapters that
+        only queued requests wanted take their slots, and a resumed stream would otherwise
+        stall for a whole rotation behind requests that arrived after it."""
         for entry in self.entries.values():
             entry.num_running = 0
             if entry.status == LOADING:
@@ -311,6 +316,11 @@ class AdapterManager:
             if entry.status in (LOADED, LOADING):
                 entry.status, entry.slot = FETCHED, -1
                 self.pending[entry.key] = None
+        wanted = dict.fromkeys(e.key for e in map(self._entry_of, queue)
+                               if e is not None and e.status == FETCHED)
+        for key in reversed(wanted):
+            self.pending[key] = None
+            self.pending.move_to_end(key, last=False)
         self.slots = [None] * self.num_slots
         self._assign_slots()
 

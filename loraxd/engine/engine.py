@@ -317,7 +317,7 @@ class AsyncEngine:
         """New workers, with empty slots: every adapter loads again (or is quarantined)."""
         self._adapter_replies.reset()
         self.host_cached = frozenset()
-        self.adapters.reset_slots()
+        self.adapters.reset_slots(self.scheduler.waiting)
 
     def _adapter_failed(self, key: str, error: str) -> None:
         doomed = [s for s in self.scheduler.waiting if s.request.adapter_spec is not None

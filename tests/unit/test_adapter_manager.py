@@ -16,6 +16,7 @@ class Harness:
         self.loads: list[tuple[int, str]] = []
         self.failed: list[tuple[str, str]] = []
         self.fail = set(fail)
+        self.dead = False  # the workers are gone: a load never reaches them
         self.m = AdapterManager(num_slots=num_slots, cycle_time_s=cycle, fetch=self.fetch,
                                 load=self.load, on_failed=lambda k, e: self.failed.append((k, e)),
                                 wake=lambda: None, clock=lambda: self.now)
@@ -26,6 +27,9 @@ class Harness:
         return Path("/adapters") / ref.adapter_id
 
     async def load(self, slot, entry):
+        if self.dead:
+            self.m.unsent(slot, entry.key)
+            return
         self.loads.append((slot, entry.key))
         self.m.on_loaded(slot, entry.key, None)
 
@@ -211,3 +215,30 @@ async def test_a_suspect_loads_alone_so_a_bystander_is_not_blamed_twice():
     await settle()
     states = {k: e.status for k, e in h.m.entries.items()}
     assert sorted(states.values()) == ["loading", "quarantined"]
+
+
+async def test_after_a_replacement_the_resumed_requests_adapters_load_first():
+    """The workers died while a and b ran and c and d waited. Releasing a's and b's requests
+    (the scheduler's requeue) hands their slots to c and d, loads that never reach the dead
+    workers; the new workers must still load a and b first, for the resumed requests at the
+    head of the queue, not leave them a rotation behind c and d."""
+    h = Harness(num_slots=2)
+    running, waiting = [seq("a", 1), seq("b", 2)], [seq("c", 3), seq("d", 4)]
+    for s in running:
+        h.m.acquire(s)
+        await settle()
+        assert h.m.acquire(s) is not None
+    for s in waiting:
+        h.m.enqueue(s)
+        assert h.m.acquire(s) is None
+    await settle()
+    h.dead = True
+    for s in running:
+        h.m.release(s)
+    for s in running:
+        h.m.enqueue(s)
+    await settle()
+    h.dead, h.loads = False, []
+    h.m.reset_slots(running + waiting)
+    await settle()
+    assert h.loads == [(0, "local:a"), (1, "local:b")]
