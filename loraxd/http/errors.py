@@ -1,6 +1,6 @@
 """HTTP errors: one exception type, one JSON body shape, one middleware.
 
-Every error leaves as `{"error": str, "error_type": str}` (API.md, Errors). Handlers raise
+Every error leaves as `{"error": str, "error_type": str}` (LoRAX's error shape). Handlers raise
 `ApiError` (or let an engine `EngineError` through); the middleware renders both, turns
 aiohttp's own HTTP exceptions into the same shape, and turns anything unexpected into a
 500 `incomplete_generation` that is logged, never aiohttp's HTML page.

@@ -1,6 +1,6 @@
 """The LoRAX-native routes: /generate, /generate_stream, /, /tokenize, /health, /info.
 
-Shapes follow API.md exactly; the unmodified lorax-client parses every one of them.
+Shapes follow LoRAX's API exactly; the unmodified lorax-client parses every one of them.
 """
 from __future__ import annotations
 

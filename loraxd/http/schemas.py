@@ -1,4 +1,5 @@
-"""Validation of the native `parameters` object (API.md's table) into `GenerateParams`.
+"""Validation of the native `parameters` object into `GenerateParams`: LoRAX's
+parameters, with its bounds.
 
 Pure functions, no I/O: every rule that needs only the body and the configured limits lives
 here; the rules that need the prompt's token count are in service.py. The OpenAI routes

@@ -1,4 +1,5 @@
-"""The supervisor side must never import torch (DESIGN.md): check in a fresh interpreter."""
+"""The supervisor side must never import torch (it stays small and starts fast; the workers
+hold the model): check in a fresh interpreter."""
 import subprocess
 import sys
 

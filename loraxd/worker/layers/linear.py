@@ -3,8 +3,10 @@
 All matmuls go through `DenseKernel`: on a CPU it holds the weight reordered once for
 oneDNN (the private `mkldnn._reorder_linear_weight` / `_linear_pointwise` ops that
 torch.compile emits when it freezes weights), which runs fp32 skinny batches about twice as
-fast as `F.linear` (MKL) and the LM head four times (notes/cpu-performance.md); measured
-here it is also as fast or faster for 500-row prefills, so there is no per-call choice.
+fast as `F.linear` (MKL) and the LM head four times (measured on 2-core Xeon and EPYC
+machines); it was also as fast or faster for 500-row prefills, so there is no per-call
+choice. oneDNN keeps state per input shape: a worker's memory grows with the prefill sizes
+it has seen before it levels off (a few hundred MB on a small model).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
 
 Layers are filled by `load_weight`/`load_bias` calls with full (unsharded) HF tensors, each
