@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from loraxd.worker.device_copy import SideStreamUploads
 from loraxd.worker.lora.ops import (
     GroupStore, LoraOp, LoraStepContext, LoraStorage, SlotViews, TorchLoraOp,
     group_specs,
@@ -22,7 +23,9 @@ from loraxd.worker.lora.peft_format import AdapterIncompatible, LoraAdapter
 class LoraSlotPool:
     """`num_slots` adapters on the device; `step_context(token_slots)` is what the model's
     linears call (`ctx.apply(layer_idx, group, x, y)`), through `op` (TorchLoraOp by default).
-    load / unload happen between steps, never while a step context is in use."""
+    load / unload happen between steps, never while a step context is in use; on CUDA a load's
+    copies run on a side stream from pinned memory, and the next step waits for them on the
+    device."""
 
     def __init__(
         self,
@@ -58,6 +61,7 @@ class LoraSlotPool:
                  for _ in range(num_slots)]
         self.storage = LoraStorage(specs, stores, ranks, max_rank, self.device)
         self._adapters: list[LoraAdapter | None] = [None] * num_slots
+        self._uploads = SideStreamUploads(self.device)
 
     @property
     def num_bytes(self) -> int:
@@ -75,14 +79,15 @@ class LoraSlotPool:
         self._check_slot(slot)
         self._check_fits(adapter)
         self.unload(slot)
-        for name, spec in self.storage.specs.items():
-            per_layer = []
-            for layer_idx in range(self.num_layers):
-                store = self.storage.stores[layer_idx][name]
-                pairs = [adapter.weights.get((layer_idx, m)) for m in spec.modules]
-                store.views[slot] = self._write_group(store, spec, slot, pairs)
-                per_layer.append(tuple(0 if p is None else p[0].shape[0] for p in pairs))
-            self.storage.set_ranks(slot, name, tuple(per_layer))
+        with self._uploads:
+            for name, spec in self.storage.specs.items():
+                per_layer = []
+                for layer_idx in range(self.num_layers):
+                    store = self.storage.stores[layer_idx][name]
+                    pairs = [adapter.weights.get((layer_idx, m)) for m in spec.modules]
+                    store.views[slot] = self._write_group(store, spec, slot, pairs)
+                    per_layer.append(tuple(0 if p is None else p[0].shape[0] for p in pairs))
+                self.storage.set_ranks(slot, name, tuple(per_layer))
         self._adapters[slot] = adapter
 
     def unload(self, slot: int) -> None:
@@ -94,27 +99,29 @@ class LoraSlotPool:
         self._adapters[slot] = None
 
     def step_context(self, token_slots: torch.Tensor) -> LoraStepContext | None:
-        """Per-step LoRA for `token_slots` [num_tokens] (-1: base model); None if all are -1."""
+        """Per-step LoRA for `token_slots` [num_tokens] (-1: base model); None if all are -1.
+        A host tensor: the ops read it on the host, which for a device tensor is a sync."""
+        self._uploads.ready()
         return self.op.step(self.storage, token_slots)
 
     def _write_group(self, store: GroupStore, spec, slot: int, pairs) -> SlotViews | None:
         a_slot = store.a[slot]  # [in * cap]
         rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
         if self._zero_tails:
-            a_slot.zero_()
+            self._uploads.zero(a_slot)
             for b in store.b:
-                b[rows].zero_()
+                self._uploads.zero(b[rows])
         present = [(j, a, b) for j, pair in enumerate(pairs) if pair is not None for a, b in [pair]]
         if not present:
             return None
         r_tot = sum(a.shape[0] for _, a, _ in present)
         at = a_slot[: spec.in_features * r_tot].view(spec.in_features, r_tot)
-        at.copy_(torch.cat([a for _, a, _ in present]).t())
+        self._uploads.copy(at, torch.cat([a for _, a, _ in present]).t())
         expands, h0 = [], 0
         for j, a, b in present:
             r = a.shape[0]
             bt = store.b[j][rows][:r]  # [r, out]
-            bt.copy_(b.t())
+            self._uploads.copy(bt, b.t())
             c0 = spec.col_starts[j]
             cols = None if spec.outs[j] == spec.out_features else slice(c0, c0 + spec.outs[j])
             expands.append((cols, None if r == r_tot else slice(h0, h0 + r), bt))
