@@ -60,6 +60,7 @@ class StepContext:
     # layer type -> (cos, sin), each [num_tokens, 1, head_dim]; set by the model
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
+    kernel_index: dict = field(default_factory=dict)  # index tensors kernels derive, per step
 
     @property
     def num_tokens(self) -> int:
@@ -104,13 +105,16 @@ class StepContext:
 class PagedAttention:
     """`rope_key` picks the step's rotary tables (per layer type); `qk_norms` (a q and a k
     RMSNorm over head_dim, applied before the rotation) for Qwen3 and Gemma 3; `softcap`
-    caps the scores at `cap * tanh(score / cap)` before the mask (Gemma 2)."""
+    caps the scores at `cap * tanh(score / cap)` before the mask (Gemma 2). `kernels`: an
+    object whose `forward(layer, qkv, ctx, kv_cache)` attends in place of the torch code below
+    once the step's K/V are in the cache (TritonAttention on CUDA)."""
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  *, scale: float, sliding_window: int | None = None,
                  rope_key: str = "full_attention", qk_norms: tuple | None = None,
-                 softcap: float | None = None):
+                 softcap: float | None = None, kernels=None):
         self.layer_idx = layer_idx
+        self.kernels = kernels
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
@@ -136,7 +140,8 @@ class PagedAttention:
         apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
         kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
         kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
-
+        if self.kernels is not None:
+            return self.kernels.forward(self, qkv, ctx, kv_cache)
         if ctx.num_prefill_seqs == 0:
             return self._decode(qkv, ctx, kv_cache)
         if ctx.num_decode == 0 and ctx.num_prefill_seqs == 1:

@@ -12,13 +12,14 @@ Two shapes of work, each as a shrink and an expand:
   adapter; tile products with `tl.dot`. Blocks are listed by the host, so uneven segments
   waste no programs.
 
-Rows of y whose token has no adapter are never touched. Under the interpreter, which cannot
-multiply bfloat16, `UPCAST` turns the dot operands to fp32; on a GPU they go in as stored.
+Rows of y whose token has no adapter are never touched. `UPCAST`: see triton_common.mm.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from loraxd.worker.triton_common import mm
 
 
 @triton.jit
@@ -108,10 +109,7 @@ def shrink_blocks(x_ptr, a_ptr, h_ptr, row_ptr, nrows_ptr, slot_ptr, rtot_ptr,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_ptr + s * stride_a + k[:, None] * r_tot + r[None, :],
                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        x = x.to(a.dtype)
-        if UPCAST:
-            x, a = x.to(tl.float32), a.to(tl.float32)
-        acc += tl.dot(x, a, input_precision="ieee")
+        acc += mm(x.to(a.dtype), a, UPCAST)
     tl.store(h_ptr + (row0 + m[:, None]) * stride_h + r[None, :], acc,
              mask=m_ok[:, None] & r_ok[None, :])
 
@@ -143,10 +141,7 @@ def expand_blocks(h_ptr, y_ptr, row_ptr, nrows_ptr, slot_ptr, rank_ptr, hoff_ptr
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         h = tl.load(h_ptr + (row0 + m[:, None]) * stride_h + hoff + r[None, :],
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        h = h.to(b.dtype)  # rounded as the torch path rounds its h
-        if UPCAST:
-            h, b = h.to(tl.float32), b.to(tl.float32)
-        acc += tl.dot(h, b, input_precision="ieee")
+        acc += mm(h.to(b.dtype), b, UPCAST)  # h rounded as the torch path rounds it
     if r_end > 0:
         y_at = y_ptr + (row0 + m[:, None]) * stride_y + col + n[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
