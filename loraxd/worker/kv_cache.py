@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from loraxd.worker.device_copy import tensor_on
+
 
 class PagedKVCache:
     """`num_blocks` pages for sequences, plus `null_block`: a page no sequence owns, so it
@@ -50,7 +52,7 @@ class PagedKVCache:
         """Zero these pages in every layer: what a failed sequence left there (NaN, inf)
         must not reach the masked reads of the next sequence that gets them."""
         if block_ids:
-            ids = torch.tensor(block_ids, device=self.data.device)
+            ids = tensor_on(block_ids, self.data.device)
             self.data.view(self.data.shape[0], self.num_blocks + 1, -1)[:, ids] = 0
 
 
@@ -82,7 +84,7 @@ class BlockTables:
         if end > self.table.shape[1]:
             self._grow_cols(end)
         if block_ids:
-            self.table[row, start:end] = torch.tensor(block_ids, dtype=torch.long)
+            self.table[row, start:end] = tensor_on(block_ids, self.device, torch.long)
         self.lengths[row] = end
 
     def blocks(self, row: int) -> list[int]:

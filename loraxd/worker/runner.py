@@ -15,11 +15,13 @@ import torch
 
 from loraxd.protocol.worker import NewSeq, SeqFailure, SeqOutput, Step
 from loraxd.worker import loader
+from loraxd.worker.device_copy import tensor_on
 from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
 from loraxd.worker.layers.attention import StepContext
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
 from loraxd.worker.models import CausalLM, UnsupportedModel, read_config_json, resolve
+from loraxd.worker.triton_support import use_triton
 
 __all__ = ["ModelRunner", "StepContext", "StepRejected", "UnsupportedModel"]
 
@@ -59,21 +61,31 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class ModelRunner:
+    """`kernels`: "auto" (the Triton attention and LoRA kernels on CUDA when triton is
+    installed, the torch code elsewhere), "torch", or "triton" (see triton_support.py)."""
+
     def __init__(self, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                  max_batch_total_tokens: int = 32768, block_size: int = 16,
-                 num_threads: int = 0, tp: TensorParallel | None = None):
+                 num_threads: int = 0, tp: TensorParallel | None = None,
+                 kernels: str = "auto"):
         if torch.device(device).type == "cpu":
             torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
+        self.kernels = "triton" if use_triton(kernels, self.device) else "torch"
         self.tp = tp or TensorParallel.single(self.device)
         self.model_dir = model_dir
         arch = resolve(model_dir)
         self.arch = arch
         self.architecture = arch.architecture
         self.eos_token_ids = loader.eos_token_ids(model_dir, read_config_json(model_dir))
+        attention_kernels = None
+        if self.kernels == "triton":
+            from loraxd.worker.layers.triton_attention import TritonAttention
+            attention_kernels = TritonAttention()
         with torch.inference_mode():
-            self.model = CausalLM(arch, dtype=self.dtype, device=self.device, tp=self.tp)
+            self.model = CausalLM(arch, dtype=self.dtype, device=self.device, tp=self.tp,
+                                  attention_kernels=attention_kernels)
             self.model.load_weights(loader.iter_weights(model_dir))
         self.num_layers = arch.num_layers
         # adapters are read and checked whole, then cut to this rank's shapes
@@ -98,8 +110,13 @@ class ModelRunner:
 
     def enable_lora(self, num_slots: int, max_rank: int = 64) -> None:
         from loraxd.worker.lora import LoraSlotPool
+        op = None  # the pool's default, TorchLoraOp
+        if self.kernels == "triton":
+            from loraxd.worker.lora.triton_op import TritonLoraOp
+            op = TritonLoraOp()
         self.attach_lora(LoraSlotPool(num_slots, self.shard_shapes, self.num_layers,
-                                      max_rank=max_rank, dtype=self.dtype, device=self.device))
+                                      max_rank=max_rank, dtype=self.dtype, device=self.device,
+                                      op=op))
 
     def read_adapter(self, path: str, limits=None):
         """Read and check a PEFT adapter (thread-safe; no slot is touched); `limits`: an
@@ -172,7 +189,7 @@ class ModelRunner:
              lora) -> list[SeqOutput | SeqFailure]:
         ctx = self._context(new_seqs, new, decode, lora)
         if ctx.lora is None and self.lora_pool is not None and max(ctx.seq_slots) >= 0:
-            ctx.lora = self.lora_pool.step_context(ctx.token_slots)
+            ctx.lora = self.lora_pool.step_context(self._host_token_slots(ctx))
         elif ctx.lora is not None and hasattr(ctx.lora, "prepare"):
             ctx.lora.prepare(ctx)
         hidden, residual = self.model.forward(ctx, self.kv_cache)
@@ -257,6 +274,15 @@ class ModelRunner:
         return out
 
     # -- the step's index tensors, built once and shared by every layer ------------------
+    # (on the host, then copied without a sync: see device_copy.py)
+
+    @staticmethod
+    def _host_token_slots(ctx: StepContext) -> torch.Tensor:
+        """ctx.token_slots on the host, rebuilt from the per-sequence lists (reading the
+        device copy back would be a sync)."""
+        if ctx.token_slots.device.type == "cpu":
+            return ctx.token_slots
+        return torch.tensor(ctx.seq_slots).repeat_interleave(torch.tensor(ctx.query_lens))
 
     def _context(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
                  lora) -> StepContext:
@@ -274,27 +300,27 @@ class ModelRunner:
 
         dev = self.device
         input_ids = [t for s in new_seqs for t in s.prompt_ids] + [s.last_token for s in decode]
-        rows = torch.tensor([s.row for s in states], device=dev)
-        q_lens = torch.tensor(query_lens, device=dev)
+        rows = tensor_on([s.row for s in states], dev)
+        q_lens = tensor_on(query_lens, dev)
         seq_of_token = torch.repeat_interleave(torch.arange(len(states), device=dev), q_lens,
                                                output_size=num_tokens)
-        offset = torch.tensor([p - s for p, s in zip(past_lens, starts)], device=dev)
+        offset = tensor_on([p - s for p, s in zip(past_lens, starts)], dev)
         positions = torch.arange(num_tokens, device=dev) + offset[seq_of_token]
         slot_mapping = self._slots(rows[seq_of_token], positions)
         seq_slots = [s.adapter_slot for s in states]
-        token_slots = torch.tensor(seq_slots, device=dev)[seq_of_token]
+        token_slots = tensor_on(seq_slots, dev)[seq_of_token]
 
         decode_blocks = decode_lens = None
         decode_max_len = 0
         if decode:
             max_blocks = -(-max(seq_lens[len(new):]) // self.block_size)
             decode_max_len = max_blocks * self.block_size
-            decode_lens = torch.tensor(seq_lens[len(new):], device=dev)
+            decode_lens = tensor_on(seq_lens[len(new):], dev)
             decode_blocks = self.tables.table[rows[len(new):], :max_blocks].flatten()
 
         logits_idx, sample_idx = self._logit_rows(new_seqs, starts, query_lens, len(decode))
         return StepContext(
-            input_ids=torch.tensor(input_ids, device=dev), positions=positions,
+            input_ids=tensor_on(input_ids, dev), positions=positions,
             slot_mapping=slot_mapping, token_slots=token_slots,
             req_ids=[s.req_id for s in states], seq_slots=seq_slots, query_lens=query_lens,
             seq_lens=seq_lens, num_prefill_seqs=len(new), num_prefill_tokens=num_prefill_tokens,
@@ -315,7 +341,7 @@ class ModelRunner:
         dev = self.device
         last = [start + n - 1 for start, n in zip(starts, query_lens)]
         if not any(s.sampling.prompt_logprobs for s in new_seqs):
-            return torch.tensor(last, device=dev), None
+            return tensor_on(last, dev), None
         logit_rows, sample_rows = [], []
         for i, (start, n) in enumerate(zip(starts, query_lens)):
             if i < len(new_seqs) and new_seqs[i].sampling.prompt_logprobs:
@@ -323,4 +349,4 @@ class ModelRunner:
             else:
                 logit_rows.append(start + n - 1)
             sample_rows.append(len(logit_rows) - 1)
-        return torch.tensor(logit_rows, device=dev), torch.tensor(sample_rows, device=dev)
+        return tensor_on(logit_rows, dev), tensor_on(sample_rows, dev)

@@ -33,7 +33,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class DecoderLayer:
     def __init__(self, shard: ModelShard, layer_idx: int, *, dtype: torch.dtype,
                  device: str | torch.device,
-                 all_reduce: Callable[[torch.Tensor], torch.Tensor]):
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor], attention_kernels=None):
         arch = shard.arch
         h, d = arch.hidden_size, arch.head_dim
         common = dict(rank=shard.shard.rank, world_size=shard.world_size, dtype=dtype,
@@ -60,7 +60,7 @@ class DecoderLayer:
                                    scale=arch.attn_scale,
                                    sliding_window=arch.sliding_windows[layer_idx],
                                    rope_key=layer_type, qk_norms=qk_norms,
-                                   softcap=arch.attn_softcap)
+                                   softcap=arch.attn_softcap, kernels=attention_kernels)
         self.o_proj = RowParallelLinear(arch.num_heads * d, h, bias=arch.o_bias, group="o",
                                         all_reduce=all_reduce, **common)
         self.gate_up_proj = ColumnParallelLinear(
@@ -116,10 +116,11 @@ _FUSED_WEIGHTS = {"self_attn.qkv_proj": ("self_attn.qkv_proj", None),
 
 class CausalLM:
     """The whole model, or with `tp` over N ranks this rank's shard of it (see
-    models/sharding.py and layers/embedding.py for what each rank holds)."""
+    models/sharding.py and layers/embedding.py for what each rank holds).
+    `attention_kernels`: see PagedAttention (None: the torch path)."""
 
     def __init__(self, arch: ModelArch, *, dtype: torch.dtype, device: str | torch.device,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, attention_kernels=None):
         self.arch = arch
         self.dtype, self.device = dtype, device
         self.tp = tp or TensorParallel.single(device)
@@ -130,7 +131,8 @@ class CausalLM:
         if arch.embedding_scale is not None:  # as transformers: the fp32 scalar cast first
             self.embedding_scale = torch.tensor(arch.embedding_scale).to(dtype)
         self.layers = [DecoderLayer(self.shard, i, dtype=dtype, device=device,
-                                    all_reduce=self.tp.all_reduce)
+                                    all_reduce=self.tp.all_reduce,
+                                    attention_kernels=attention_kernels)
                        for i in range(arch.num_layers)]
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype, device=device,
                             offset=arch.norm_offset)
