@@ -22,7 +22,11 @@ def interpreting() -> bool:
     if not triton_installed():
         return False
     import triton
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # an older triton, which reads the variable itself
+        import os
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def triton_runs_on(device: torch.device) -> bool:

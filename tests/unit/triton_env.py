@@ -16,14 +16,15 @@ if not HAS_CUDA:
 
 from loraxd.worker.triton_support import interpreting, triton_installed  # noqa: E402
 
-SKIP_NO_TRITON = pytest.mark.skipif(
-    not triton_installed(), reason="triton is not installed (pip install 'loraxd[gpu]', or "
-                                   "triton==3.9.0 for the interpreter tests)")
+NO_TRITON = ("triton is not installed (pip install 'loraxd[gpu]', or triton==3.9.0 for the "
+             "interpreter tests)")
+SKIP_NO_TRITON = pytest.mark.skipif(not triton_installed(), reason=NO_TRITON)
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1 (set only without "
-                                   "CUDA, so that a GPU runs its compiled kernels)")),
+        not interpreting(), reason=NO_TRITON if not triton_installed() else
+        "CPU tensors need TRITON_INTERPRET=1 (set only without CUDA, so that a GPU runs its "
+        "compiled kernels)")),
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not HAS_CUDA, reason="needs CUDA")]),
 ]
