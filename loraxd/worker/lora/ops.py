@@ -23,7 +23,8 @@ different rank-16 adapters take about half the time of the best alternative (all
 stacked + mask, oneDNN-prepacked), which also grows with the pool size where this does not;
 one adapter for all tokens and prefill runs are the GEMM path's.
 
-A GPU kernel (SGMV/BGMV) is another `LoraOp` with the same `step(...) -> LoraStepContext`.
+On CUDA the Triton kernels (triton_op.py, SGMV/BGMV style) are another `LoraOp` with the
+same `step(...) -> LoraStepContext`; this one is their reference and fallback.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from loraxd.worker.device_copy import to_device
 
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -280,7 +283,7 @@ class TorchLoraOp:
                 whole = len(pos) == len(slots)
                 ctx.segments.append(_Segment(slot, pos[0], pos[-1] + 1, whole=whole))
             else:
-                idx = torch.tensor(pos, dtype=torch.long, device=storage.device)
+                idx = _on(pos, storage)
                 ctx.segments.append(_Segment(slot, 0, 0, idx))
         if bag_slots:
             in_bags = set(bag_slots)
@@ -338,7 +341,8 @@ def _build_layout(storage, spec: GroupSpec, ranks, bag_tokens, num_tokens) -> _B
         offsets = torch.arange(0, idx.numel() + 1, spec.in_features)
         n = len(bag_tok) // chunks
         rows = None if n == num_tokens else slice(len(x_order) - n, len(x_order))
-        shrinks.append(_Shrink(width, idx.to(storage.device), offsets.to(storage.device), rows,
+        shrinks.append(_Shrink(width, to_device(idx, storage.device),
+                               to_device(offsets, storage.device), rows,
                                None if chunks == 1 else _on(bag_tok, storage)))
     perm, expands = [], []
     for j in range(len(spec.modules)):
@@ -352,10 +356,11 @@ def _build_layout(storage, spec: GroupSpec, ranks, bag_tokens, num_tokens) -> _B
         if rows:
             offsets = torch.tensor([0] + counts).cumsum(0)
             expands.append(_Expand(j, h0, len(perm), _on(rows, storage),
-                                   offsets.to(storage.device)))
+                                   to_device(offsets, storage.device)))
     return _BagLayout(None if x_order == list(range(num_tokens)) else _on(x_order, storage),
                       shrinks, None if perm == list(range(h_len)) else _on(perm, storage), expands)
 
 
 def _on(values: list[int], storage: LoraStorage) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(storage.device)
+    """Index values on the pool's device (on CUDA without a host sync)."""
+    return to_device(torch.tensor(values, dtype=torch.long), storage.device)
