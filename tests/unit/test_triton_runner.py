@@ -5,7 +5,6 @@ the CPU, compiled on CUDA where there is one."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.unit.triton_env import DEVICES, SKIP_NO_TRITON
 

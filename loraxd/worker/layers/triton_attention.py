@@ -19,17 +19,18 @@ class TritonAttention:
     """`block_m` query rows per prefill program; `block_n` keys per loop iteration."""
 
     def __init__(self, block_m: int = 32, block_n: int = 32):
+        from loraxd.worker.triton_support import interpreting
+
         self.block_m, self.block_n = block_m, block_n
+        self.upcast = interpreting()  # see triton_common.mm
 
     def forward(self, attn, qkv: torch.Tensor, ctx, kv_cache: PagedKVCache) -> torch.Tensor:
         """`attn`: the PagedAttention layer (heads, scale, window, cap); its K/V are already
         in the cache. qkv [num_tokens, q|k|v] -> [num_tokens, heads * head_dim]."""
-        from loraxd.worker.triton_support import interpreting
-
         out = qkv.new_empty(qkv.shape[0], attn.q_size)
         common = dict(HEAD_DIM=attn.head_dim, BLOCK_D=_pow2(attn.head_dim),
                       BLOCK_N=self.block_n, HAS_WINDOW=attn.sliding_window is not None,
-                      HAS_SOFTCAP=attn.softcap is not None, UPCAST=interpreting())
+                      HAS_SOFTCAP=attn.softcap is not None, UPCAST=self.upcast)
         window, cap = attn.sliding_window or 0, attn.softcap or 0.0
         if ctx.num_prefill_seqs:
             self._prefill(attn, qkv, ctx, out, window, cap, common)

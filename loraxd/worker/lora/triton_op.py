@@ -128,7 +128,10 @@ class TritonLoraOp:
     def __init__(self, block_min_tokens: int = 8, block_m: int = 16) -> None:
         if block_m < 16 or block_m & (block_m - 1):
             raise ValueError(f"block_m {block_m}: a power of two >= 16 (tl.dot)")
+        from loraxd.worker.triton_support import interpreting
+
         self.block_min_tokens, self.block_m = block_min_tokens, block_m
+        self.upcast = interpreting()  # see triton_common.mm
         self._tables: tuple[tuple[int, int], dict[str, RankTables]] | None = None
         self._cache: tuple[tuple, TritonLoraStep | None] | None = None
 
@@ -148,11 +151,9 @@ class TritonLoraOp:
             return None
         if max(used) >= storage.num_slots:
             raise IndexError(f"token slot {max(used)} >= num_slots {storage.num_slots}")
-        from loraxd.worker.triton_support import interpreting
-
         tokens, blocks = split_work(slots, self.block_min_tokens, self.block_m)
         return TritonLoraStep(storage, self._rank_tables(storage), _work(tokens, storage),
-                              _work(blocks, storage), self.block_m, interpreting())
+                              _work(blocks, storage), self.block_m, self.upcast)
 
     def _rank_tables(self, storage: LoraStorage) -> dict[str, RankTables]:
         key = (id(storage), storage.generation)
