@@ -1,5 +1,5 @@
-"""Every Triton kernel compiles to a cubin for sm_90 (H100/H200) and sm_80 (A100) in bf16 and
-fp16, without a GPU (see triton_compile.py; fp16 on sm_90 only); a fresh interpreter, since the kernel modules
+"""Every Triton kernel compiles to a cubin for sm_90 (H100/H200) and sm_80 (A100) in bf16,
+without a GPU (see triton_compile.py); a fresh interpreter, since the kernel modules
 of this one may have been imported under TRITON_INTERPRET."""
 from __future__ import annotations
 
