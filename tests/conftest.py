@@ -12,6 +12,14 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    # Without CUDA the Triton kernel tests run in Triton's interpreter, which must be on
+    # before triton is first imported (torch and transformers import it when installed);
+    # with CUDA they run compiled, so it stays off.
+    if not _has_cuda():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

@@ -1,5 +1,7 @@
-"""Imported by the Triton kernel tests before any kernel module: without CUDA, Triton's
-interpreter runs the kernels on CPU tensors (it must be on when `triton.jit` decorates them).
+"""What the Triton kernel tests share. Without CUDA, Triton's interpreter runs the kernels on
+CPU tensors: tests/conftest.py turns it on before anything imports triton (it must be on
+when `triton.jit` decorates a function, the language's own included); set here too for a
+run that bypasses that conftest.
 
 `DEVICES` parametrizes a test over the CPU (interpreter) and CUDA; each is skipped, with the
 reason, where it cannot run, and the whole module is skipped where triton is not installed."""
