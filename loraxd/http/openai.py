@@ -175,6 +175,7 @@ class OpenAIRoutes:
         """One engine request per choice: n sequences with seeds seed, seed+1, ..."""
         params = replace(job.params, best_of=job.n)
         return await prepare(self.fe.engine, prompt, params, self.fe.limits,
+                             grammars=self.fe.grammars,
                              add_special_tokens=add_special_tokens)
 
     async def _respond(self, request: web.Request, job: OpenAIRequest, shape: Any,

@@ -370,7 +370,9 @@ INVALID = [
     ({"prompt": PROMPT, "logprobs": 21}, "`logprobs` must be >= 0 and <= 20"),
     ({"prompt": PROMPT, "stop": ["a", "b", "c"]}, "`stop` must have at most 2"),
     ({"prompt": PROMPT, "top_p": 1.5}, "`top_p` must be > 0.0 and <= 1.0"),
-    ({"prompt": PROMPT, "response_format": {"type": "json_object"}}, "not supported yet"),
+    ({"prompt": PROMPT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+     'Unimplemented keys: ["uniqueItems"]'),
     ({"prompt": PROMPT, "logit_bias": {"1": 5}}, "`logit_bias` is not supported"),
     ({"prompt": PROMPT, "best_of": 2}, "`best_of` > 1 is not supported"),
     ({"prompt": PROMPT, "adapter_source": "ftp"}, "`adapter_source=ftp`"),
@@ -400,7 +402,7 @@ CHAT_INVALID = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools` are not supported"),
     ({"tool_choice": "required"}, "`tool_choice` other than"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "`json_schema` is not supported yet"),
+     "`response_format.json_schema.schema` is required"),
     ({"top_logprobs": 2}, "`top_logprobs` needs `logprobs`"),
     ({"max_completion_tokens": 0}, "`max_completion_tokens` must be strictly positive"),
 ]
