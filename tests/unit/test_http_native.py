@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -49,6 +50,7 @@ class FakeEngine:
         self.healthy, self.finish_reason = healthy, finish_reason
         self.logprob_of = logprob_of or (lambda req, n: -0.25 * (n + 1))
         self.requests = []
+        self.adapter_dirs: dict = {}
         self.closed: list[str] = []  # "GeneratorExit" / "CancelledError" per early close
         self.close_times: list[float] = []
 
@@ -58,6 +60,10 @@ class FakeEngine:
 
     async def health(self) -> bool:
         return self.healthy
+
+    async def adapter_dir(self, ref):
+        """Where a test put the adapter's files (its own chat template, say); else none."""
+        return self.adapter_dirs.get(ref.adapter_id, Path("/nonexistent/adapter"))
 
     async def generate(self, req):
         self.requests.append(req)

@@ -399,8 +399,8 @@ CHAT_INVALID = [
     ({"messages": [{"content": "x"}]}, "`messages[0]`.role must be a non-empty string"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "`image_url` are not supported"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools` are not supported"),
-    ({"tool_choice": "required"}, "`tool_choice` other than"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "function.name must be"),
+    ({"tool_choice": "required"}, '`tool_choice` "required" needs `tools`'),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "`response_format.json_schema.schema` is required"),
     ({"top_logprobs": 2}, "`top_logprobs` needs `logprobs`"),
@@ -536,12 +536,6 @@ def test_template_sandbox_and_helpers():
     evil = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(ApiError, match="unsafe"):
         evil.render([{"role": "user", "content": "x"}])
-
-
-async def test_template_hook_returns_the_base_template():
-    templates = ChatTemplates(ChatTokenizer())
-    assert await templates.template_for(None) is templates.base
-    assert await templates.template_for(AdapterRef("me/a", "hub")) is templates.base
 
 
 def test_tokenizer_reads_the_chat_template(tmp_path):
