@@ -568,7 +568,7 @@ def test_default_model_template_matches_transformers(default_model_dir):
     hf = transformers.AutoTokenizer.from_pretrained(str(default_model_dir))
     ours = Tokenizer(default_model_dir)
     try:
-        template = ChatTemplates(ours).base
+        template = ChatTemplates(ours, adapter_dir=None).base
         assert template is not None
         for messages in CONVERSATIONS:
             text = template.render(messages, add_generation_prompt=True)
