@@ -8,6 +8,10 @@ daemon takes to answer a 1-token request (the IPC path's overhead over one forwa
 `--adapters`: the multi-LoRA workload instead: N distinct random rank-`--rank` adapters on
 all linears, one per stream, against loraxd base-only and transformers + PEFT batch-N
 `generate(adapter_names=…)`.
+
+`--constrained`: also the throughput of the same N plain streams with N `json_schema`
+requests beside them in the batch (each its own schema), against the plain streams alone:
+what constrained neighbours cost everyone else (target: a loss under 10%).
 """
 from __future__ import annotations
 
@@ -83,23 +87,38 @@ def peft_round(model, tok, names: list[str], new_tokens: int) -> float:
     return batch * new_tokens / elapsed
 
 
+def neighbour_schema(i: int) -> dict:
+    """A schema per constrained neighbour, long enough to keep it in the batch."""
+    return {"type": "object", "properties": {
+        f"items_{i}": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                 "maximum": 10 ** (i % 4 + 2)}},
+        "note": {"type": "string"}}, "required": [f"items_{i}", "note"]}
+
+
 async def loraxd_round(url: str, batch: int, new_tokens: int,
-                       adapters: list[str] | None = None) -> float:
+                       adapters: list[str] | None = None, neighbours: int = 0) -> float:
+    """Tokens per second of the `batch` plain streams; `neighbours` json_schema requests
+    run beside them (not counted)."""
     import aiohttp
     async with aiohttp.ClientSession() as session:
-        async def one(i: int) -> int:
-            body = {"inputs": PROMPTS[i % len(PROMPTS)],
-                    "parameters": {"max_new_tokens": new_tokens, "ignore_eos_token": True,
-                                   "adapter_id": adapters[i] if adapters else None}}
+        async def one(i: int, schema: dict | None = None) -> int:
+            params = {"max_new_tokens": new_tokens, "ignore_eos_token": True,
+                      "adapter_id": adapters[i] if adapters else None}
+            if schema is not None:
+                params.update(ignore_eos_token=False, response_format={
+                    "type": "json_schema", "schema": schema})
             n = 0
-            async with session.post(url + "/generate_stream", json=body) as resp:
+            async with session.post(url + "/generate_stream", json={
+                    "inputs": PROMPTS[i % len(PROMPTS)], "parameters": params}) as resp:
                 async for line in resp.content:
                     if line.startswith(b"data:"):
                         n += 1
             return n
+        others = [asyncio.ensure_future(one(i, neighbour_schema(i))) for i in range(neighbours)]
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(i) for i in range(batch)))
         elapsed = time.perf_counter() - t0
+        await asyncio.gather(*others)
     assert counts == [new_tokens] * batch, counts
     return batch * new_tokens / elapsed
 
@@ -127,6 +146,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--adapters", action="store_true", help="the multi-LoRA workload")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--constrained", action="store_true",
+                   help="also run the plain streams beside as many json_schema requests")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args()
@@ -166,6 +187,8 @@ def main() -> None:
         results = {"baseline_tok_s": [], "loraxd_tok_s": []}
         if names:
             results["loraxd_base_only_tok_s"] = []
+        if args.constrained:
+            results["loraxd_beside_constrained_tok_s"] = []
         try:
             asyncio.run(loraxd_round(daemon.url, args.batch, 4, names))  # warm-up, loads
             for _ in range(args.rounds):
@@ -177,6 +200,10 @@ def main() -> None:
                 if names:
                     results["loraxd_base_only_tok_s"].append(asyncio.run(
                         loraxd_round(daemon.url, args.batch, args.new_tokens)))
+                if args.constrained:
+                    results["loraxd_beside_constrained_tok_s"].append(asyncio.run(
+                        loraxd_round(daemon.url, args.batch, args.new_tokens, names,
+                                     neighbours=args.batch)))
             results["idle_1_token_ms"] = 1000 * asyncio.run(idle_latency(daemon.url, 20))
         finally:
             daemon.stop()
@@ -188,6 +215,8 @@ def report(results: dict, args) -> None:
     ours = statistics.median(results["loraxd_tok_s"])
     base_only = (statistics.median(results["loraxd_base_only_tok_s"])
                  if results.get("loraxd_base_only_tok_s") else None)
+    beside = (statistics.median(results["loraxd_beside_constrained_tok_s"])
+              if results.get("loraxd_beside_constrained_tok_s") else None)
     workload = f"{args.batch} streams x {args.new_tokens} tokens, {args.dtype}"
     if args.adapters:
         workload += f", {args.batch} distinct rank-{args.rank} all-linear adapters"
@@ -197,6 +226,8 @@ def report(results: dict, args) -> None:
                "loraxd_tok_s_median": round(ours, 1),
                "loraxd_base_only_tok_s_median": round(base_only, 1) if base_only else None,
                "mixed_over_base_only": round(ours / base_only, 2) if base_only else None,
+               "beside_constrained_tok_s_median": round(beside, 1) if beside else None,
+               "constrained_neighbours_loss": round(1 - beside / ours, 3) if beside else None,
                "baseline_tok_s_median": round(base, 1) if base else None,
                "ratio": round(ours / base, 2) if base else None,
                "idle_1_token_ms_median": round(results["idle_1_token_ms"], 1),
@@ -212,6 +243,9 @@ def report(results: dict, args) -> None:
     if base_only:
         print(f"loraxd, same streams on the base model: {base_only:8.1f} tok/s (median)")
         print(f"mixed adapters / base only: {ours / base_only:8.2f}")
+    if beside:
+        print(f"same streams beside {args.batch} json_schema requests: {beside:8.1f} tok/s "
+              f"(median; loss {100 * (1 - beside / ours):.1f}%)")
     if base:
         print(f"ratio loraxd / baseline: {ours / base:8.2f}x")
     print(f"idle daemon, 1-token request:       {summary['idle_1_token_ms_median']:8.1f} ms "

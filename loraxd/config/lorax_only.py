@@ -59,8 +59,6 @@ LORAX_ONLY_FLAGS = (
                   "what loraxd does) is accepted", holds=_is_one),
     LoraxOnlyFlag("disable_custom_kernels", False, "", holds=lambda value: True),
     LoraxOnlyFlag("otlp_endpoint", True, "OpenTelemetry traces are not built yet"),
-    LoraxOnlyFlag("watermark_gamma", True, "watermarking is not built yet"),
-    LoraxOnlyFlag("watermark_delta", True, "watermarking is not built yet"),
     LoraxOnlyFlag("ngrok", False, _NGROK),
     LoraxOnlyFlag("ngrok_authtoken", True, _NGROK),
     LoraxOnlyFlag("ngrok_edge", True, _NGROK),

@@ -229,6 +229,12 @@ class WorkerConfig:
     restart_backoff_s: float = _setting(
         0.5, "delay before a restart; it doubles with each restart in the window, to 30 s",
         _NON_NEGATIVE, reload=True)
+    watermark_gamma: float = _setting(
+        0.5, "share of the vocabulary in each green list of a request's watermark "
+        "(Kirchenbauer et al.)", _rule(lambda v: 0 < v < 1, "must be between 0 and 1"), lorax=True)
+    watermark_delta: float = _setting(
+        2.0, "logit bias a watermark adds to the green tokens",
+        _rule(lambda v: 0 <= v <= 100, "must be between 0 and 100"), lorax=True)
 
 
 @dataclass(frozen=True)

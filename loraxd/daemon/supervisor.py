@@ -93,7 +93,8 @@ class Supervisor:
             max_lora_rank=c.adapters.max_lora_rank,
             max_adapter_bytes=c.adapters.max_adapter_bytes,
             master_addr=c.model.master_addr, master_port=port,
-            log_level=current_level(), json_output=c.server.json_output))
+            log_level=current_level(), json_output=c.server.json_output,
+            watermark_gamma=c.worker.watermark_gamma, watermark_delta=c.worker.watermark_delta))
 
     async def start(self) -> Ready:
         """Spawn every rank and wait for their Ready while checking they stay alive."""

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from loraxd import __version__
@@ -286,6 +287,16 @@ class AsyncEngine:
                 await self.fetcher.authorize(ref)
         except Exception as exc:  # noqa: BLE001 - every fetch/authorize failure is a 424
             raise AdapterError(f"Request failed during generation: {exc}") from exc
+
+    async def adapter_dir(self, ref: AdapterRef) -> Path:
+        """The adapter's files on disk, fetched and authorised for this request's token
+        (its chat template is read from there)."""
+        await self._authorize(ref)
+        entry = self.adapters.entries.get(adapter_key(ref))
+        if entry is None or entry.path is None:
+            raise AdapterError(f"Request failed during generation: adapter {ref.adapter_id} "
+                               "left the disk cache")
+        return Path(entry.path)
 
     async def _fetch_adapter(self, spec: AdapterRef | MergedAdapters):
         if isinstance(spec, MergedAdapters):

@@ -72,6 +72,14 @@ def read_chat_template(model_dir: Path, config: dict) -> str | None:
     return source if isinstance(source, str) and source else None
 
 
+def chat_files(directory: Path) -> tuple[str | None, dict[str, str]]:
+    """A directory's chat template source (None: it has none) and special token strings:
+    what an adapter that ships its own template brings."""
+    config = _read_json(directory / "tokenizer_config.json")
+    special = special_token_strings(config, _read_json(directory / "special_tokens_map.json"))
+    return read_chat_template(directory, config), special
+
+
 def special_token_strings(config: dict, special_map: dict) -> dict[str, str]:
     """{"bos_token": "<s>", ...} from tokenizer_config.json, else special_tokens_map.json;
     a token saved as an AddedToken object gives its `content`."""

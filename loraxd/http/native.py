@@ -153,7 +153,8 @@ class NativeRoutes:
         start = time.monotonic()
         inputs, params = self._parse(request, body, stream=False)
         with self.fe.limiter.slot(params.best_of):
-            prepared = await prepare(self.fe.engine, inputs, params, self.fe.limits)
+            prepared = await prepare(self.fe.engine, inputs, params, self.fe.limits,
+                                       grammars=self.fe.grammars)
             completions = await complete_all(self.fe.engine, prepared)
         finish = completions[0].finish
         inference_ms = int(finish.inference_time_s * 1000)
@@ -181,7 +182,8 @@ class NativeRoutes:
             try:
                 inputs, params = self._parse(request, body, stream=True)
                 stack.enter_context(self.fe.limiter.slot(params.best_of))
-                prepared = await prepare(self.fe.engine, inputs, params, self.fe.limits)
+                prepared = await prepare(self.fe.engine, inputs, params, self.fe.limits,
+                                       grammars=self.fe.grammars)
             except Exception as exc:  # noqa: BLE001 - rendered as the stream's one event
                 return await sse.error_stream(request, error_body(as_api_error(exc)),
                                               self._headers(None))

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
+from loraxd.engine.grammar import schema_key
 from loraxd.engine.request import EngineError, FinishEvent, GenerationRequest, TokenEvent
 from loraxd.http import sse
 from loraxd.http.auth import authorize_adapters, caller_key
@@ -34,6 +35,10 @@ from loraxd.http.openai_schemas import (OpenAIRequest, chat_logprobs, check_num_
                                         completion_logprobs, error_body, finish_reason,
                                         parse_prompts, parse_request, usage)
 from loraxd.http.request_types import ChatCompletionRequest, CompletionRequest
+from loraxd.http.schemas import _check
+from loraxd.http.tool_calls import ToolCallStream
+from loraxd.http.tool_calls import message as tool_message
+from loraxd.http.tools import ToolRequest, call_schema, parse_tools
 from loraxd.http.service import Frontend, Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -114,7 +119,7 @@ class OpenAIRoutes:
     @property
     def templates(self) -> ChatTemplates:
         if self._templates is None:  # built on first use: the tokenizer is the engine's
-            self._templates = ChatTemplates(self.fe.engine.tokenizer)
+            self._templates = ChatTemplates(self.fe.engine.tokenizer, self.fe.engine.adapter_dir)
         return self._templates
 
     def _parse(self, body: dict, chat: bool) -> OpenAIRequest:
@@ -139,14 +144,17 @@ class OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request, self.fe.max_request_bytes)
         job = self._parse(body, chat=True)
+        tools = parse_tools(body)
+        job = _with_tools(job, tools)
         authorize_adapters(request, job.params)  # before the adapter's template is fetched
         messages = parse_messages(body.get("messages"))
         conform(body, ChatCompletionRequest)
         with self.fe.limiter.slot(job.n):
             template = await self.templates.template_for(job.params.adapter)
-            prompt = template.render(messages, add_generation_prompt=True)
+            prompt = template.render(messages, add_generation_prompt=True,
+                                     tools=tools.offered if tools is not None else ())
             prepared = [await self._prepare(job, prompt, add_special_tokens=False)]
-            return await self._respond(request, job, _ChatShape(job), prepared)
+            return await self._respond(request, job, _ChatShape(job, tools), prepared)
 
     async def models(self, request: web.Request) -> web.Response:
         """The base model and the adapters the engine knows. An adapter first fetched with
@@ -175,6 +183,7 @@ class OpenAIRoutes:
         """One engine request per choice: n sequences with seeds seed, seed+1, ..."""
         params = replace(job.params, best_of=job.n)
         return await prepare(self.fe.engine, prompt, params, self.fe.limits,
+                             grammars=self.fe.grammars,
                              add_special_tokens=add_special_tokens)
 
     async def _respond(self, request: web.Request, job: OpenAIRequest, shape: Any,
@@ -192,6 +201,20 @@ class OpenAIRoutes:
                 _record(choices[i], event)
         return json_response({**shape.envelope(), "choices": [shape.choice(c) for c in choices],
                               "usage": usage(num_prompt, _num_generated(choices))})
+
+
+def _with_tools(job: OpenAIRequest, tools: ToolRequest | None) -> OpenAIRequest:
+    """`required` or a named function: the answer is constrained to one call's schema."""
+    if tools is None or tools.choice == "none":
+        return job
+    _check(job.params.response_schema is None,
+           "`response_format` cannot be combined with `tools` (unless `tool_choice` is "
+           "\"none\"): a tool call is JSON of its own")
+    if not tools.constrained:
+        return job
+    _check(not job.params.ignore_eos, "`ignore_eos` cannot be combined with `tool_choice` "
+           "\"required\" or a function: the answer ends where the call does")
+    return replace(job, params=replace(job.params, response_schema=schema_key(call_schema(tools))))
 
 
 def _record(choice: Choice, event: TokenEvent | FinishEvent) -> None:
@@ -248,11 +271,11 @@ class _Stream:
             offset = choice.offset
             choice.offset += 0 if event.special else len(event.text)
             if event.delta or self.job.num_logprobs is not None:
-                await self._send(response, [self.shape.delta(choice, event.delta, [event],
-                                                              offset, None)])
+                for chunk in self.shape.deltas(choice, event.delta, [event], offset, None):
+                    await self._send(response, [chunk])
         else:  # the last token's delta ended the text
-            await self._send(response, [self.shape.delta(choice, "", [], choice.offset,
-                                                          finish_reason(event))])
+            for chunk in self.shape.deltas(choice, "", [], choice.offset, event):
+                await self._send(response, [chunk])
 
     async def _send(self, response: web.StreamResponse, choices: list[dict], **extra) -> None:
         await sse.send(response, {**self.envelope, "choices": choices, **extra}, prefix=_PREFIX)
@@ -286,17 +309,21 @@ class _CompletionShape:
         return {"index": c.index, "text": c.prepared.inputs, "logprobs": None,
                 "finish_reason": None}
 
-    def delta(self, c: Choice, text: str, tokens: list[TokenEvent], offset: int,
-              reason: str | None) -> dict:
+    def deltas(self, c: Choice, text: str, tokens: list[TokenEvent], offset: int,
+               finish: FinishEvent | None) -> list[dict]:
+        """The chunks of one token's text, or of the finish (`finish` given)."""
         logprobs = None
         if self.job.num_logprobs is not None and tokens:
             logprobs = completion_logprobs(tokens, self.job.num_logprobs, offset)
-        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        reason = finish_reason(finish) if finish is not None else None
+        return [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}]
 
 
 class _ChatShape:
-    def __init__(self, job: OpenAIRequest):
+    def __init__(self, job: OpenAIRequest, tools: ToolRequest | None = None):
         self.job = job
+        self.tools = tools if tools is not None and tools.choice != "none" else None
+        self.tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its stream
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -310,15 +337,35 @@ class _ChatShape:
         return chat_logprobs(tokens, self.job.num_logprobs)
 
     def choice(self, c: Choice) -> dict:
-        return {"index": c.index,
-                "message": {"role": "assistant", "content": c.finish.generated_text},
-                "logprobs": self._logprobs(c.tokens), "finish_reason": finish_reason(c.finish)}
+        message, called = tool_message(c.finish.generated_text, self.tools)
+        return {"index": c.index, "message": message, "logprobs": self._logprobs(c.tokens),
+                "finish_reason": "tool_calls" if called else finish_reason(c.finish)}
 
     def opening(self, c: Choice) -> dict:
         return {"index": c.index, "delta": {"role": "assistant", "content": ""},
                 "logprobs": None, "finish_reason": None}
 
-    def delta(self, c: Choice, text: str, tokens: list[TokenEvent], offset: int,
-              reason: str | None) -> dict:
-        return {"index": c.index, "delta": {"content": text} if text or reason is None else {},
-                "logprobs": self._logprobs(tokens) if tokens else None, "finish_reason": reason}
+    def deltas(self, c: Choice, text: str, tokens: list[TokenEvent], offset: int,
+               finish: FinishEvent | None) -> list[dict]:
+        """The chunks of one token's text, or of the finish (`finish` given). With tools,
+        text that is a call goes out as `tool_calls` deltas (loraxd.http.tool_calls)."""
+        logprobs = self._logprobs(tokens) if tokens else None
+        if self.tools is None:
+            reason = finish_reason(finish) if finish is not None else None
+            delta = {"content": text} if text or finish is None else {}
+            return [self._chunk(c, delta, logprobs, reason)]
+        stream = self.tool_streams.setdefault(c.index, ToolCallStream(self.tools))
+        deltas = stream.feed(text)
+        if finish is None:
+            if not deltas and logprobs is not None:
+                deltas = [{}]  # the token's logprobs still go out
+            return [self._chunk(c, d, logprobs if i == 0 else None, None)
+                    for i, d in enumerate(deltas)]
+        deltas += stream.finish()
+        reason = "tool_calls" if stream.made_calls else finish_reason(finish)
+        return [self._chunk(c, d, None, None) for d in deltas] + [
+            self._chunk(c, {}, None, reason)]
+
+    @staticmethod
+    def _chunk(c: Choice, delta: dict, logprobs: dict | None, reason: str | None) -> dict:
+        return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}

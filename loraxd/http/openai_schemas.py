@@ -134,12 +134,7 @@ def _refuse_unsupported(body: Mapping, chat: bool) -> None:
         _check(best_of is None or best_of == 1,
                "`best_of` > 1 is not supported on /v1/completions; use `n`")
         return
-    _check(not body.get("functions") and body.get("function_call") is None,
-           "`functions` / `function_call` are not supported yet")
-    tools, tool_choice = body.get("tools"), body.get("tool_choice")
-    _check(tool_choice in (None, "none", "auto"),
-           "`tool_choice` other than \"none\" or \"auto\" is not supported yet")
-    _check(not tools or tool_choice == "none", "`tools` are not supported yet")
+    # tools, tool_choice, functions: loraxd.http.tools
 
 
 # -- response shapes ----------------------------------------------------------------------------

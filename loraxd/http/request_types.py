@@ -59,9 +59,22 @@ class MergedAdaptersParams(_Body, kw_only=True):
     majority_sign_method: MajoritySignMethod | None = None
 
 
+class JsonSchemaFormat(_Body, kw_only=True):
+    """OpenAI's `json_schema` object; the schema is always enforced (`strict` or not)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body, kw_only=True):
+    """`json_object`: any JSON object, or LoRAX's `schema`; `json_schema`: `schema` (LoRAX)
+    or `json_schema.schema` (OpenAI)."""
+
     type: Literal["text", "json_object", "json_schema"]
-    schema: Any = None
+    schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class Parameters(_Body, kw_only=True):
@@ -138,7 +151,7 @@ class _OpenAIBody(_Body, kw_only=True):
     ignore_eos_token: bool | None = None
     adapter_source: AdapterSource | None = None
     api_token: str | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
 

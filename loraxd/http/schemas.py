@@ -16,12 +16,12 @@ from typing import Any, Mapping
 from loraxd.engine.request import AdapterRef, MergedAdapters
 from loraxd.http.errors import validation_error
 from loraxd.http.request_types import MIN_DENSITY, MIN_FACTOR
+from loraxd.http.response_format import response_schema
 from loraxd.protocol.worker import SamplingParams
 
 ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 SEED_MODULUS = 2**64  # seeds are uint64
 
 
@@ -57,6 +57,7 @@ class GenerateParams:
     return_full_text: bool = False
     details: bool = False
     decoder_input_details: bool = False
+    response_schema: str | None = None  # the JSON schema the output must satisfy
 
     @property
     def seed(self) -> int | None:
@@ -142,14 +143,18 @@ def parse_parameters(raw: Any, *, stream: bool, limits: Limits,
     decoder_input_details = _bool(raw, "decoder_input_details")
     _check(not (stream and decoder_input_details),
            "`decoder_input_details` == true is not supported when streaming tokens")
-    _unsupported_constraints(raw)
+    schema = response_schema(raw.get("response_format"))
+    ignore_eos = _bool(raw, "ignore_eos_token")
+    _check(not (ignore_eos and schema is not None),
+           "`ignore_eos_token` cannot be combined with a JSON `response_format`: the output "
+           "ends where the JSON does")
     adapter, merged = _adapters(raw, limits, bearer_token)
     return GenerateParams(
         sampling=sampling, max_new_tokens=_max_new_tokens(raw), stop=_stop(raw, limits),
-        ignore_eos=_bool(raw, "ignore_eos_token"), truncate=_truncate(raw, limits),
+        ignore_eos=ignore_eos, truncate=_truncate(raw, limits),
         adapter=adapter, merged=merged, best_of=best_of,
         return_full_text=_bool(raw, "return_full_text"), details=_bool(raw, "details"),
-        decoder_input_details=decoder_input_details)
+        decoder_input_details=decoder_input_details, response_schema=schema)
 
 
 def _sampling(p: Mapping) -> SamplingParams:
@@ -190,7 +195,8 @@ def _sampling(p: Mapping) -> SamplingParams:
         typical_p=1.0 if typical_p is None else typical_p,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         seed=seed if do_sample else 0, num_alternatives=num_alternatives or 0,
-        prompt_logprobs=_bool(p, "decoder_input_details"), **penalties)
+        prompt_logprobs=_bool(p, "decoder_input_details"), watermark=_bool(p, "watermark"),
+        **penalties)
 
 
 def _best_of(p: Mapping, do_sample: bool, stream: bool, limits: Limits) -> int:
@@ -224,19 +230,6 @@ def _truncate(p: Mapping, limits: Limits) -> int | None:
            f"`truncate` must be strictly positive and at most {limits.max_input_length}. "
            f"Given: {value}")
     return value
-
-
-def _unsupported_constraints(p: Mapping) -> None:
-    """A constraint the engine cannot honour yet is refused, never silently dropped."""
-    _check(not _bool(p, "watermark"), "`watermark` is not supported yet")
-    fmt = p.get("response_format")
-    if fmt is None:
-        return
-    _check(isinstance(fmt, dict), "`response_format` must be an object")
-    kind = fmt.get("type")
-    _check(kind in RESPONSE_FORMAT_TYPES,
-           f"`response_format.type` must be one of {', '.join(RESPONSE_FORMAT_TYPES)}")
-    _check(kind == "text", f"`response_format` of type `{kind}` is not supported yet")
 
 
 def _adapters(p: Mapping, limits: Limits,

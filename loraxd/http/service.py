@@ -15,9 +15,11 @@ from typing import Any, AsyncIterator, Iterator
 import msgspec
 from aiohttp import web
 
+from loraxd.engine.grammar import GrammarCompiler, GrammarError
 from loraxd.engine.request import (AdapterRef, EngineError, FinishEvent, GenerationRequest,
                                    TokenEvent)
 from loraxd.http.errors import overloaded, validation_error
+from loraxd.http.response_format import unsupported_schema
 from loraxd.http.schemas import SEED_MODULUS, GenerateParams, Limits, bearer_token
 from loraxd.http.settings import DoorSettings
 
@@ -57,6 +59,7 @@ class Frontend:
     max_request_bytes: int
     settings: DoorSettings
     keys_required: bool = False  # API keys configured: the Bearer header is never a hub token
+    grammars: GrammarCompiler = field(default_factory=GrammarCompiler)  # response formats
 
     @classmethod
     def from_config(cls, engine: Any, config: Any, *, keys_required: bool = False) -> Frontend:
@@ -100,8 +103,9 @@ class Prepared:
 
 
 async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limits, *,
-                  add_special_tokens: bool = True) -> Prepared:
-    """Tokenize (off the loop), truncate, check the lengths, build the engine requests.
+                  grammars: GrammarCompiler, add_special_tokens: bool = True) -> Prepared:
+    """Build the response format's grammar and tokenize (both off the loop), truncate,
+    check the lengths, build the engine requests.
 
     `add_special_tokens=False` for a rendered chat template, which holds its own. A request
     that names no adapter runs the default adapter, when one is configured.
@@ -109,6 +113,13 @@ async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limi
     if params.adapter is None and params.merged is None and limits.default_adapter_id:
         params = replace(params, adapter=AdapterRef(limits.default_adapter_id,
                                                     limits.default_adapter_source))
+    sampling = params.sampling
+    if params.response_schema is not None:
+        try:
+            grammar = await grammars.compile(params.response_schema)
+        except GrammarError as exc:
+            raise unsupported_schema(exc) from None
+        sampling = msgspec.structs.replace(sampling, grammar=grammar)
     prompt_ids = await engine.tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
     if not prompt_ids:  # nothing to prefill: the model has no position to predict from
         raise validation_error("`inputs` is made of no tokens")
@@ -126,13 +137,13 @@ async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limi
             f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
             f"Given: {num_input} `inputs` tokens and {max_new_tokens} `max_new_tokens`")
     base = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                             sampling=params.sampling, stop=params.stop,
+                             sampling=sampling, stop=params.stop,
                              ignore_eos=params.ignore_eos, adapter=params.adapter,
                              merged=params.merged)
     requests = [base]
     for i in range(1, params.best_of):  # distinct seeds: seed, seed+1, ... (wrapping)
-        seed = (params.sampling.seed + i) % SEED_MODULUS
-        requests.append(replace(base, sampling=msgspec.structs.replace(params.sampling, seed=seed)))
+        seed = (sampling.seed + i) % SEED_MODULUS
+        requests.append(replace(base, sampling=msgspec.structs.replace(sampling, seed=seed)))
     return Prepared(inputs=inputs, params=params, prompt_ids=prompt_ids,
                     requests=tuple(requests))
 

@@ -133,6 +133,8 @@ class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     master_port: int
     log_level: str
     json_output: bool
+    watermark_gamma: float  # the green list's share of the vocabulary
+    watermark_delta: float  # the bias added to a green token's logit
 
 
 # -- scheduler -> worker -------------------------------------------------------------------
@@ -150,6 +152,8 @@ class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
     seed: int = 0
     num_alternatives: int = 0  # return_k_alternatives
     prompt_logprobs: bool = False  # decoder_input_details
+    watermark: bool = False  # bias each step's green list (Kirchenbauer et al.)
+    grammar: str = ""  # an llguidance grammar the output must match; "": unconstrained
 
 
 class NewSeq(msgspec.Struct, array_like=True, frozen=True):

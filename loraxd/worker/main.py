@@ -184,7 +184,8 @@ def _load(args: argparse.Namespace, options: WorkerOptions):
     runner = ModelRunner(args.model_dir, dtype=options.dtype, device=str(device),
                          max_batch_total_tokens=options.max_batch_total_tokens,
                          block_size=options.block_size, num_threads=options.num_threads,
-                         tp=tp)
+                         tp=tp, watermark_gamma=options.watermark_gamma,
+                         watermark_delta=options.watermark_delta)
     log.info("rank %d on %s, %s kernels", args.rank, device, runner.kernels)
     return runner, tp
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,7 +20,9 @@ from loraxd.worker.device_copy import tensor_on
 from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
 from loraxd.worker.layers.attention import StepContext
+from loraxd.worker.layers.grammar import Grammars
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
+from loraxd.worker.layers.watermark import Watermark
 from loraxd.worker.models import CausalLM, UnsupportedModel, read_config_json, resolve
 from loraxd.worker.triton_support import use_triton
 
@@ -67,7 +70,8 @@ class ModelRunner:
     def __init__(self, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                  max_batch_total_tokens: int = 32768, block_size: int = 16,
                  num_threads: int = 0, tp: TensorParallel | None = None,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", watermark_gamma: float = 0.5,
+                 watermark_delta: float = 2.0):
         if torch.device(device).type == "cpu":
             torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
@@ -99,6 +103,12 @@ class ModelRunner:
         self.tables = BlockTables(self.device, pad=self.kv_cache.null_block)
         self.seqs: dict[int, SeqState] = {}
         self.lora_pool = None  # see attach_lora
+        # rank 0 alone samples, so it alone keeps grammar state and the watermark
+        self.watermark = Watermark(watermark_gamma, watermark_delta)
+        self.grammars = None
+        if self.tp.rank == 0 and (Path(model_dir) / "tokenizer.json").exists():
+            self.grammars = Grammars(model_dir, arch.vocab_size, list(self.eos_token_ids),
+                                     num_threads=torch.get_num_threads())
 
     # -- LoRA: the slot pool lives in loraxd.worker.lora; the runner only hands it each
     # step's token slots and puts what it returns into the step context ----------------
@@ -214,7 +224,7 @@ class ModelRunner:
                 continue
             state.num_cached = ctx.seq_lens[i]
             state.last_token = token
-            state.sampling.token_ids.append(token)
+            state.sampling.accept(token)
             if result is not None:
                 outputs.append(SeqOutput(state.req_id, token, result.logprobs[i],
                                          result.top_ids[i], result.top_logprobs[i],
@@ -236,12 +246,23 @@ class ModelRunner:
         if not 0 <= seq.num_generated < len(seq.prompt_ids):
             raise ValueError(f"request {seq.req_id}: {seq.num_generated} generated tokens of "
                              f"{len(seq.prompt_ids)}")
-        sampling = SeqSampling(seq.sampling, list(seq.prompt_ids),
-                               len(seq.prompt_ids) - seq.num_generated)
+        prompt_len = len(seq.prompt_ids) - seq.num_generated
+        sampling = SeqSampling(seq.sampling, list(seq.prompt_ids), prompt_len,
+                               grammar=self._grammar(seq, prompt_len),
+                               watermark=self.watermark if seq.sampling.watermark else None)
         state = SeqState(seq.req_id, self.tables.add(seq.block_ids), 0, -1,
                          seq.adapter_slot, sampling)
         self.seqs[seq.req_id] = state
         return state
+
+    def _grammar(self, seq: NewSeq, prompt_len: int):
+        """The sequence's grammar state (rank 0), replayed over what it had generated."""
+        if not seq.sampling.grammar or self.tp.rank != 0:
+            return None
+        if self.grammars is None:
+            raise ValueError(f"request {seq.req_id}: constrained decoding needs the model's "
+                             "tokenizer.json")
+        return self.grammars.start(seq.sampling.grammar, list(seq.prompt_ids[prompt_len:]))
 
     def _decoding(self, req_id: int) -> SeqState:
         state = self.seqs.get(req_id)

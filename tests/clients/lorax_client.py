@@ -74,7 +74,19 @@ def chat(url, prompt):
     return {"response": dump(response), "stream": [dump(r) for r in stream]}
 
 
-SCENARIOS = {f.__name__: f for f in (async_generate, async_errors, sync_generate, chat)}
+def structured(url, schema):
+    """`prompt` is a JSON schema here: the client's own ResponseFormat, and a watermark."""
+    client = lorax.Client(url, timeout=120)
+    response = client.generate("Describe a person as JSON:", max_new_tokens=120,
+                               response_format={"type": "json_object",
+                                                "schema": json.loads(schema)})
+    watermarked = client.generate("Once upon a time", max_new_tokens=8, watermark=True,
+                                  details=True)
+    return {"json": dump(response), "watermarked": dump(watermarked)}
+
+
+SCENARIOS = {f.__name__: f for f in (async_generate, async_errors, sync_generate, chat,
+                                     structured)}
 
 if __name__ == "__main__":
     scenario, url, prompt = sys.argv[1:]

@@ -34,7 +34,7 @@ class WorkerGroup:
             max_active_adapters=4, adapter_memory_bytes=1 << 28, max_lora_rank=16,
             max_adapter_bytes=1 << 28, master_addr="127.0.0.1",
             master_port=free_port() if world_size > 1 else 0, log_level="warning",
-            json_output=False)
+            json_output=False, watermark_gamma=0.5, watermark_delta=2.0)
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "loraxd.worker.main", "--endpoint", endpoint,
              "--rank", str(rank), "--world-size", str(world_size), "--model-dir",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -49,6 +50,7 @@ class FakeEngine:
         self.healthy, self.finish_reason = healthy, finish_reason
         self.logprob_of = logprob_of or (lambda req, n: -0.25 * (n + 1))
         self.requests = []
+        self.adapter_dirs: dict = {}
         self.closed: list[str] = []  # "GeneratorExit" / "CancelledError" per early close
         self.close_times: list[float] = []
 
@@ -58,6 +60,10 @@ class FakeEngine:
 
     async def health(self) -> bool:
         return self.healthy
+
+    async def adapter_dir(self, ref):
+        """Where a test put the adapter's files (its own chat template, say); else none."""
+        return self.adapter_dirs.get(ref.adapter_id, Path("/nonexistent/adapter"))
 
     async def generate(self, req):
         self.requests.append(req)
@@ -174,9 +180,15 @@ INVALID_PARAMETERS = [
     ({"do_sample": "yes"}, "`do_sample` must be a boolean"),
     ({"details": "true"}, "`details` must be a boolean"),
     ({"return_k_alternatives": 0}, "`return_k_alternatives` must be strictly positive"),
-    ({"watermark": True}, "`watermark` is not supported yet"),
-    ({"response_format": {"type": "json_object", "schema": None}}, "is not supported yet"),
-    ({"response_format": {"type": "json_schema", "schema": {}}}, "is not supported yet"),
+    ({"watermark": "yes"}, "`watermark` must be a boolean"),
+    ({"response_format": {"type": "json_schema", "schema": {"type": "object", "properties": {
+        "a": {"not": {"type": "string"}}}}}}, 'not supported: Unimplemented keys: ["not"]'),
+    ({"response_format": {"type": "json_schema", "schema": {
+        "type": "array", "minItems": 3, "maxItems": 1}}}, "Unsatisfiable schema"),
+    ({"response_format": {"type": "json_schema"}}, "needs `schema`"),
+    ({"response_format": {"type": "json_object", "schema": [1]}}, "must be a JSON schema"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos_token": True},
+     "`ignore_eos_token` cannot be combined"),
     ({"response_format": {"type": "yaml"}}, "`response_format.type` must be one of"),
     ({"response_format": "json"}, "`response_format` must be an object"),
     ({"adapter_id": "a/b", "merged_adapters": MERGED}, "at most one of `adapter_id`"),

@@ -49,6 +49,8 @@ SETTINGS = [
     ("--weights-cache-override", "WEIGHTS_CACHE_OVERRIDE", "/weights",
      ("model", "weights_cache_override"), "/weights"),
     ("--json-output", "JSON_OUTPUT", "true", ("server", "json_output"), True),
+    ("--watermark-gamma", "WATERMARK_GAMMA", "0.25", ("worker", "watermark_gamma"), 0.25),
+    ("--watermark-delta", "WATERMARK_DELTA", "3.5", ("worker", "watermark_delta"), 3.5),
     ("--cors-allow-origin", "CORS_ALLOW_ORIGIN", "https://a.example",
      ("server", "cors_allow_origin"), ("https://a.example",)),
 ]
@@ -59,8 +61,6 @@ REFUSED = [
     ("--trust-remote-code", "TRUST_REMOTE_CODE", None, "its own model code"),
     ("--cuda-memory-fraction", "CUDA_MEMORY_FRACTION", "0.8", "max_batch_total_tokens"),
     ("--otlp-endpoint", "OTLP_ENDPOINT", "http://127.0.0.1:4317", "OpenTelemetry"),
-    ("--watermark-gamma", "WATERMARK_GAMMA", "0.5", "watermarking"),
-    ("--watermark-delta", "WATERMARK_DELTA", "2.0", "watermarking"),
     ("--ngrok", "NGROK", None, "ngrok"),
     ("--ngrok-authtoken", "NGROK_AUTHTOKEN", "tok", "ngrok"),
     ("--ngrok-edge", "NGROK_EDGE", "edge", "ngrok"),

@@ -7,14 +7,17 @@ new worker draws exactly what the old one would have. When every sequence is gre
 fast path does an argmax and a logsumexp and nothing else.
 
 Semantics (transformers / OpenAI / LoRAX):
+- the watermark (loraxd.worker.layers.watermark) biases the raw logits first, as LoRAX does;
 - penalties apply to greedy and sampled sequences alike (as LoRAX does): repetition penalty
   (HF, over prompt + generated ids), frequency and presence penalties (OpenAI, over
   generated ids);
+- a constrained sequence (loraxd.worker.layers.grammar) has every token its grammar does
+  not allow next set to -inf, after the penalties;
 - greedy (`do_sample` False): argmax of the penalised scores;
 - sampled: temperature, then top-k, top-p, typical-p (HF's warpers, in HF's order) and a
   draw;
-- `logprob` is the log-softmax of the scores after penalties and temperature (before the
-  top-k/p/typical filters), and so are the alternatives;
+- `logprob` is the log-softmax of the scores after the watermark, penalties, grammar and
+  temperature (before the top-k/p/typical filters), and so are the alternatives;
 - a temperature below MIN_TEMPERATURE samples greedily: that is the limit of the
   distribution as the temperature falls, and dividing by it would overflow float32.
 
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from loraxd.protocol.worker import SamplingParams
+from loraxd.worker.layers.grammar import SeqGrammar
+from loraxd.worker.layers.watermark import Watermark
 
 NEG_INF = float("-inf")
 _DRAW_STRIDE = 0x9E3779B97F4A7C15  # spreads the draws of one seed over the 64-bit seed space
@@ -42,14 +47,23 @@ class SeqSampling:
     params: SamplingParams
     token_ids: list[int]  # prompt + generated so far
     prompt_len: int
+    grammar: SeqGrammar | None = None  # where a constrained sequence is in its grammar
+    watermark: Watermark | None = None  # the worker's, when the request asked for one
     fast: bool = field(init=False)  # plain greedy: argmax of the raw logits
     _generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
         p = self.params
         self.fast = (not self.is_sampled() and p.repetition_penalty == 1.0
-                     and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+                     and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+                     and self.grammar is None and self.watermark is None)
         self._generator = torch.Generator()
+
+    def accept(self, token_id: int) -> None:
+        """The token was chosen: it joins the context and advances the grammar."""
+        self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def is_sampled(self) -> bool:
         return self.params.do_sample and self.params.temperature >= MIN_TEMPERATURE
@@ -103,7 +117,11 @@ def _explain(logits: torch.Tensor, seqs: list[SeqSampling], token_ids: list[int]
     """Why each failed row (token -1, or nothing to draw) failed: the model or its request."""
     out = {}
     for row in [i for i, t in enumerate(token_ids) if t == -1]:
-        if not bool(torch.isfinite(logits[row]).all()):
+        grammar = seqs[row].grammar
+        if grammar is not None and grammar.error() is not None:
+            out[row] = RowFailure(f"the output cannot follow its response format: "
+                                  f"{grammar.error()}", bad_request=True)
+        elif not bool(torch.isfinite(logits[row]).all()):
             out[row] = RowFailure("the model's logits are not finite (NaN or inf)",
                                   bad_request=False)
         else:
@@ -139,6 +157,9 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float]:
 
 def _penalised_scores(logits: torch.Tensor, seqs: list[SeqSampling]) -> torch.Tensor:
     scores = logits.clone()
+    rows = [i for i, s in enumerate(seqs) if s.watermark is not None]
+    if rows:
+        seqs[rows[0]].watermark.bias(scores, rows, [seqs[i].token_ids[-1] for i in rows])
     rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
     if rows:
         ids = [seqs[i].token_ids for i in rows]
@@ -151,6 +172,11 @@ def _penalised_scores(logits: torch.Tensor, seqs: list[SeqSampling]) -> torch.Te
         freq = [seqs[i].params.frequency_penalty for i in rows]
         presence = [seqs[i].params.presence_penalty for i in rows]
         scores[rows] = frequency_presence_penalty(scores[rows], ids, freq, presence)
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if rows:
+        allowed = seqs[rows[0]].grammar.owner.allowed([seqs[i].grammar for i in rows],
+                                                       scores.device)
+        scores[rows] = scores[rows].masked_fill(~allowed, NEG_INF)
     rows = [i for i, s in enumerate(seqs) if s.is_sampled() and s.params.temperature != 1.0]
     if rows:
         temperature = torch.tensor([seqs[i].params.temperature for i in rows],
