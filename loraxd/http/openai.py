@@ -39,7 +39,7 @@ from loraxd.http.schemas import _check
 from loraxd.http.tool_calls import ToolCallStream
 from loraxd.http.tool_calls import message as tool_message
 from loraxd.http.tools import ToolRequest, call_schema, parse_tools
-from loraxd.http.service import Frontend, Prepared, prepare
+from loraxd.http.service import Frontend, Prepared, prepare, with_default_adapter
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class OpenAIRoutes:
         messages = parse_messages(body.get("messages"))
         conform(body, ChatCompletionRequest)
         with self.fe.limiter.slot(job.n):
-            template = await self.templates.template_for(job.params.adapter)
+            adapter = with_default_adapter(job.params, self.fe.limits).adapter
+            template = await self.templates.template_for(adapter)
             prompt = template.render(messages, add_generation_prompt=True,
                                      tools=tools.offered if tools is not None else ())
             prepared = [await self._prepare(job, prompt, add_special_tokens=False)]

@@ -102,6 +102,14 @@ class Prepared:
         return None
 
 
+def with_default_adapter(params: GenerateParams, limits: Limits) -> GenerateParams:
+    """The request as it runs: one that names no adapter gets the default adapter, if any."""
+    if params.adapter is None and params.merged is None and limits.default_adapter_id:
+        return replace(params, adapter=AdapterRef(limits.default_adapter_id,
+                                                  limits.default_adapter_source))
+    return params
+
+
 async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limits, *,
                   grammars: GrammarCompiler, add_special_tokens: bool = True) -> Prepared:
     """Build the response format's grammar and tokenize (both off the loop), truncate,
@@ -110,9 +118,7 @@ async def prepare(engine: Any, inputs: str, params: GenerateParams, limits: Limi
     `add_special_tokens=False` for a rendered chat template, which holds its own. A request
     that names no adapter runs the default adapter, when one is configured.
     """
-    if params.adapter is None and params.merged is None and limits.default_adapter_id:
-        params = replace(params, adapter=AdapterRef(limits.default_adapter_id,
-                                                    limits.default_adapter_source))
+    params = with_default_adapter(params, limits)
     sampling = params.sampling
     if params.response_schema is not None:
         try:

@@ -68,3 +68,18 @@ async def test_an_adapter_that_ships_a_template_gets_its_own(api, tmp_path):
     assert prompts[0] == "[user|hi]</s>"  # the base model's special tokens
     assert prompts[1] == "<hi>"
     assert prompts[2] == prompts[3] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+async def test_the_default_adapter_renders_with_its_own_template(api, tmp_path):
+    """A chat request that names no adapter runs the default one (`adapter_id`): with that
+    adapter's template, not the base model's."""
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}|{{ m.content }}]{% endfor %}")
+    engine = chat_engine()
+    engine.adapter_dirs = {"me/own": tmp_path}
+    oc, engine, _ = await api(engine, adapters={"adapter_id": "me/own",
+                                                "adapter_source": "local"})
+    await oc.chat.completions.create(model="fake/base",
+                                     messages=[{"role": "user", "content": "hi"}])
+    assert decode(engine.requests[0].prompt_ids) == "[user|hi]"
+    assert engine.requests[0].adapter.adapter_id == "me/own"
