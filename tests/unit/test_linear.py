@@ -101,3 +101,30 @@ def test_lora_hook_sees_input_and_output():
     assert torch.allclose(out, base + 1.0)
     Ctx.lora = None
     assert torch.equal(layer.forward(x, Ctx()), base)
+
+
+def test_the_packed_op_sees_only_bucketed_row_counts(monkeypatch):
+    """oneDNN keeps state per input shape (GBs over every row count a server meets): the
+    packed path pads a batch to a bucket and cuts long inputs into pieces; results are
+    those of F.linear."""
+    import loraxd.worker.layers.linear as linear
+    if not linear.packed_ops_available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    seen = set()
+    real = linear.packed_linear
+
+    def spy(x, packed, bias):
+        seen.add(x.shape[0])
+        return real(x, packed, bias)
+    monkeypatch.setattr(linear, "packed_linear", spy)
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    kernel = linear.DenseKernel(weight, bias)
+    assert kernel.packed is not None
+    for rows in (1, 3, 9, 100, 129, 513, 1300):
+        x = torch.randn(rows, 32, generator=gen)
+        torch.testing.assert_close(kernel(x), torch.nn.functional.linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 5, 32, generator=gen)
+    assert kernel(x3).shape == (2, 5, 48)
+    assert seen <= set(linear.ROW_BUCKETS), seen

@@ -5,8 +5,10 @@ oneDNN (the private `mkldnn._reorder_linear_weight` / `_linear_pointwise` ops th
 torch.compile emits when it freezes weights), which runs fp32 skinny batches about twice as
 fast as `F.linear` (MKL) and the LM head four times (measured on 2-core Xeon and EPYC
 machines); it was also as fast or faster for 500-row prefills, so there is no per-call
-choice. oneDNN keeps state per input shape: a worker's memory grows with the prefill sizes
-it has seen before it levels off (a few hundred MB on a small model).
+choice. oneDNN keeps state per input shape, though: fed every row count from 1 to 128 (and
+prefills of every length), a worker grew by GBs. So the packed op only ever sees the
+row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer inputs go
+through in 512-row pieces (as fast as one call).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
 
 Layers are filled by `load_weight`/`load_bias` calls with full (unsharded) HF tensors, each
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from loraxd.worker.distributed import ShardSpec
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # the only row counts the packed op sees
 DEFAULT_BATCH_HINT = 8  # decode batches are small; the hint hardly matters above 8
 
 
@@ -29,6 +32,11 @@ def packed_ops_available() -> bool:
     ops = torch.ops.mkldnn
     return (torch.backends.mkldnn.is_available()
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class DenseKernel:
@@ -66,8 +74,24 @@ class DenseKernel:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return self._packed(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.dim() != 2:
+            flat = self._packed(x.reshape(-1, self.in_features))
+            return flat.reshape(*x.shape[:-1], self.out_features)
+        if rows == 0:
+            return x.new_empty(0, self.out_features)
+        if rows > ROW_BUCKETS[-1]:
+            step = ROW_BUCKETS[-1]
+            return torch.cat([self._packed(x[i:i + step]) for i in range(0, rows, step)])
+        bucket = next(b for b in ROW_BUCKETS if b >= rows)
+        if bucket != rows:
+            x = F.pad(x, (0, 0, 0, bucket - rows))
+        y = packed_linear(x, self.packed, self.bias)
+        return y if bucket == rows else y[:rows]
 
 
 def no_all_reduce(y: torch.Tensor) -> torch.Tensor:
