@@ -10,8 +10,9 @@ all linears, one per stream, against loraxd base-only and transformers + PEFT ba
 `generate(adapter_names=…)`.
 
 `--constrained`: also the throughput of the same N plain streams with N `json_schema`
-requests beside them in the batch (each its own schema), against the plain streams alone:
-what constrained neighbours cost everyone else (target: a loss under 10%).
+requests beside them in the batch (each its own schema), against the plain streams alone
+and beside as many plain requests: what constrained neighbours cost everyone else, and how
+much of that is the grammars' own (the rest is the bigger batch).
 """
 from __future__ import annotations
 
@@ -96,9 +97,11 @@ def neighbour_schema(i: int) -> dict:
 
 
 async def loraxd_round(url: str, batch: int, new_tokens: int,
-                       adapters: list[str] | None = None, neighbours: int = 0) -> float:
-    """Tokens per second of the `batch` plain streams; `neighbours` json_schema requests
-    run beside them (not counted)."""
+                       adapters: list[str] | None = None, neighbours: int = 0,
+                       constrained: bool = True) -> float:
+    """Tokens per second of the `batch` plain streams; `neighbours` requests run beside
+    them (not counted): json_schema ones, or plain ones of the same length (the control:
+    what a bigger batch costs without any grammar)."""
     import aiohttp
     async with aiohttp.ClientSession() as session:
         async def one(i: int, schema: dict | None = None) -> int:
@@ -114,7 +117,8 @@ async def loraxd_round(url: str, batch: int, new_tokens: int,
                     if line.startswith(b"data:"):
                         n += 1
             return n
-        others = [asyncio.ensure_future(one(i, neighbour_schema(i))) for i in range(neighbours)]
+        others = [asyncio.ensure_future(one(i, neighbour_schema(i) if constrained else None))
+                  for i in range(neighbours)]
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(i) for i in range(batch)))
         elapsed = time.perf_counter() - t0
@@ -189,6 +193,7 @@ def main() -> None:
             results["loraxd_base_only_tok_s"] = []
         if args.constrained:
             results["loraxd_beside_constrained_tok_s"] = []
+            results["loraxd_beside_plain_tok_s"] = []
         try:
             asyncio.run(loraxd_round(daemon.url, args.batch, 4, names))  # warm-up, loads
             for _ in range(args.rounds):
@@ -204,6 +209,9 @@ def main() -> None:
                     results["loraxd_beside_constrained_tok_s"].append(asyncio.run(
                         loraxd_round(daemon.url, args.batch, args.new_tokens, names,
                                      neighbours=args.batch)))
+                    results["loraxd_beside_plain_tok_s"].append(asyncio.run(
+                        loraxd_round(daemon.url, args.batch, args.new_tokens, names,
+                                     neighbours=args.batch, constrained=False)))
             results["idle_1_token_ms"] = 1000 * asyncio.run(idle_latency(daemon.url, 20))
         finally:
             daemon.stop()
@@ -217,6 +225,8 @@ def report(results: dict, args) -> None:
                  if results.get("loraxd_base_only_tok_s") else None)
     beside = (statistics.median(results["loraxd_beside_constrained_tok_s"])
               if results.get("loraxd_beside_constrained_tok_s") else None)
+    control = (statistics.median(results["loraxd_beside_plain_tok_s"])
+               if results.get("loraxd_beside_plain_tok_s") else None)
     workload = f"{args.batch} streams x {args.new_tokens} tokens, {args.dtype}"
     if args.adapters:
         workload += f", {args.batch} distinct rank-{args.rank} all-linear adapters"
@@ -228,6 +238,8 @@ def report(results: dict, args) -> None:
                "mixed_over_base_only": round(ours / base_only, 2) if base_only else None,
                "beside_constrained_tok_s_median": round(beside, 1) if beside else None,
                "constrained_neighbours_loss": round(1 - beside / ours, 3) if beside else None,
+               "beside_plain_tok_s_median": round(control, 1) if control else None,
+               "grammar_loss": round(1 - beside / control, 3) if control else None,
                "baseline_tok_s_median": round(base, 1) if base else None,
                "ratio": round(ours / base, 2) if base else None,
                "idle_1_token_ms_median": round(results["idle_1_token_ms"], 1),
@@ -246,6 +258,9 @@ def report(results: dict, args) -> None:
     if beside:
         print(f"same streams beside {args.batch} json_schema requests: {beside:8.1f} tok/s "
               f"(median; loss {100 * (1 - beside / ours):.1f}%)")
+    if control:
+        print(f"same streams beside {args.batch} plain requests:       {control:8.1f} tok/s "
+              f"(median); the grammars' own cost: {100 * (1 - beside / control):.1f}%")
     if base:
         print(f"ratio loraxd / baseline: {ours / base:8.2f}x")
     print(f"idle daemon, 1-token request:       {summary['idle_1_token_ms_median']:8.1f} ms "
