@@ -118,7 +118,7 @@ class ServerConfig:
         30.0, "seconds a stream's written tokens may wait unread before the client is dropped",
         _POSITIVE, reload=True)
     header_read_timeout_s: float = _setting(
-        10.0, "seconds a client has to send a request's headers (also the idle keep-alive)",
+        10.0, "seconds a client has to send a request's headers, from its first byte",
         _POSITIVE, reload=True)
     body_read_timeout_s: float = _setting(30.0, "seconds a client has to send a request body",
                                           _POSITIVE, reload=True)

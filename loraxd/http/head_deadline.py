@@ -1,6 +1,8 @@
 """A deadline on request heads (slowloris): a connection that has not sent a whole request
-line and headers within server.header_read_timeout_s of connecting, or of its previous
-response, is closed. An idle keep-alive connection closes after that long too.
+line and headers within server.header_read_timeout_s of connecting, or of the first byte
+of a later request on a keep-alive connection, is closed. An idle keep-alive connection is
+left to aiohttp's keep-alive timeout (75 s): longer than clients keep pooled connections
+(aiohttp 15 s, httpx 5 s), so a client rarely sends a request just as the server closes.
 
 aiohttp has no such deadline of its own, so each connection's aiohttp protocol is wrapped
 (`HeadDeadline`) and the app's outermost middleware tells the wrapper when a request has
@@ -31,6 +33,7 @@ class HeadDeadline(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.num_active = 0
+        self.idle = False  # between requests on a keep-alive connection
 
     # -- the deadline -----------------------------------------------------------------------
 
@@ -46,12 +49,13 @@ class HeadDeadline(asyncio.Protocol):
 
     def request_started(self) -> None:
         self.num_active += 1
+        self.idle = False
         self.disarm()
 
     def request_done(self) -> None:
         self.num_active -= 1
-        if self.num_active == 0 and self.transport is not None:
-            self.arm()  # for the next request's head on this keep-alive connection
+        if self.num_active == 0:
+            self.idle = True  # the next request's first byte arms the deadline
 
     def _expire(self) -> None:
         self.timer = None
@@ -74,6 +78,9 @@ class HeadDeadline(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.idle and self.num_active == 0 and self.transport is not None:
+            self.idle = False
+            self.arm()  # a new head started: it has the deadline from its first byte
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:

@@ -137,9 +137,9 @@ async def _soak(daemon: Daemon, prompts: list[str]) -> dict:
     import aiohttp
     clients = Clients(daemon.url, prompts, REQUEST_TIMEOUT_S)
     rng = random.Random(5)
-    # The daemon closes a connection idle for header_read_timeout_s (10 s): a client that
-    # keeps one longer (aiohttp's default is 15 s) may send on it as it closes.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=5)
+    # aiohttp's default pool (15 s keep-alive, shorter than the server's 75 s): as clients
+    # connect by default.
+    connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         refs = await _references(session, clients)  # also a warm-up: every adapter loads
         rss = _RssSampler(daemon)
