@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 import pytest
 
 from loraxd.daemon.proc import rss_bytes
+from tests.integration import tiny_model
 from tests.integration.daemon import Daemon
 from tests.integration.soak_load import (COMPLETED, CUT, Clients, Key, Reference, Spec,
                                          long_prompts, problem, stop_from)
@@ -53,24 +53,11 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def soak_model(default_model_dir, tmp_path_factory):
     """The tiny model and 32 PEFT adapters (ranks 4, 8 and 16 on every linear layer)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tests.unit.test_family_adapters import _save_adapter
-
-    root = tmp_path_factory.mktemp("soak-model")
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(11)
-    base = transformers.AutoModelForCausalLM.from_config(config).eval()
-    base.save_pretrained(root / "model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_model_dir / name, root / "model")
-    for i in range(ADAPTERS):
-        base = _save_adapter(base, root / "adapters" / f"a{i}", seed=100 + i,
-                             rank=(4, 8, 16)[i % 3])
-    return root
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    adapters = [(f"a{i}", 100 + i, (4, 8, 16)[i % 3]) for i in range(ADAPTERS)]
+    return tiny_model.build(default_model_dir, tmp_path_factory.mktemp("soak-model"),
+                            adapters, seed=11, tied=True, max_positions=1024)
 
 
 def _keys() -> list[Key]:

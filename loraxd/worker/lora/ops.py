@@ -241,7 +241,27 @@ def _expand(views: SlotViews, h, y) -> None:
         (y if cols is None else y[:, cols]).addmm_(h if h_cols is None else h[:, h_cols], bt)
 
 
-class TorchLoraOp:
+class CachedStepOp:
+    """A LoraOp's `step()`: the per-step plan is built once per (slot pool generation,
+    token slots) and reused while neither changes (decode steps of one batch)."""
+
+    _cache: tuple[tuple, object] | None = None
+
+    def step(self, storage: LoraStorage, token_slots: torch.Tensor):
+        """`token_slots` [num_tokens]: best a host tensor (a device one costs a sync)."""
+        slots = token_slots.tolist()
+        key = (storage.generation, id(storage), tuple(slots))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        ctx = self._build(storage, slots)
+        self._cache = (key, ctx)
+        return ctx
+
+    def _build(self, storage: LoraStorage, slots: list[int]):
+        raise NotImplementedError
+
+
+class TorchLoraOp(CachedStepOp):
     """Pure-torch LoraOp.
 
     An adapter with at least `gemm_min_tokens` tokens in the step goes through the GEMM path;
@@ -252,16 +272,6 @@ class TorchLoraOp:
     def __init__(self, gemm_min_tokens: int = 8, min_bag_adapters: int = 3) -> None:
         self.gemm_min_tokens = gemm_min_tokens
         self.min_bag_adapters = min_bag_adapters
-        self._cache: tuple[tuple, TorchLoraStep | None] | None = None
-
-    def step(self, storage: LoraStorage, token_slots: torch.Tensor) -> TorchLoraStep | None:
-        slots = token_slots.tolist()
-        key = (storage.generation, id(storage), tuple(slots))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        ctx = self._build(storage, slots)
-        self._cache = (key, ctx)
-        return ctx
 
     def _build(self, storage: LoraStorage, slots: list[int]) -> TorchLoraStep | None:
         positions: dict[int, list[int]] = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from loraxd.worker.device_copy import to_device
-from loraxd.worker.lora.ops import LoraStorage
+from loraxd.worker.lora.ops import CachedStepOp, LoraStorage
 
 MAX_GROUP_MODULES = 3
 BLOCK_K = 64  # input features per shrink iteration
@@ -122,7 +122,7 @@ class TritonLoraStep:
                 BLOCK_N=BLOCK_N, UPCAST=self.upcast)
 
 
-class TritonLoraOp:
+class TritonLoraOp(CachedStepOp):
     """LoraOp on Triton: CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
 
     def __init__(self, block_min_tokens: int = 8, block_m: int = 16) -> None:
@@ -133,17 +133,6 @@ class TritonLoraOp:
         self.block_min_tokens, self.block_m = block_min_tokens, block_m
         self.upcast = interpreting()  # see triton_common.mm
         self._tables: tuple[tuple[int, int], dict[str, RankTables]] | None = None
-        self._cache: tuple[tuple, TritonLoraStep | None] | None = None
-
-    def step(self, storage: LoraStorage, token_slots: torch.Tensor) -> TritonLoraStep | None:
-        """`token_slots` [num_tokens]: best a host tensor (a device one costs a sync)."""
-        slots = token_slots.tolist()
-        key = (storage.generation, id(storage), tuple(slots))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        ctx = self._build(storage, slots)
-        self._cache = (key, ctx)
-        return ctx
 
     def _build(self, storage: LoraStorage, slots: list[int]) -> TritonLoraStep | None:
         used = [s for s in slots if s >= 0]
