@@ -237,6 +237,20 @@ def _check_sharding(settings: dict[str, _Setting]) -> None:
         raise where.fail(f"needs num_shard 1, which is {num_shard} ({origin})")
 
 
+_OTLP_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def _check_tracing(settings: dict[str, _Setting], environ: Mapping[str, str]) -> None:
+    """The OpenTelemetry SDK's protocol variable asks for a protocol loraxd does not send."""
+    if settings["otlp_endpoint"][0] is None:
+        return
+    for name in _OTLP_PROTOCOL_VARS:
+        value = environ.get(name, "").strip()
+        if value and value != "http/protobuf":
+            raise ConfigError(f"environment: {name} = {value}: loraxd sends traces over "
+                              "OTLP/HTTP with protobuf (http/protobuf) only")
+
+
 def _derive_paths(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> None:
     runtime_dir, cache_dir = default_paths(environ, euid)
     for name, value in (("runtime_dir", runtime_dir), ("cache_dir", cache_dir)):
@@ -251,6 +265,7 @@ def _derive_paths(settings: dict[str, _Setting], environ: Mapping[str, str], eui
 def _build(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> Config:
     _check_order(settings)
     _check_sharding(settings)
+    _check_tracing(settings, environ)
     _derive_paths(settings, environ, euid)
     values: dict[str, dict[str, typing.Any]] = {section: {} for section in _SECTIONS}
     for name, (value, _) in settings.items():

@@ -58,7 +58,6 @@ LORAX_ONLY_FLAGS = (
                   "max_batch_total_tokens, not by a share of GPU memory; only 1.0 (no limit, "
                   "what loraxd does) is accepted", holds=_is_one),
     LoraxOnlyFlag("disable_custom_kernels", False, "", holds=lambda value: True),
-    LoraxOnlyFlag("otlp_endpoint", True, "OpenTelemetry traces are not built yet"),
     LoraxOnlyFlag("ngrok", False, _NGROK),
     LoraxOnlyFlag("ngrok_authtoken", True, _NGROK),
     LoraxOnlyFlag("ngrok_edge", True, _NGROK),

@@ -9,6 +9,7 @@ import os
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = "/etc/loraxd/loraxd.toml"
 ENV_PREFIX = "LORAXD_"
@@ -43,6 +44,19 @@ _NON_EMPTY = _rule(lambda v: bool(v.strip()), "must not be empty")
 _NO_EMPTY_ITEMS = _rule(lambda v: all(i.strip() for i in v), "must not contain empty entries")
 _ROUTES = _rule(lambda v: all(i.startswith("/") for i in v),
                 "entries must be paths starting with /")
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+_OTLP_URL = _rule(_is_http_url, "must be an http:// or https:// URL of an OTLP/HTTP collector, "
+                  "e.g. http://127.0.0.1:4318")
 
 
 _MODEL_SOURCE = _rule(lambda v: v in ("hub", "local"),
@@ -97,6 +111,11 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] = _setting((), "origins allowed by CORS (repeatable flag)",
                                                   _NO_EMPTY_ITEMS, lorax=True)
     json_output: bool = _setting(False, "write log lines as JSON", lorax=True)
+    otlp_endpoint: str | None = _setting(
+        None, "OpenTelemetry collector that gets one trace per generation request, over "
+        "OTLP/HTTP with protobuf only (not LoRAX's OTLP/gRPC, port 4317): e.g. "
+        "http://127.0.0.1:4318, to which /v1/traces is added when the URL has no path; "
+        "unset: no tracing", _OTLP_URL, lorax=True)
     validation_workers: int = _setting(1, "threads that tokenize and check prompts",
                                        _POSITIVE_INT, lorax=True)
     metrics_adapter_labels: int = _setting(

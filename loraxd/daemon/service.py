@@ -215,8 +215,13 @@ class Service:
                                   recover=self.supervisor.replace,
                                   sources=adapter_sources(config),
                                   ranks=self.supervisor.rank_summaries)
+        tracer = None
+        if config.server.otlp_endpoint is not None:
+            from loraxd.http.tracing_export import TraceExport
+            parts["tracing"] = TraceExport(config.server.otlp_endpoint)
+            tracer = parts["tracing"].tracer
         # The app first: its metrics observe the engine from its first step and adapter move.
-        self.app = make_app(self.engine, config)
+        self.app = make_app(self.engine, config, tracer=tracer)
         self.frontend = self.app[FRONTEND_KEY]
         self.engine.start()
         if config.adapters.adapter_id is not None:  # the default adapter: pinned like a preload
@@ -312,6 +317,8 @@ class Service:
             await parts["engine"].stop()  # what the drain left fails: the handlers end
         if "runner" in parts:
             await parts["runner"].cleanup()
+        if "tracing" in parts:  # after the handlers: their last spans go too
+            await parts["tracing"].close()
         await self.supervisor.stop()
 
 

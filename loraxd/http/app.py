@@ -29,22 +29,32 @@ RUNNER_KWARGS = {"handler_cancellation": True}
 _CORS_METHODS = "GET, POST, OPTIONS"
 
 
-def make_app(engine: Any, config: Any) -> web.Application:
-    """`engine`: an AsyncEngine; `config`: the loraxd Config tree.
+def make_app(engine: Any, config: Any, *, tracer: Any = None) -> web.Application:
+    """`engine`: an AsyncEngine; `config`: the loraxd Config tree; `tracer`: an OpenTelemetry
+    tracer for one trace per generation request (tracing_export.py), or None: no tracing.
 
     Raises KeysFileError when an API keys file is configured and cannot be used.
     """
     metrics = Metrics(engine, config)
-    frontend = Frontend.from_config(metrics.metered(engine), config)
+    routed = metrics.metered(engine)
+    tracing = None
+    if tracer is not None:  # imported only then: without an endpoint, nothing of it runs
+        from loraxd.http.tracing import Tracing
+        tracing = Tracing(tracer)
+        routed = tracing.traced(routed)
+    frontend = Frontend.from_config(routed, config)
     settings = frontend.settings  # api_keys_file and public_routes: restart-only
     keys = KeyRing(settings.api_keys_file)
     keys.load()
     frontend.keys_required = keys.enabled
     heads: dict = {}
     # Outermost first: the head deadline's bookkeeping, CORS preflight, the key check
-    # (before any body is read), the request metrics (which see the errors rendered), errors.
+    # (before any body is read), the request metrics (which see the errors rendered), the
+    # request's trace (which reads what the metrics noted), errors.
     middlewares = [auth_middleware(keys, settings.public_routes), metrics.middleware(),
                    error_middleware]
+    if tracing is not None:
+        middlewares.insert(2, tracing.middleware())
     origins = tuple(config.server.cors_allow_origin)
     if origins:
         middlewares.insert(0, _cors_preflight(origins))

@@ -42,7 +42,7 @@ def as_api_error(exc: BaseException) -> ApiError:
     """Any exception as the ApiError the client sees (and the request metrics count);
     unexpected ones are logged here."""
     err = _as_api_error(exc)
-    note_error(err.error_type)
+    note_error(err.error_type, err.message)
     return err
 
 

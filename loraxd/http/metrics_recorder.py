@@ -31,17 +31,23 @@ class RequestRecord:
     queued: float | None = None  # when its first sequence went to the engine
     adapter: str | None = None  # the `adapter` label, once a sequence went to the engine
     error: str | None = None  # the first error type the client was shown
+    error_message: str | None = None  # and its message (traces show it)
     num_finished: int = 0
 
 
 _CURRENT: ContextVar[RequestRecord | None] = ContextVar("loraxd_request_record", default=None)
 
 
-def note_error(error_type: str) -> None:
+def note_error(error_type: str, message: str | None = None) -> None:
     """The request being served (if it is metered) failed with `error_type`."""
     record = _CURRENT.get()
     if record is not None and record.error is None:
-        record.error = error_type
+        record.error, record.error_message = error_type, message
+
+
+def current_record() -> RequestRecord | None:
+    """The record of the generating request being served, if any."""
+    return _CURRENT.get()
 
 
 class Recorder:

@@ -53,6 +53,8 @@ SETTINGS = [
     ("--watermark-delta", "WATERMARK_DELTA", "3.5", ("worker", "watermark_delta"), 3.5),
     ("--cors-allow-origin", "CORS_ALLOW_ORIGIN", "https://a.example",
      ("server", "cors_allow_origin"), ("https://a.example",)),
+    ("--otlp-endpoint", "OTLP_ENDPOINT", "http://127.0.0.1:4318",
+     ("server", "otlp_endpoint"), "http://127.0.0.1:4318"),
 ]
 
 REFUSED = [
@@ -60,7 +62,6 @@ REFUSED = [
     ("--compile", "COMPILE", None, "CUDA graph"),
     ("--trust-remote-code", "TRUST_REMOTE_CODE", None, "its own model code"),
     ("--cuda-memory-fraction", "CUDA_MEMORY_FRACTION", "0.8", "max_batch_total_tokens"),
-    ("--otlp-endpoint", "OTLP_ENDPOINT", "http://127.0.0.1:4317", "OpenTelemetry"),
     ("--ngrok", "NGROK", None, "ngrok"),
     ("--ngrok-authtoken", "NGROK_AUTHTOKEN", "tok", "ngrok"),
     ("--ngrok-edge", "NGROK_EDGE", "edge", "ngrok"),
