@@ -41,7 +41,8 @@ def print_env(config) -> None:
     info = {"loraxd": __version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
             **{pkg: version(pkg) for pkg in ("torch", "transformers", "tokenizers", "aiohttp",
-                                             "pyzmq", "msgspec", "safetensors")},
+                                             "pyzmq", "msgspec", "safetensors",
+                                             "opentelemetry-sdk")},
             "config": config.to_dict()}
     print(json.dumps(info, indent=2))
 
