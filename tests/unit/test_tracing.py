@@ -2,9 +2,11 @@
 back from the SDK's in-memory exporter), the setting, the exporter's helpers."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -18,7 +20,9 @@ from loraxd.engine.request import EngineError, FinishEvent
 from loraxd.http.app import make_app
 from loraxd.http.service import FRONTEND_KEY
 from loraxd.http.tracing import TracedEngine, sequence_spans
-from loraxd.http.tracing_export import RateLimitedWarnings, _resource, traces_url
+from loraxd.http.tracing_export import RateLimitedWarnings, TraceExport, _resource, traces_url
+from tests.integration.daemon import free_port
+from tests.integration.otlp_receiver import Receiver
 from tests.unit.test_http_native import NUM_PROMPT, PROMPT, make_config
 from tests.unit.test_http_openai import CHAT_LIMITS, chat_engine
 
@@ -226,6 +230,30 @@ def test_the_service_name_is_loraxd_unless_the_sdk_is_told(monkeypatch):
     assert _resource().attributes["service.name"] == "loraxd"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "lorax-eu-1")
     assert _resource().attributes["service.name"] == "lorax-eu-1"
+
+
+async def test_close_sends_what_is_queued(monkeypatch):
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # nothing leaves before close
+    receiver = Receiver(free_port()).start()
+    try:
+        export = TraceExport(f"http://127.0.0.1:{receiver.port}")
+        for name in ("a", "b", "c"):
+            export.tracer.start_span(name).end()
+        await asyncio.sleep(0.2)
+        assert receiver.spans == []
+        await export.close()
+        assert sorted(span.name for _, span in receiver.spans) == ["a", "b", "c"]
+        assert {r["service.name"] for r, _ in receiver.spans} == {"loraxd"}
+    finally:
+        receiver.stop()
+
+
+async def test_close_waits_no_longer_than_its_bound_for_a_collector_down():
+    export = TraceExport(f"http://127.0.0.1:{free_port()}")  # nobody listens there
+    export.tracer.start_span("lost").end()
+    started = time.monotonic()
+    await export.close(timeout_s=0.5)
+    assert time.monotonic() - started < 2.0
 
 
 # -- the setting -------------------------------------------------------------------------------
