@@ -186,7 +186,9 @@ def _load(args: argparse.Namespace, options: WorkerOptions):
                          block_size=options.block_size, num_threads=options.num_threads,
                          tp=tp, watermark_gamma=options.watermark_gamma,
                          watermark_delta=options.watermark_delta)
-    log.info("rank %d on %s, %s kernels", args.rank, device, runner.kernels)
+    read = runner.weights_read
+    log.info("rank %d on %s, %s kernels; read %.1f MiB of the checkpoint's %.1f MiB",
+             args.rank, device, runner.kernels, read.bytes_read / 2**20, read.num_bytes / 2**20)
     return runner, tp
 
 

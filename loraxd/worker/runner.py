@@ -90,7 +90,8 @@ class ModelRunner:
         with torch.inference_mode():
             self.model = CausalLM(arch, dtype=self.dtype, device=self.device, tp=self.tp,
                                   attention_kernels=attention_kernels)
-            self.model.load_weights(loader.iter_weights(model_dir))
+            self.weights_read = loader.ReadCount()
+            self.model.load_weights(loader.iter_weights(model_dir, self.weights_read))
         self.num_layers = arch.num_layers
         # adapters are read and checked whole, then cut to this rank's shapes
         self.module_shapes: dict[str, tuple[int, int]] = arch.module_shapes()
