@@ -94,10 +94,10 @@ def choose_num_blocks(*, fit: int, requested: int | None, page_bytes: int,
     if requested + 1 > fit:
         need = (requested + 1) * page_bytes
         have = fit * page_bytes
-        raise KvCacheTooLarge(f"the KV cache of {requested} pages needs {_gib(need)} on each "
-                              f"rank, but {_gib(have)} fit ({budget_note})")
+        raise KvCacheTooLarge(f"the KV cache of {requested} pages needs {size(need)} on each "
+                              f"rank, but {size(have)} fit ({budget_note})")
     return requested
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -155,9 +155,10 @@ class ModelRunner:
                                        memory_fraction=kv.memory_fraction,
                                        headroom_bytes=headroom, page_bytes=page_bytes)
         fit = self.tp.min_over_ranks(fit)  # the scheduler hands out one set of pages
-        note = (f"{free / 2**30:.2f} of {total / 2**30:.2f} GiB free on rank {self.tp.rank} "
-                f"after the weights, cuda_memory_fraction {kv.memory_fraction:g}, "
-                f"{headroom / 2**30:.2f} GiB kept for a step's activations")
+        size = kv_sizing.size
+        note = (f"{size(free)} of {size(total)} free on rank {self.tp.rank} after the "
+                f"weights, cuda_memory_fraction {kv.memory_fraction:g}, {size(headroom)} kept "
+                "for a step's activations")
         try:
             blocks = kv_sizing.choose_num_blocks(fit=fit, requested=requested,
                                                  page_bytes=page_bytes, budget_note=note)
