@@ -241,7 +241,7 @@ def _check_sharding(settings: dict[str, _Setting]) -> None:
     origin = "default" if shard_where.rank == 0 else f"{shard_where.source} {shard_where.key}"
     if sharded is True and num_shard == 1:
         raise where.fail(f"needs num_shard over 1, which is 1 ({origin}): set it to the "
-                         "number of GPUs to shard over (loraxd does not count them)")
+                         "number of GPUs to shard over (it is not taken from the GPU count)")
     if sharded is False and num_shard > 1:
         raise where.fail(f"needs num_shard 1, which is {num_shard} ({origin})")
 
