@@ -7,7 +7,6 @@ sequence is -1: every rank frees it). Only rank 0 returns results.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,11 @@ from pathlib import Path
 import torch
 
 from loraxd.protocol.worker import NewSeq, SeqFailure, SeqOutput, Step
-from loraxd.worker import kv_sizing, loader
+from loraxd.worker import kv_plan, loader
 from loraxd.worker.device_copy import tensor_on
 from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
+from loraxd.worker.kv_plan import KvSizing
 from loraxd.worker.layers.attention import StepContext
 from loraxd.worker.layers.grammar import Grammars
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
@@ -28,19 +28,7 @@ from loraxd.worker.triton_support import use_triton
 
 __all__ = ["KvSizing", "ModelRunner", "StepContext", "StepRejected", "UnsupportedModel"]
 
-SPARE_BLOCKS = 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class KvSizing:
-    """How a CUDA rank sizes its KV cache (see kv_sizing.py): `memory_fraction` of the device
-    is this process's; `max_prefill_tokens` sizes the activations' headroom; `num_blocks` > 0
-    pins the page count (a replaced group keeps the pages the scheduler hands out)."""
-
-    memory_fraction: float = 1.0
-    max_prefill_tokens: int = 4096
-    num_blocks: int = 0
 
 
 class StepRejected(ValueError):
@@ -115,7 +103,8 @@ class ModelRunner:
         self.lora_pool = None  # see attach_lora
         if lora_slots:
             self.enable_lora(lora_slots, max_rank=max_lora_rank)
-        self.num_blocks = self._kv_blocks(max_batch_total_tokens, kv or KvSizing())
+        self.num_blocks, self.kv_note = kv_plan.kv_blocks(self, max_batch_total_tokens,
+                                                          kv or KvSizing())
         self.kv_cache = PagedKVCache(arch.num_layers, self.num_blocks, block_size,
                                      self.model.shard.num_kv_heads, arch.head_dim,
                                      dtype=self.dtype, device=self.device)
@@ -127,57 +116,6 @@ class ModelRunner:
         if self.tp.rank == 0 and (Path(model_dir) / "tokenizer.json").exists():
             self.grammars = Grammars(model_dir, arch.vocab_size, list(self.eos_token_ids),
                                      num_threads=torch.get_num_threads())
-
-    # -- the KV cache's size ------------------------------------------------------------
-
-    def _kv_blocks(self, max_batch_total_tokens: int | None, kv: KvSizing) -> int:
-        requested = kv.num_blocks or None
-        if requested is None and max_batch_total_tokens is not None:
-            requested = math.ceil(max_batch_total_tokens / self.block_size) + SPARE_BLOCKS
-        if self.device.type != "cuda":
-            if kv.memory_fraction != 1.0:
-                raise ValueError("cuda_memory_fraction means nothing on a CPU: only 1.0")
-            if requested is None:
-                raise ValueError("on a CPU the KV cache is sized by max_batch_total_tokens")
-            self.kv_note = f"{requested} pages, as max_batch_total_tokens asks"
-            return requested
-        arch, shard = self.arch, self.model.shard
-        page_bytes = PagedKVCache.page_bytes(arch.num_layers, self.block_size,
-                                             shard.num_kv_heads, arch.head_dim, self.dtype)
-        if self.kernels != "triton":  # decode copies a layer's pages into a buffer first
-            page_bytes += -(-page_bytes // arch.num_layers)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # what loading freed goes back, so `free` counts it
-        free, total = torch.cuda.mem_get_info(self.device)
-        headroom = kv_sizing.activation_headroom_bytes(self._step_widths(),
-                                                       kv.max_prefill_tokens)
-        fit = kv_sizing.pages_that_fit(free_bytes=free, total_bytes=total,
-                                       memory_fraction=kv.memory_fraction,
-                                       headroom_bytes=headroom, page_bytes=page_bytes)
-        fit = self.tp.min_over_ranks(fit)  # the scheduler hands out one set of pages
-        size = kv_sizing.size
-        note = (f"{size(free)} of {size(total)} free on rank {self.tp.rank} after the "
-                f"weights, cuda_memory_fraction {kv.memory_fraction:g}, {size(headroom)} kept "
-                "for a step's activations")
-        try:
-            blocks = kv_sizing.choose_num_blocks(fit=fit, requested=requested,
-                                                 page_bytes=page_bytes, budget_note=note)
-        except kv_sizing.KvCacheTooLarge as exc:
-            if kv.num_blocks:  # a replaced group: the memory may come back, so not config
-                raise RuntimeError(f"the replaced workers must hold the {kv.num_blocks} KV "
-                                   f"pages the scheduler hands out: {exc}") from None
-            raise
-        self.kv_note = f"{blocks} pages ({note})"
-        return blocks
-
-    def _step_widths(self) -> kv_sizing.StepWidths:
-        arch, shard = self.arch, self.model.shard
-        d = arch.head_dim
-        return kv_sizing.StepWidths(
-            hidden=arch.hidden_size, qkv=(shard.num_heads + 2 * shard.num_kv_heads) * d,
-            attention=shard.num_heads * d, intermediate=shard.intermediate_size,
-            vocab=arch.vocab_size, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
-            score_heads=0 if self.kernels == "triton" else shard.num_heads)
 
     # -- LoRA: the slot pool lives in loraxd.worker.lora; the runner only hands it each
     # step's token slots and puts what it returns into the step context ----------------

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from loraxd.nvml import Nvml  # noqa: E402
 from loraxd.protocol.worker import NewSeq, SamplingParams, Step  # noqa: E402
-from loraxd.worker import kv_sizing  # noqa: E402
+from loraxd.worker import kv_plan, kv_sizing  # noqa: E402
 from loraxd.worker.runner import KvSizing, ModelRunner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -56,7 +56,7 @@ def test_the_cache_takes_the_share_left_and_the_headroom_covers_a_prefill(tmp_pa
     runner = ModelRunner(_wide_model(tmp_path), device="cuda", dtype="bfloat16",
                          block_size=16, max_batch_total_tokens=None,
                          kv=KvSizing(memory_fraction=fraction, max_prefill_tokens=prefill))
-    headroom = kv_sizing.activation_headroom_bytes(runner._step_widths(), prefill)
+    headroom = kv_sizing.activation_headroom_bytes(kv_plan.step_widths(runner), prefill)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from loraxd.worker import kv_sizing  # noqa: E402
+from loraxd.worker import kv_plan, kv_sizing  # noqa: E402
 from loraxd.worker.distributed import init_tensor_parallel  # noqa: E402
 from loraxd.worker.kv_cache import PagedKVCache  # noqa: E402
 from loraxd.worker.kv_sizing import KvCacheTooLarge  # noqa: E402
@@ -52,6 +52,10 @@ def on_cuda(runner, monkeypatch):
     return free, calls
 
 
+def pages(runner, tokens, kv) -> int:
+    return kv_plan.kv_blocks(runner, tokens, kv)[0]
+
+
 def page_bytes(runner) -> int:
     arch = runner.arch
     page = PagedKVCache.page_bytes(arch.num_layers, 16, runner.model.shard.num_kv_heads,
@@ -61,50 +65,50 @@ def page_bytes(runner) -> int:
 
 def test_unset_takes_what_fits_in_the_share_after_the_headroom(runner, on_cuda):
     free, calls = on_cuda
-    blocks = runner._kv_blocks(None, KvSizing(memory_fraction=0.9, max_prefill_tokens=512))
-    headroom = kv_sizing.activation_headroom_bytes(runner._step_widths(), 512)
+    blocks, note = kv_plan.kv_blocks(runner, None,
+                                     KvSizing(memory_fraction=0.9, max_prefill_tokens=512))
+    headroom = kv_sizing.activation_headroom_bytes(kv_plan.step_widths(runner), 512)
     budget = 60 * GIB - 8 * GIB - headroom
     assert blocks == budget // page_bytes(runner) - 1
     assert calls == ["sync", "empty_cache", "mem_get_info"]  # freed blocks back first
-    assert runner._step_widths().score_heads == runner.model.shard.num_heads  # torch path
-    assert "cuda_memory_fraction 0.9" in runner.kv_note
+    assert kv_plan.step_widths(runner).score_heads == runner.model.shard.num_heads  # torch path
+    assert "cuda_memory_fraction 0.9" in note
 
 
 def test_the_group_takes_the_smallest_fit(runner, on_cuda, monkeypatch):
     monkeypatch.setattr(runner, "tp", PeerTP(runner.tp, peer_fit=1000))
-    assert runner._kv_blocks(None, KvSizing()) == 999
+    assert pages(runner, None, KvSizing()) == 999
     assert runner.tp.seen[0] > 1000  # this rank fit more, and took the peer's
 
 
 def test_a_requested_cache_must_fit_and_a_replaced_group_keeps_its_pages(runner, on_cuda):
     free, _ = on_cuda
-    assert runner._kv_blocks(64, KvSizing()) == 64 // 16 + 4  # max_batch_total_tokens wins
+    assert pages(runner, 64, KvSizing()) == 64 // 16 + 4  # max_batch_total_tokens wins
     free[0] = 8 * GIB
     with pytest.raises(KvCacheTooLarge, match=r"the KV cache of 8 pages needs .* but 0.0 MiB "
                                               r"fit \(8.00 GiB of 80.00 GiB free on rank 0 .* "
                                               r"cuda_memory_fraction 0.9"):
-        runner._kv_blocks(64, KvSizing(memory_fraction=0.9))  # 8 GiB left for others: none
+        pages(runner, 64, KvSizing(memory_fraction=0.9))  # 8 GiB left for others: none
     with pytest.raises(RuntimeError, match="the replaced workers must hold the 5000 KV pages"):
-        runner._kv_blocks(None, KvSizing(memory_fraction=0.9, num_blocks=5000))
+        pages(runner, None, KvSizing(memory_fraction=0.9, num_blocks=5000))
     free[0] = 60 * GIB
-    assert runner._kv_blocks(None, KvSizing(num_blocks=5000)) == 5000
+    assert pages(runner, None, KvSizing(num_blocks=5000)) == 5000
 
 
 def test_a_cpu_takes_the_requested_pages_and_no_share(runner):
-    assert runner._kv_blocks(64, KvSizing()) == 8
+    assert pages(runner, 64, KvSizing()) == 8
     with pytest.raises(ValueError, match="cuda_memory_fraction means nothing on a CPU"):
-        runner._kv_blocks(64, KvSizing(memory_fraction=0.5))
+        pages(runner, 64, KvSizing(memory_fraction=0.5))
     with pytest.raises(ValueError, match="sized by max_batch_total_tokens"):
-        runner._kv_blocks(None, KvSizing())
+        pages(runner, None, KvSizing())
 
 
 def test_lora_slots_are_allocated_before_the_cache_is_sized(runner, monkeypatch, tmp_path):
     order = []
     monkeypatch.setattr(ModelRunner, "enable_lora",
                         lambda self, n, max_rank=64: order.append(("lora", n, max_rank)))
-    real = ModelRunner._kv_blocks
-    monkeypatch.setattr(ModelRunner, "_kv_blocks",
-                        lambda self, *a: order.append("kv") or real(self, *a))
+    real = kv_plan.kv_blocks
+    monkeypatch.setattr(kv_plan, "kv_blocks", lambda *a: order.append("kv") or real(*a))
     ModelRunner(runner.model_dir, block_size=16, max_batch_total_tokens=64, num_threads=1,
                 lora_slots=3, max_lora_rank=8)
     assert order == [("lora", 3, 8), "kv"]
