@@ -66,7 +66,7 @@ def version(r: Version, client_version: str) -> str:
 
 def workers(r: WorkerList) -> str:
     """MEMORY: the process's resident memory; WEIGHTS and KV: the rank's shard of each;
-    GPU: free/total memory of its GPU when it became ready."""
+    GPU: free/total memory of its GPU now, and its name (from NVML)."""
     def maybe(n: int) -> str:
         return size(n) if n else "-"
 
@@ -75,10 +75,11 @@ def workers(r: WorkerList) -> str:
         return f"{size(w.device_free_bytes)}/{size(total)}" if total else "-"
 
     return table(("RANK", "PID", "DEVICE", "STATE", "MEMORY", "WEIGHTS", "KV", "GPU",
-                  "UPTIME", "RESTARTS"),
+                  "UPTIME", "RESTARTS", "GPU NAME"),
                  [(str(w.rank), "-" if w.pid is None else str(w.pid), w.device or "-",
                    w.state, maybe(w.rss_bytes), maybe(w.weight_bytes), maybe(w.kv_cache_bytes),
-                   device_free(w), duration(w.uptime_s), str(w.restarts)) for w in r.workers])
+                   device_free(w), duration(w.uptime_s), str(w.restarts),
+                   w.device_name or "-") for w in r.workers])
 
 
 def adapters(r: AdapterList) -> str:

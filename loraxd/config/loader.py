@@ -19,13 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from loraxd.config.lorax_only import add_lorax_only_flags, refuse_lorax_only
-from loraxd.config.tree import (DEFAULT_CONFIG_PATH, ENV_PREFIX, EXIT_CONFIG, Actions, Config,
-                                ConfigError, Rule, default_paths)
+from loraxd.config.tree import (CPU_KV_TOKENS, DEFAULT_CONFIG_PATH, ENV_PREFIX, EXIT_CONFIG,
+                                Actions, Config, ConfigError, Rule, default_paths)
 
 
 # kind: (annotation, why a value of the wrong type is wrong)
 _KINDS = {"bool": (bool, "must be true or false"),
           "optbool": (bool | None, "must be true or false"), "int": (int, "must be an integer"),
+          "optint": (int | None, "must be an integer"),
           "float": (float, "must be a number"), "str": (str, "must be a string"),
           "optstr": (str | None, "must be a string"), "strs": (tuple[str, ...], "must be a list")}
 
@@ -90,12 +91,12 @@ def _from_text(kind: str, raw: str | list[str]) -> typing.Any:
         return raw or None
     if kind == "str":
         return raw
-    if kind == "optbool" and not raw.strip():
+    if kind in ("optbool", "optint") and not raw.strip():
         return None
     if kind in ("bool", "optbool") and raw.strip().lower() in _TRUE + _FALSE:
         return raw.strip().lower() in _TRUE
     try:
-        return {"int": int, "float": float}[kind](raw.strip())
+        return {"int": int, "optint": int, "float": float}[kind](raw.strip())
     except (KeyError, ValueError):
         raise ValueError(_KINDS[kind][1]) from None
 
@@ -106,6 +107,7 @@ def _from_value(kind: str, raw: typing.Any) -> typing.Any:
     ok = {"bool": isinstance(raw, bool),
           "optbool": raw is None or isinstance(raw, bool),
           "int": number and isinstance(raw, int),
+          "optint": raw is None or (number and isinstance(raw, int)),
           "float": number,
           "str": isinstance(raw, str),
           "optstr": raw is None or isinstance(raw, str),
@@ -215,14 +217,21 @@ _FLIP = {"<": ">", "<=": ">="}
 
 
 def _check_order(settings: dict[str, _Setting]) -> None:
-    """Blame the side set by the higher-precedence source, naming where the other came from."""
+    """Blame the side set by the higher-precedence source, naming where the other came from.
+    An unset max_batch_total_tokens is CPU_KV_TOKENS on a CPU; on CUDA (or auto) the KV cache
+    is sized at start, and checked against these limits then (see daemon/kv_limits.py)."""
     for low, op, high in _ORDER_RULES:
         (low_value, low_where), (high_value, high_where) = settings[low], settings[high]
+        if high_value is None:
+            if settings["device"][0] != "cpu":
+                continue
+            high_value, high_where = CPU_KV_TOKENS, dataclasses.replace(high_where, rank=0)
         if low_value < high_value or (op == "<=" and low_value == high_value):
             continue
         blame_high = high_where.rank > low_where.rank
         where, word = (high_where, _WORDS[_FLIP[op]]) if blame_high else (low_where, _WORDS[op])
-        other, (value, other_where) = (low, settings[low]) if blame_high else (high, settings[high])
+        other, value, other_where = ((low, low_value, low_where) if blame_high
+                                     else (high, high_value, high_where))
         origin = "default" if other_where.rank == 0 else f"{other_where.source} {other_where.key}"
         raise where.fail(f"must be {word} {other}, which is {value} ({origin})")
 
@@ -232,7 +241,7 @@ def _check_sharding(settings: dict[str, _Setting]) -> None:
     origin = "default" if shard_where.rank == 0 else f"{shard_where.source} {shard_where.key}"
     if sharded is True and num_shard == 1:
         raise where.fail(f"needs num_shard over 1, which is 1 ({origin}): set it to the "
-                         "number of GPUs to shard over (loraxd does not count them)")
+                         "number of GPUs to shard over (it is not taken from the GPU count)")
     if sharded is False and num_shard > 1:
         raise where.fail(f"needs num_shard 1, which is {num_shard} ({origin})")
 
@@ -249,6 +258,11 @@ def _check_tracing(settings: dict[str, _Setting], environ: Mapping[str, str]) ->
         if value and value != "http/protobuf":
             raise ConfigError(f"environment: {name} = {value}: loraxd sends traces over "
                               "OTLP/HTTP with protobuf (http/protobuf) only")
+def _check_memory_fraction(settings: dict[str, _Setting]) -> None:
+    (fraction, where), (device, _) = settings["cuda_memory_fraction"], settings["device"]
+    if device == "cpu" and fraction != 1.0:
+        raise where.fail("a share of GPU memory means nothing on a CPU (device = cpu): only "
+                         "1.0 is accepted there")
 
 
 def _derive_paths(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> None:
@@ -266,6 +280,7 @@ def _build(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int)
     _check_order(settings)
     _check_sharding(settings)
     _check_tracing(settings, environ)
+    _check_memory_fraction(settings)
     _derive_paths(settings, environ, euid)
     values: dict[str, dict[str, typing.Any]] = {section: {} for section in _SECTIONS}
     for name, (value, _) in settings.items():

@@ -1,6 +1,6 @@
 """LoRAX launcher flags that are no loraxd setting: each is recognized, so that a LoRAX
 command line or environment is never half-understood, and refused with its reason unless the
-value given asks for what loraxd already does (`--cuda-memory-fraction 1.0`, `COMPILE=false`).
+value given asks for what loraxd already does (`COMPILE=false`).
 
 Stdlib only, like the loader that calls it.
 """
@@ -17,13 +17,6 @@ _FALSE = ("", "0", "false", "no", "off")
 
 def _no(value: str) -> bool:
     return value.strip().lower() in _FALSE
-
-
-def _is_one(value: str) -> bool:
-    try:
-        return float(value) == 1.0
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -54,9 +47,6 @@ LORAX_ONLY_FLAGS = (
     LoraxOnlyFlag("compile", False, "CUDA graph capture is not built yet"),
     LoraxOnlyFlag("trust_remote_code", False, "loraxd runs only its own model code, never code "
                   "from the Hub"),
-    LoraxOnlyFlag("cuda_memory_fraction", True, "the KV cache is sized by "
-                  "max_batch_total_tokens, not by a share of GPU memory; only 1.0 (no limit, "
-                  "what loraxd does) is accepted", holds=_is_one),
     LoraxOnlyFlag("disable_custom_kernels", False, "", holds=lambda value: True),
     LoraxOnlyFlag("ngrok", False, _NGROK),
     LoraxOnlyFlag("ngrok_authtoken", True, _NGROK),

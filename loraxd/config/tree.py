@@ -22,6 +22,11 @@ ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
 MODEL_SOURCES = ("hub", "local", "s3", "pbase")  # LoRAX's; s3 and pbase are refused
 
 
+# max_batch_total_tokens on a CPU when unset: a CPU's memory says little about what a
+# batch there can use, so the KV cache keeps the size it always had
+CPU_KV_TOKENS = 32768
+
+
 class ConfigError(Exception):
     """A configuration problem; the message is one line: source, key, value, reason."""
 
@@ -59,6 +64,7 @@ _OTLP_URL = _rule(_is_http_url, "must be an http:// or https:// URL of an OTLP/H
                   "e.g. http://127.0.0.1:4318")
 
 
+_FRACTION = _rule(lambda v: 0 < v <= 1, "must be greater than 0 and at most 1")
 _MODEL_SOURCE = _rule(lambda v: v in ("hub", "local"),
                       "only hub and local models are built yet (adapters may come from s3)")
 
@@ -86,7 +92,12 @@ class ModelConfig:
                                     lorax=True)
     dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, "
                           "else float32", choices=DTYPES, lorax=True)
-    device: str = _setting("auto", "auto: cuda when present, else cpu", choices=DEVICES)
+    device: str = _setting("auto", "auto: cuda when NVML shows a GPU, else cpu",
+                           choices=DEVICES)
+    cuda_memory_fraction: float = _setting(
+        1.0, "share of each GPU's memory this daemon may take (weights, LoRA slots, KV cache, "
+        "activations); with max_batch_total_tokens unset the KV cache gets what is left. A "
+        "CPU has no such share: only 1.0 there", _FRACTION, lorax=True)
     num_shard: int = _setting(1, "tensor-parallel ranks, one worker process each (rank i "
                               "on GPU i); each holds 1/num_shard of the weights and KV cache",
                               _POSITIVE_INT, lorax=True)
@@ -157,8 +168,10 @@ class SchedulerConfig:
                                      _POSITIVE_INT, reload=True, lorax=True)
     max_batch_prefill_tokens: int = _setting(4096, "most prompt tokens prefilled in one step",
                                              _POSITIVE_INT, reload=True, lorax=True)
-    max_batch_total_tokens: int = _setting(32768, "most tokens held by the running batch",
-                                           _POSITIVE_INT, lorax=True)
+    max_batch_total_tokens: int | None = _setting(
+        None, "most tokens the KV cache holds for the running batch; unset: on CUDA as many "
+        f"as fit (see cuda_memory_fraction), on a CPU {CPU_KV_TOKENS}", _POSITIVE_INT,
+        lorax=True)
     waiting_served_ratio: float = _setting(
         1.2, "waiting/running ratio above which waiting requests interrupt decoding",
         _NON_NEGATIVE, reload=True, lorax=True)
@@ -227,8 +240,9 @@ class PathsConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     num_threads: int = _setting(0, "torch threads per worker; 0: all cores", _NON_NEGATIVE)
-    ready_timeout_s: float = _setting(900.0, "seconds a worker may take to report Ready",
-                                      _POSITIVE, reload=True)
+    ready_timeout_s: float = _setting(
+        900.0, "seconds a worker may take to report Ready; with num_shard > 1, also each wait "
+        "of a rank in a collective", _POSITIVE, reload=True)
     step_timeout_floor_s: float = _setting(
         10.0, "seconds every step may take, whatever its size, before its worker counts as "
         "hung and is replaced", _POSITIVE, reload=True)

@@ -80,7 +80,8 @@ class Commands:
     async def _workers(self, _: ListWorkers) -> WorkerList:
         return WorkerList([WorkerInfo(r.rank, r.pid, r.device, r.state, r.rss_bytes,
                                       r.uptime_s, r.restarts, r.weight_bytes, r.kv_cache_bytes,
-                                      r.device_total_bytes, r.device_free_bytes)
+                                      r.device_total_bytes, r.device_free_bytes,
+                                      r.device_name)
                            for r in self.service.supervisor.ranks()])
 
     # -- adapters -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from loraxd.config.changes import ReloadPlan, plan_reload
 from loraxd.control.commands import Commands
 from loraxd.control.server import ControlServer
 from loraxd.daemon import notify
+from loraxd.daemon.devices import kv_limits_error
 from loraxd.daemon.reload import apply
 from loraxd.daemon.supervisor import Supervisor, WorkerStartError
 from loraxd.daemon.watchdog import Watchdog
@@ -129,6 +130,9 @@ class Service:
             notify.reloading()
             try:
                 plan = plan_reload(self.config, self.read_config())
+                error = kv_limits_error(plan.config.scheduler, self.supervisor.kv_bounds)
+                if error is not None:
+                    raise ConfigError(f"[scheduler] {error}")
                 _check_api_keys(plan.config)
                 apply(plan.config, old=self.config, engine=self.engine, frontend=self.frontend,
                       supervisor=self.supervisor)

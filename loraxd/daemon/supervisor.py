@@ -5,6 +5,11 @@ loop. Each has a watcher task awaiting its exit: an unexpected exit marks the wo
 socket lost at once, which wakes whoever waits on it. `ranks()` describes each rank for
 `loraxctl workers`.
 
+Before the first start, `plan_devices` decides where the ranks run (see devices.py); on
+CUDA, NVML then gives each rank's device name and memory, live, to `/info` and `loraxctl
+workers`. A KV cache sized from free memory at the first start is pinned: replacement
+groups must hold the same pages, since the scheduler keeps handing out their ids.
+
 `replace()` is the engine's recovery: it kills every rank (a hung one never answers a
 Shutdown), then starts them again after an exponential backoff. At most
 `worker.max_restarts` restarts happen within `worker.restart_window_s`; one more raises
@@ -20,10 +25,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from loraxd.config.tree import CPU_KV_TOKENS
+from loraxd.daemon.devices import (DevicePlan, DeviceRefused, KvBounds, kv_limits_error,
+                                   plan_devices)
 from loraxd.daemon.notify import child_environment
 from loraxd.daemon.proc import process_state, rss_bytes
 from loraxd.engine.worker_client import ModelUnsupported, WorkerClient
 from loraxd.logs import current_level
+from loraxd.nvml import NvmlError
 from loraxd.protocol.codec import encode_options
 from loraxd.protocol.worker import Ready, Shutdown, WorkerOptions
 
@@ -54,7 +63,8 @@ class RankInfo:
     restarts: int
     weight_bytes: int = 0  # this rank's shard, once ready
     kv_cache_bytes: int = 0
-    device_total_bytes: int = 0  # CUDA only
+    device_name: str = ""  # CUDA only, from NVML, as are the two below
+    device_total_bytes: int = 0
     device_free_bytes: int = 0
 
 
@@ -78,15 +88,39 @@ class Supervisor:
         self._stopping = False
         self._restarts = 0
         self._restart_times: deque[float] = deque()  # within the restart window
+        self.devices: DevicePlan | None = None  # planned at the first start
+        self.kv_bounds = KvBounds(None, None)  # what the first group was started for
+        self._pinned_blocks = 0
+
+    def _plan_devices(self) -> DevicePlan:
+        if self.devices is None:
+            try:
+                self.devices = plan_devices(self.config.model, child_environment())
+            except DeviceRefused as exc:
+                raise WorkerStartError(str(exc), config_error=True) from None
+            log.info("the workers run on %s", self.devices.device)
+        return self.devices
+
+    def _kv_tokens(self, device: str) -> int:
+        """WorkerOptions.max_batch_total_tokens: 0 sizes the cache from free memory."""
+        tokens = self.config.scheduler.max_batch_total_tokens
+        if tokens is None:
+            return CPU_KV_TOKENS if device == "cpu" else 0
+        return tokens
 
     def _options(self) -> str:
         c = self.config
         port = c.model.master_port
         if self.world_size > 1 and port == 0:  # a fresh port per group: no stale rendezvous
             port = free_port(c.model.master_addr)
+        device = self._plan_devices().device
+        prefill = self.kv_bounds.prefill_tokens or c.scheduler.max_batch_prefill_tokens
         return encode_options(WorkerOptions(
-            dtype=c.model.dtype, device=c.model.device, block_size=c.scheduler.block_size,
-            max_batch_total_tokens=c.scheduler.max_batch_total_tokens,
+            dtype=c.model.dtype, device=device, block_size=c.scheduler.block_size,
+            max_batch_total_tokens=self._kv_tokens(device),
+            cuda_memory_fraction=c.model.cuda_memory_fraction,
+            max_batch_prefill_tokens=prefill, num_blocks=self._pinned_blocks,
+            collective_timeout_s=c.worker.ready_timeout_s,
             num_threads=c.worker.num_threads,
             max_active_adapters=c.adapters.max_active_adapters,
             adapter_memory_bytes=c.adapters.adapter_memory_bytes,
@@ -124,8 +158,31 @@ class Supervisor:
                                    config_error=isinstance(exc, ModelUnsupported)) from exc
         log.info("%d worker(s) ready: %s on %s, %d KV pages of %d tokens", self.world_size,
                  ready.dtype, ready.device, ready.num_blocks, ready.block_size)
+        if not self._pinned_blocks:
+            await self._settle_kv(ready)
         self.ready = ready
         return ready
+
+    async def _settle_kv(self, ready: Ready) -> None:
+        """After the first start: pin a cache sized from free memory, and check the
+        scheduler's limits against it (a reload is checked the same way)."""
+        scheduler = self.config.scheduler
+        cuda = self.devices is not None and self.devices.device == "cuda"
+        unset = scheduler.max_batch_total_tokens is None
+        prefill = scheduler.max_batch_prefill_tokens if cuda else None
+        if not unset:
+            bounds = KvBounds(None, prefill)
+        elif cuda:
+            bounds = KvBounds(ready.num_blocks * ready.block_size, prefill, "GPU memory")
+        else:
+            bounds = KvBounds(CPU_KV_TOKENS, None, "the CPU's default")
+        error = kv_limits_error(scheduler, bounds)
+        if error is not None:
+            await self.kill()
+            raise WorkerStartError(error, config_error=True)
+        self.kv_bounds = bounds
+        if unset and cuda:
+            self._pinned_blocks = ready.num_blocks
 
     async def replace(self) -> Ready:
         """Kill every rank and start them again, with backoff, within the restart budget."""
@@ -192,6 +249,9 @@ class Supervisor:
                 if proc.returncode is None:
                     proc.kill()
         await self._reap()
+        if self.devices is not None and self.devices.nvml is not None:
+            self.devices.nvml.close()
+            self.devices = None
 
     async def _reap(self) -> None:
         await asyncio.gather(*(p.wait() for p in self._procs))
@@ -208,7 +268,8 @@ class Supervisor:
         """/info's view of each rank: where it runs and the memory it holds."""
         return [{"rank": r.rank, "device": r.device, "state": r.state,
                  "weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
-                 "rss_bytes": r.rss_bytes, "device_total_bytes": r.device_total_bytes,
+                 "rss_bytes": r.rss_bytes, "device_name": r.device_name,
+                 "device_total_bytes": r.device_total_bytes,
                  "device_free_bytes": r.device_free_bytes} for r in self.ranks()]
 
     def ranks(self) -> list[RankInfo]:
@@ -218,8 +279,7 @@ class Supervisor:
             ready = self.workers.ready_ranks.get(rank) if self.ready is not None else None
             memory = {} if ready is None else dict(
                 weight_bytes=ready.weight_bytes, kv_cache_bytes=ready.kv_cache_bytes,
-                device_total_bytes=ready.device_total_bytes,
-                device_free_bytes=ready.device_free_bytes)
+                **self._gpu_memory(ready))
             device = "" if ready is None else ready.device
             proc = self._procs[rank] if rank < len(self._procs) else None
             if proc is None or proc.returncode is not None:
@@ -231,3 +291,16 @@ class Supervisor:
             out.append(RankInfo(rank, proc.pid, device, state, rss_bytes(proc.pid), uptime,
                                 self._restarts, **memory))
         return out
+
+    def _gpu_memory(self, ready: Ready) -> dict:
+        """The rank's GPU as NVML sees it now; nothing on a CPU, or when NVML fails."""
+        nvml = self.devices.nvml if self.devices is not None else None
+        if nvml is None or not ready.device_uuid:
+            return {}
+        try:
+            gpu = nvml.memory(ready.device_uuid)
+        except NvmlError as exc:
+            log.warning("rank %d: %s", ready.rank, exc)
+            return {}
+        return {"device_name": gpu.name, "device_total_bytes": gpu.total_bytes,
+                "device_free_bytes": gpu.free_bytes}

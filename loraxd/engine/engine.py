@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from loraxd import __version__
+from loraxd.config.tree import CPU_KV_TOKENS
 from loraxd.engine.adapter_fetch import AdapterFetcher
 from loraxd.engine.adapters import AdapterManager, adapter_key
 from loraxd.engine.block_manager import BlockManager
@@ -246,7 +247,7 @@ class AsyncEngine:
             "max_input_length": c.scheduler.max_input_length,
             "max_total_tokens": c.scheduler.max_total_tokens,
             "waiting_served_ratio": c.scheduler.waiting_served_ratio,
-            "max_batch_total_tokens": c.scheduler.max_batch_total_tokens,
+            "max_batch_total_tokens": self.kv_tokens(),
             "max_waiting_tokens": c.scheduler.max_waiting_tokens,
             "validation_workers": c.server.validation_workers,
             "eos_token": self.ready.eos_token_ids[0] if self.ready.eos_token_ids else None,
@@ -261,6 +262,16 @@ class AsyncEngine:
             "request_logger_url": None,
             "ranks": self._ranks() if self._ranks is not None else [],
         }
+
+    def kv_tokens(self) -> int:
+        """max_batch_total_tokens as the workers hold it: the setting, else what they sized
+        (CPU_KV_TOKENS on a CPU, the pages that fit on CUDA)."""
+        tokens = self.config.scheduler.max_batch_total_tokens
+        if tokens is not None:
+            return tokens
+        if self.ready.device == "cpu":
+            return CPU_KV_TOKENS
+        return self.ready.num_blocks * self.ready.block_size
 
     def stats(self) -> dict:
         """Scheduler state for /metrics and loraxctl."""

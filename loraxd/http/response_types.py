@@ -113,7 +113,8 @@ class RankSummary(_Out):
     weight_bytes: int
     kv_cache_bytes: int
     rss_bytes: int  # the process's resident memory
-    device_total_bytes: int  # CUDA only; else 0
+    device_name: str  # CUDA only, from NVML; else ""
+    device_total_bytes: int  # CUDA only, now; else 0
     device_free_bytes: int
 
 

@@ -158,8 +158,9 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     restarts: int
     weight_bytes: int = 0  # this rank's shard of the weights, once ready
     kv_cache_bytes: int = 0
-    device_total_bytes: int = 0  # CUDA only
+    device_total_bytes: int = 0  # CUDA only: the rank's GPU, from NVML, now
     device_free_bytes: int = 0
+    device_name: str = ""
 
 
 class WorkerList(msgspec.Struct, tag="workers", frozen=True):

@@ -23,8 +23,9 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 class Ready(msgspec.Struct, tag=True, frozen=True):
     """The model is loaded and the KV cache allocated; `num_blocks` pages of `block_size`.
 
-    The byte counts are this rank's own: its shard of the weights and of the KV cache;
-    the device's are 0 on a CPU."""
+    The byte counts are this rank's own: its shard of the weights and of the KV cache.
+    `device_uuid`: its CUDA device's, by which the supervisor reads the device's name and
+    memory in NVML; "" on a CPU."""
 
     rank: int
     num_blocks: int
@@ -37,8 +38,7 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
     architecture: str
     weight_bytes: int = 0
     kv_cache_bytes: int = 0
-    device_total_bytes: int = 0
-    device_free_bytes: int = 0
+    device_uuid: str = ""
 
 
 class SeqOutput(msgspec.Struct, array_like=True, frozen=True):
@@ -118,12 +118,19 @@ class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     No field has a default: the supervisor names every one, so a worker never guesses.
     `master_port` is the rendezvous port of the tensor-parallel group (the supervisor picks
-    a free one when the config leaves it 0); unused with one rank."""
+    a free one when the config leaves it 0); unused with one rank.
+
+    The KV cache: `max_batch_total_tokens` 0 sizes it from free memory (CUDA only, within
+    `cuda_memory_fraction`, leaving room for a step of `max_batch_prefill_tokens`);
+    `num_blocks` > 0 pins its pages (a replaced group keeps the first group's)."""
 
     dtype: str
-    device: str
+    device: str  # cpu or cuda: the supervisor resolves auto
     block_size: int
     max_batch_total_tokens: int
+    cuda_memory_fraction: float
+    max_batch_prefill_tokens: int
+    num_blocks: int
     num_threads: int
     max_active_adapters: int
     adapter_memory_bytes: int
@@ -131,6 +138,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_adapter_bytes: int
     master_addr: str
     master_port: int
+    collective_timeout_s: float  # worker.ready_timeout_s: see worker/distributed.py
     log_level: str
     json_output: bool
     watermark_gamma: float  # the green list's share of the vocabulary

@@ -8,8 +8,15 @@ N ranks form one torch.distributed group, NCCL on CUDA and gloo on a CPU, meetin
 TCP store on `master_addr:master_port` (rank 0 hosts it; every rank runs on this host).
 
 A collective that waits on a dead peer fails: gloo sees the peer's socket close at once,
-and `COLLECTIVE_TIMEOUT_S` bounds the wait on a live but stuck one. The worker treats that
+and the group's timeout bounds the wait on a live but stuck one. The worker treats that
 failure as fatal (see worker/main.py), so the supervisor replaces the whole group.
+
+The timeout is `worker.ready_timeout_s` (see `init_tensor_parallel`), not a constant of its
+own: the longest legitimate wait in a collective is at start, where the rendezvous and the
+KV-cache agreement wait for the slowest rank to load its shard, and that setting already
+bounds a start. While serving, ranks wait between steps on the socket, never in a
+collective, and a step stuck in one outlives its step deadline first: the supervisor then
+kills and replaces the whole group, so no shorter timeout would end anything sooner.
 """
 from __future__ import annotations
 
@@ -17,8 +24,6 @@ import datetime
 from dataclasses import dataclass
 
 import torch
-
-COLLECTIVE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,14 @@ class TensorParallel:
         torch.distributed.broadcast(t, src=0, group=self.group)
         return t.tolist()
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank (each passes its own)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     def close(self) -> None:
         if self.group is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -89,11 +102,9 @@ class TensorParallel:
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, *,
                          master_addr: str, master_port: int,
-                         timeout_s: float = COLLECTIVE_TIMEOUT_S,
-                         connect_timeout_s: float | None = None) -> TensorParallel:
-    """Join the group of `world_size` ranks (returns at once with one rank).
-
-    `connect_timeout_s` bounds the rendezvous (every rank loads nothing before it)."""
+                         timeout_s: float) -> TensorParallel:
+    """Join the group of `world_size` ranks (returns at once with one rank); `timeout_s`
+    bounds the rendezvous and each collective (the worker passes worker.ready_timeout_s)."""
     if world_size == 1:
         return TensorParallel(0, 1, device)
     import torch.distributed as dist
@@ -102,8 +113,7 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, *,
     if backend == "nccl" and not dist.is_nccl_available():
         raise RuntimeError("this torch has no NCCL: tensor parallelism on CUDA needs it")
     store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
-                          timeout=datetime.timedelta(
-                              seconds=connect_timeout_s or timeout_s))
+                          timeout=datetime.timedelta(seconds=timeout_s))
     options = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s), **options)

@@ -31,6 +31,13 @@ class PagedKVCache:
         self._gather_buf = torch.zeros(0, block_size, 2, num_kv_heads, head_dim, dtype=dtype,
                                        device=device)
 
+    @staticmethod
+    def page_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> int:
+        """Bytes of one page over every layer."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return num_layers * block_size * 2 * num_kv_heads * head_dim * itemsize
+
     def write(self, layer_idx: int, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """kv [num_tokens, 2, kv_heads, head_dim] into the slots of slot_mapping [num_tokens]."""
         self.data[layer_idx].index_copy_(0, slot_mapping, kv)

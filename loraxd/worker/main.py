@@ -166,8 +166,12 @@ def _device(options: WorkerOptions, rank: int):
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind != "cuda":
         return torch.device(kind)
+    from loraxd.worker.models import UnsupportedModel
+    if not torch.cuda.is_available():
+        raise UnsupportedModel(f"device cuda, but this torch ({torch.__version__}) sees no "
+                               "CUDA device: install a CUDA build of torch, or set device = "
+                               "cpu")
     if rank >= torch.cuda.device_count():
-        from loraxd.worker.models import UnsupportedModel
         raise UnsupportedModel(f"rank {rank} needs CUDA device {rank}, but "
                                f"{torch.cuda.device_count()} are visible (num_shard)")
     torch.cuda.set_device(rank)
@@ -177,16 +181,25 @@ def _device(options: WorkerOptions, rank: int):
 def _load(args: argparse.Namespace, options: WorkerOptions):
     """Join the group and load this rank's shard: (runner, tp)."""
     from loraxd.worker.distributed import init_tensor_parallel
-    from loraxd.worker.runner import ModelRunner
+    from loraxd.worker.runner import KvSizing, ModelRunner
     device = _device(options, args.rank)
     tp = init_tensor_parallel(args.rank, args.world_size, device,
-                              master_addr=options.master_addr, master_port=options.master_port)
+                              master_addr=options.master_addr, master_port=options.master_port,
+                              timeout_s=options.collective_timeout_s)
+    kv = KvSizing(memory_fraction=options.cuda_memory_fraction,
+                  max_prefill_tokens=options.max_batch_prefill_tokens,
+                  num_blocks=options.num_blocks)
     runner = ModelRunner(args.model_dir, dtype=options.dtype, device=str(device),
-                         max_batch_total_tokens=options.max_batch_total_tokens,
+                         max_batch_total_tokens=options.max_batch_total_tokens or None,
                          block_size=options.block_size, num_threads=options.num_threads,
                          tp=tp, watermark_gamma=options.watermark_gamma,
-                         watermark_delta=options.watermark_delta)
-    log.info("rank %d on %s, %s kernels", args.rank, device, runner.kernels)
+                         watermark_delta=options.watermark_delta, kv=kv,
+                         lora_slots=options.max_active_adapters,
+                         max_lora_rank=adapter_limits(options).max_rank)
+    read = runner.weights_read
+    log.info("rank %d on %s, %s kernels; read %.1f MiB of the checkpoint's %.1f MiB",
+             args.rank, device, runner.kernels, read.bytes_read / 2**20, read.num_bytes / 2**20)
+    log.info("rank %d KV cache: %s", args.rank, runner.kv_note)
     return runner, tp
 
 
@@ -208,11 +221,13 @@ def worker_main(argv: list[str] | None = None) -> int:
         try:
             runner, tp = _load(args, options)
         except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit
+            from loraxd.worker.kv_sizing import KvCacheTooLarge
             from loraxd.worker.models import UnsupportedModel
 
             log.error("cannot load the model: %s", exc)
             log.debug("%s", traceback.format_exc())
-            unsupported = isinstance(exc, (UnsupportedModel, FileNotFoundError))
+            unsupported = isinstance(exc, (UnsupportedModel, FileNotFoundError,
+                                           KvCacheTooLarge))
             sock.send(encode(WorkerError(args.rank, f"cannot load the model: {exc}",
                                          unsupported=unsupported)))
             return 1
@@ -225,9 +240,8 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 def _serve(runner, sock: zmq.Socket, args: argparse.Namespace, options: WorkerOptions) -> int:
-    limits = adapter_limits(options)
-    runner.enable_lora(options.max_active_adapters, max_rank=limits.max_rank)
-    adapters = AdapterLoader(runner, options.adapter_memory_bytes, limits=limits)
+    adapters = AdapterLoader(runner, options.adapter_memory_bytes,
+                             limits=adapter_limits(options))
     sock.send(encode(Ready(rank=args.rank, **runner.ready_info())))
     try:
         Worker(runner, sock, args.rank, adapters, args.world_size).serve()

@@ -7,7 +7,6 @@ sequence is -1: every rank frees it). Only rank 0 returns results.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,11 @@ from pathlib import Path
 import torch
 
 from loraxd.protocol.worker import NewSeq, SeqFailure, SeqOutput, Step
-from loraxd.worker import loader
+from loraxd.worker import kv_plan, loader
 from loraxd.worker.device_copy import tensor_on
 from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import BlockTables, PagedKVCache
+from loraxd.worker.kv_plan import KvSizing
 from loraxd.worker.layers.attention import StepContext
 from loraxd.worker.layers.grammar import Grammars
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
@@ -26,9 +26,8 @@ from loraxd.worker.layers.watermark import Watermark
 from loraxd.worker.models import CausalLM, UnsupportedModel, read_config_json, resolve
 from loraxd.worker.triton_support import use_triton
 
-__all__ = ["ModelRunner", "StepContext", "StepRejected", "UnsupportedModel"]
+__all__ = ["KvSizing", "ModelRunner", "StepContext", "StepRejected", "UnsupportedModel"]
 
-SPARE_BLOCKS = 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,10 +67,14 @@ class ModelRunner:
     installed, the torch code elsewhere), "torch", or "triton" (see triton_support.py)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
-                 max_batch_total_tokens: int = 32768, block_size: int = 16,
+                 max_batch_total_tokens: int | None = 32768, block_size: int = 16,
                  num_threads: int = 0, tp: TensorParallel | None = None,
                  kernels: str = "auto", watermark_gamma: float = 0.5,
-                 watermark_delta: float = 2.0):
+                 watermark_delta: float = 2.0, kv: KvSizing | None = None,
+                 lora_slots: int = 0, max_lora_rank: int = 64):
+        """`max_batch_total_tokens` None: the KV cache takes what fits (CUDA only; see
+        KvSizing). `lora_slots` > 0: the LoRA slot pool is allocated before the cache, so
+        that a cache sized from free memory leaves the slots their room."""
         if torch.device(device).type == "cpu":
             torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
@@ -90,19 +93,23 @@ class ModelRunner:
         with torch.inference_mode():
             self.model = CausalLM(arch, dtype=self.dtype, device=self.device, tp=self.tp,
                                   attention_kernels=attention_kernels)
-            self.model.load_weights(loader.iter_weights(model_dir))
+            self.weights_read = loader.ReadCount()
+            self.model.load_weights(loader.iter_weights(model_dir, self.weights_read))
         self.num_layers = arch.num_layers
         # adapters are read and checked whole, then cut to this rank's shapes
         self.module_shapes: dict[str, tuple[int, int]] = arch.module_shapes()
         self.shard_shapes = self.model.shard.module_shapes()
         self.block_size = block_size
-        self.num_blocks = math.ceil(max_batch_total_tokens / block_size) + SPARE_BLOCKS
+        self.lora_pool = None  # see attach_lora
+        if lora_slots:
+            self.enable_lora(lora_slots, max_rank=max_lora_rank)
+        self.num_blocks, self.kv_note = kv_plan.kv_blocks(self, max_batch_total_tokens,
+                                                          kv or KvSizing())
         self.kv_cache = PagedKVCache(arch.num_layers, self.num_blocks, block_size,
                                      self.model.shard.num_kv_heads, arch.head_dim,
                                      dtype=self.dtype, device=self.device)
         self.tables = BlockTables(self.device, pad=self.kv_cache.null_block)
         self.seqs: dict[int, SeqState] = {}
-        self.lora_pool = None  # see attach_lora
         # rank 0 alone samples, so it alone keeps grammar state and the watermark
         self.watermark = Watermark(watermark_gamma, watermark_delta)
         self.grammars = None
@@ -160,14 +167,14 @@ class ModelRunner:
             "architecture": self.architecture,
             "weight_bytes": self.model.weight_bytes(),
             "kv_cache_bytes": self.kv_cache.data.numel() * self.kv_cache.data.element_size(),
-            **self._device_memory(),
+            "device_uuid": self.device_uuid(),
         }
 
-    def _device_memory(self) -> dict:
+    def device_uuid(self) -> str:
+        """The CUDA device's UUID, by which the supervisor reads it in NVML; "" on a CPU."""
         if self.device.type != "cuda":
-            return {"device_total_bytes": 0, "device_free_bytes": 0}
-        free, total = torch.cuda.mem_get_info(self.device)
-        return {"device_total_bytes": total, "device_free_bytes": free}
+            return ""
+        return str(torch.cuda.get_device_properties(self.device).uuid)
 
     # -- a step -------------------------------------------------------------------------
 

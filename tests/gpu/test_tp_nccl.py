@@ -30,5 +30,6 @@ def test_two_gpus_give_the_tokens_of_one(tmp_path):
     two, ready2 = _greedy(tmp_path / "model", 2, tmp_path / "two")
     assert two == one
     assert [ready2[r].device for r in (0, 1)] == ["cuda:0", "cuda:1"]
-    assert all(ready2[r].device_total_bytes > 0 for r in (0, 1))
+    uuids = [ready2[r].device_uuid for r in (0, 1)]
+    assert all(uuids) and uuids[0] != uuids[1]  # each rank on its own GPU
     assert ready2[1].weight_bytes * 2 == ready1[0].weight_bytes

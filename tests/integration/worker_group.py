@@ -30,10 +30,12 @@ class WorkerGroup:
         self.sock.bind(endpoint)
         options = WorkerOptions(
             dtype="float32", device=device, block_size=block_size,
-            max_batch_total_tokens=max_batch_total_tokens, num_threads=1,
+            max_batch_total_tokens=max_batch_total_tokens, cuda_memory_fraction=1.0,
+            max_batch_prefill_tokens=max_batch_total_tokens, num_blocks=0, num_threads=1,
             max_active_adapters=4, adapter_memory_bytes=1 << 28, max_lora_rank=16,
             max_adapter_bytes=1 << 28, master_addr="127.0.0.1",
-            master_port=free_port() if world_size > 1 else 0, log_level="warning",
+            master_port=free_port() if world_size > 1 else 0,
+            collective_timeout_s=TIMEOUT_S, log_level="warning",
             json_output=False, watermark_gamma=0.5, watermark_delta=2.0)
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "loraxd.worker.main", "--endpoint", endpoint,

@@ -185,8 +185,11 @@ def test_cross_key_rules_blame_the_key_set_last(tmp_path):
     assert error_of(["--config", path, "--max-total-tokens", "800"]) == (
         "command line: --max-total-tokens = 800: must be greater than max_input_length, "
         f"which is 900 ({path} scheduler.max_input_length)")
-    assert "must be at most max_batch_total_tokens" in error_of(
-        environ={"LORAXD_MAX_TOTAL_TOKENS": "40000"})
+    assert "must be at most max_batch_total_tokens, which is 32768 (default)" in error_of(
+        environ={"LORAXD_MAX_TOTAL_TOKENS": "40000", "LORAXD_DEVICE": "cpu"})
+    # on CUDA (or auto) an unset max_batch_total_tokens is sized at start, and checked then
+    assert run(environ={"LORAXD_MAX_TOTAL_TOKENS": "40000", **USER_ENV})[0] \
+        .scheduler.max_batch_total_tokens is None
     assert "must be at most max_batch_prefill_tokens" in error_of(
         ["--max-input-length", "1500", "--max-total-tokens", "3000",
          "--max-batch-prefill-tokens", "1000"])

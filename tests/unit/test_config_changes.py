@@ -22,7 +22,7 @@ def tree(**sections) -> Config:
 
 
 def test_reloadable_settings_apply_and_the_others_wait():
-    running = tree()
+    running = tree(scheduler={"max_batch_total_tokens": 32768})
     loaded = tree(scheduler={"max_input_length": 512, "max_batch_total_tokens": 65536},
                   adapters={"preloaded_adapter_ids": ("a",)}, model={"dtype": "bfloat16"})
     plan = plan_reload(running, loaded)
@@ -43,10 +43,12 @@ def test_nothing_changed_is_an_empty_plan():
 
 
 def test_the_tree_to_run_with_is_validated_whole():
-    with pytest.raises(ConfigError, match=r"max_total_tokens = 40000: must be at most "
-                                          r"max_batch_total_tokens, which is 32768.*restart"):
-        plan_reload(tree(), tree(scheduler={"max_total_tokens": 40000,
-                                            "max_batch_total_tokens": 65536}))
+    for running in (tree(scheduler={"max_batch_total_tokens": 32768}),
+                    tree(model={"device": "cpu"})):  # unset: 32768 on a CPU
+        with pytest.raises(ConfigError, match=r"max_total_tokens = 40000: must be at most "
+                                              r"max_batch_total_tokens, which is 32768.*restart"):
+            plan_reload(running, tree(scheduler={"max_total_tokens": 40000,
+                                                 "max_batch_total_tokens": 65536}))
 
 
 def test_what_is_reloadable():

@@ -90,11 +90,13 @@ class FakeService:
             pids=[4242], ranks=lambda: [
                 RankInfo(0, 4242, "cpu", "ready", 3 << 30, 12.5, 1, 1 << 30, 1 << 29),
                 RankInfo(1, 4243, "cuda:1", "ready", 1 << 30, 12.5, 1, 1 << 30, 1 << 29,
-                         80 << 30, 20 << 30)])
+                         device_name="NVIDIA H200", device_total_bytes=80 << 30,
+                         device_free_bytes=20 << 30)])
         self.state = "serving"
         self.uptime_s = 3723.0
         self.url = "http://127.0.0.1:3000"
-        self.config = tree(adapters={"adapter_source": "local"})
+        self.config = tree(adapters={"adapter_source": "local"},
+                           scheduler={"max_batch_total_tokens": 32768})
         self.config_file = "/etc/loraxd/loraxd.toml"
         self.on_disk: Config | Exception = self.config
         self.log_level = "info"
@@ -212,16 +214,17 @@ async def test_workers(control, capsys):
     code, out, _ = await ctl(control, capsys, "workers")
     head, row0, row1 = out.splitlines()
     assert code == 0 and head.split() == ["RANK", "PID", "DEVICE", "STATE", "MEMORY", "WEIGHTS",
-                                          "KV", "GPU", "UPTIME", "RESTARTS"]
+                                          "KV", "GPU", "UPTIME", "RESTARTS", "GPU", "NAME"]
     assert row0.split() == ["0", "4242", "cpu", "ready", "3.0", "GiB", "1.0", "GiB", "512.0",
-                            "MiB", "-", "0h", "00m", "12s", "1"]
+                            "MiB", "-", "0h", "00m", "12s", "1", "-"]
     assert row1.split()[:3] == ["1", "4243", "cuda:1"]
-    assert "20.0 GiB/80.0 GiB" in row1
+    assert "20.0 GiB/80.0 GiB" in row1 and row1.endswith(" NVIDIA H200")
     code, data = await ctl_json(control, capsys, "workers")
     assert data["workers"][0] == {
         "rank": 0, "pid": 4242, "device": "cpu", "state": "ready", "rss_bytes": 3 << 30,
         "uptime_s": 12.5, "restarts": 1, "weight_bytes": 1 << 30, "kv_cache_bytes": 1 << 29,
-        "device_total_bytes": 0, "device_free_bytes": 0}
+        "device_total_bytes": 0, "device_free_bytes": 0, "device_name": ""}
+    assert data["workers"][1]["device_name"] == "NVIDIA H200"
 
 
 # -- adapters ---------------------------------------------------------------------------------
@@ -379,7 +382,8 @@ async def test_a_reload_must_fit_the_settings_that_wait_for_a_restart(control, c
 async def test_config_check_applies_nothing(control, capsys):
     service = control.service
     service.on_disk = tree(adapters={"adapter_source": "local"},
-                           scheduler={"max_input_length": 512}, model={"dtype": "bfloat16"})
+                           scheduler={"max_input_length": 512, "max_batch_total_tokens": 32768},
+                           model={"dtype": "bfloat16"})
     code, out, _ = await ctl(control, capsys, "config", "check")
     assert code == 0 and out.splitlines() == [
         "configuration valid: /etc/loraxd/loraxd.toml", "a reload would apply:",

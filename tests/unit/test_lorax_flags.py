@@ -35,6 +35,8 @@ SETTINGS = [
     ("--max-batch-total-tokens", "MAX_BATCH_TOTAL_TOKENS", "65536",
      ("scheduler", "max_batch_total_tokens"), 65536),
     ("--max-waiting-tokens", "MAX_WAITING_TOKENS", "9", ("scheduler", "max_waiting_tokens"), 9),
+    ("--cuda-memory-fraction", "CUDA_MEMORY_FRACTION", "0.8",
+     ("model", "cuda_memory_fraction"), 0.8),
     ("--max-active-adapters", "MAX_ACTIVE_ADAPTERS", "128", ("adapters", "max_active_adapters"),
      128),
     ("--adapter-cycle-time-s", "ADAPTER_CYCLE_TIME_S", "5", ("adapters", "adapter_cycle_time_s"),
@@ -61,7 +63,6 @@ REFUSED = [
     ("--quantize", "QUANTIZE", "gptq", "quantized weights"),
     ("--compile", "COMPILE", None, "CUDA graph"),
     ("--trust-remote-code", "TRUST_REMOTE_CODE", None, "its own model code"),
-    ("--cuda-memory-fraction", "CUDA_MEMORY_FRACTION", "0.8", "max_batch_total_tokens"),
     ("--ngrok", "NGROK", None, "ngrok"),
     ("--ngrok-authtoken", "NGROK_AUTHTOKEN", "tok", "ngrok"),
     ("--ngrok-edge", "NGROK_EDGE", "edge", "ngrok"),
@@ -177,9 +178,20 @@ def test_flags_without_meaning_here_are_refused_with_a_reason(flag, env, text, r
 
 
 def test_values_that_ask_for_what_loraxd_does_are_accepted():
-    run(["--cuda-memory-fraction", "1.0", "--disable-custom-kernels"])
+    run(["--disable-custom-kernels"])
     run(environ={"COMPILE": "false", "TRUST_REMOTE_CODE": "0", "QUANTIZE": "",
-                 "CUDA_MEMORY_FRACTION": "1", "DISABLE_CUSTOM_KERNELS": "true"})
+                 "DISABLE_CUSTOM_KERNELS": "true"})
+
+
+def test_cuda_memory_fraction_is_a_share_and_means_nothing_on_a_cpu():
+    assert run(["--cuda-memory-fraction", "0.5"])[0].model.cuda_memory_fraction == 0.5
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="must be greater than 0 and at most 1"):
+            run(["--cuda-memory-fraction", bad])
+    assert run(["--device", "cpu", "--cuda-memory-fraction", "1"])[0].model.device == "cpu"
+    with pytest.raises(ConfigError, match=r"^environment: CUDA_MEMORY_FRACTION = 0.9: a share "
+                                          r"of GPU memory means nothing on a CPU"):
+        run(["--device", "cpu"], {"CUDA_MEMORY_FRACTION": "0.9"})
 
 
 def test_download_only_from_lorax_env():

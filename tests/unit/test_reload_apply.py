@@ -14,9 +14,12 @@ from types import SimpleNamespace
 
 from aiohttp.test_utils import make_mocked_request
 
-from loraxd.config import Config
+import pytest
+
+from loraxd.config import Config, ConfigError
 from loraxd.config.changes import settings
 from loraxd.config.tree import reloadable
+from loraxd.daemon.devices import KvBounds
 from loraxd.daemon.service import Service
 from loraxd.engine.adapters import AdapterManager
 from loraxd.engine.request import AdapterRef
@@ -130,7 +133,7 @@ async def test_every_live_setting_reaches_its_reader():
     service.engine = FakeEngine(old, manager_with(old.adapters.preloaded_adapter_ids, "s3"))
     service.app = make_app(service.engine, old)
     service.frontend = service.app[FRONTEND_KEY]
-    service.supervisor = SimpleNamespace(config=old)
+    service.supervisor = SimpleNamespace(config=old, kv_bounds=KvBounds(None, None))
     service._reload_lock = asyncio.Lock()
     runner = make_runner(service.app)
     live = {f"{section}.{name}" for section, name, _ in settings(old)
@@ -151,3 +154,25 @@ async def test_every_live_setting_reaches_its_reader():
     assert service.supervisor.config is service.config
     assert not any(entry.pinned for key, entry in service.engine.adapters.entries.items()
                    if key.startswith("s3:"))  # off the list: they rotate out like any other
+
+
+@pytest.mark.parametrize("bounds, scheduler, refused", [
+    (KvBounds(1024, 4096, "GPU memory"), {"max_input_length": 1000, "max_total_tokens": 2048},
+     "max_total_tokens = 2048: more than the 1024 tokens the KV cache holds"),
+    (KvBounds(None, 2048), {"max_batch_prefill_tokens": 4096},
+     "max_batch_prefill_tokens = 4096: the GPU memory was shared out at start for steps of "
+     "2048"),
+])
+async def test_a_reload_must_fit_the_kv_cache_the_workers_sized(bounds, scheduler, refused):
+    """An unset max_batch_total_tokens is what the workers sized at start: a reload may not
+    ask the scheduler for more, nor for larger steps than the activations' headroom."""
+    old = tree(scheduler={"max_input_length": 512, "max_total_tokens": 1024,
+                          "max_batch_prefill_tokens": 1024})
+    new = tree(scheduler={**dataclasses.asdict(old.scheduler), **scheduler})
+    service = Service(old, Path("/nonexistent"), config_file=None, read_config=lambda: new)
+    service.engine = FakeEngine(old, manager_with((), "hub"))
+    service.supervisor = SimpleNamespace(config=old, kv_bounds=bounds)
+    service._reload_lock = asyncio.Lock()
+    with pytest.raises(ConfigError, match=refused):
+        await service.reload()
+    assert service.config is old

@@ -140,6 +140,50 @@ def test_weights_each_rank_loads_are_its_share(tmp_path):
     assert sizes[1] == sizes[2] and sizes[1] * 2 == sizes[0]  # no biases: exactly half
 
 
+def _weights(model) -> list[torch.Tensor]:
+    """The rank's tables and norms, and each kernel's output for one fixed input (a packed
+    oneDNN weight cannot be compared itself)."""
+    kernels = [linear.kernel for layer in model.layers for linear in layer.linears()]
+    kernels.append(model.lm_head.kernel)
+    gen = torch.Generator().manual_seed(0)
+    outputs = [k(torch.randn(3, k.in_features, generator=gen)) for k in kernels]
+    biases = [linear.bias for layer in model.layers for linear in layer.linears()
+              if linear.bias is not None]
+    norms = [n.weight for layer in model.layers for n in layer.norms.values()]
+    return outputs + biases + norms + [model.embed_tokens.weight, model.norm.weight]
+
+
+@pytest.mark.parametrize("family", ["llama-untied-llama3-rope", "qwen2", "phi3"])
+def test_a_rank_reads_only_its_slice_of_each_sharded_weight(tmp_path, family):
+    """Each of 2 ranks reads from the file half of every column-, row- and vocab-parallel
+    tensor and the whole of what both hold (norms, biases after a row-parallel sum), and ends
+    with exactly the weights that slicing whole tensors gives (Phi-3: fused qkv and gate_up
+    rows; Qwen2: q/k/v biases)."""
+    from safetensors.torch import load_file
+
+    from loraxd.worker import loader
+    from loraxd.worker.models import CausalLM, resolve
+    from tests.unit.test_model_fidelity import build_tiny_model
+
+    build_tiny_model(family, tmp_path)
+    model_arch = resolve(tmp_path)
+    whole = {}
+    for path in loader.safetensors_files(tmp_path):
+        whole.update(load_file(path))
+    replicated = sum(t.numel() * t.element_size() for name, t in whole.items()
+                     if "norm" in name or name.endswith(("o_proj.bias", "down_proj.bias")))
+    for rank in range(2):
+        count = loader.ReadCount()
+        lazy = CausalLM(model_arch, dtype=torch.float32, device="cpu", tp=FakeTP(rank, 2))
+        lazy.load_weights(loader.iter_weights(tmp_path, count))
+        eager = CausalLM(model_arch, dtype=torch.float32, device="cpu", tp=FakeTP(rank, 2))
+        eager.load_weights(whole.items())
+        assert all(torch.equal(a, b) for a, b in
+                   zip(_weights(lazy), _weights(eager), strict=True))
+        assert count.num_bytes == sum(t.numel() * t.element_size() for t in whole.values())
+        assert count.bytes_read == (count.num_bytes - replicated) // 2 + replicated
+
+
 # -- LoRA -----------------------------------------------------------------------------------
 
 

@@ -5,10 +5,12 @@ import dataclasses
 import msgspec
 import pytest
 
-from loraxd.config.tree import Config
-from loraxd.daemon.supervisor import Supervisor
+from loraxd.config.tree import CPU_KV_TOKENS, Config
+from loraxd.daemon.devices import DevicePlan, KvBounds
+from loraxd.daemon.supervisor import Supervisor, WorkerStartError
+from loraxd.nvml import GpuMemory
 from loraxd.protocol.codec import decode_options
-from loraxd.protocol.worker import WorkerOptions
+from loraxd.protocol.worker import Ready, WorkerOptions
 
 
 def _config(**model):
@@ -43,3 +45,72 @@ def test_no_field_may_be_missing_or_unknown():
     with pytest.raises(msgspec.ValidationError, match="surprise"):
         decode_options(msgspec.json.encode({**msgspec.json.decode(text),
                                             "surprise": 1}).decode())
+
+
+# -- where the workers run and how their KV cache is sized ----------------------------------
+
+
+def _ready(num_blocks: int, uuid: str = "") -> Ready:
+    return Ready(rank=0, num_blocks=num_blocks, block_size=16, vocab_size=10, eos_token_ids=[],
+                 max_position_embeddings=64, dtype="bfloat16", device="cuda:0",
+                 architecture="LlamaForCausalLM", device_uuid=uuid)
+
+
+def _on(device: str, **model) -> Supervisor:
+    supervisor = Supervisor(_config(**model), "/m", None)
+    supervisor.devices = DevicePlan(device)
+    return supervisor
+
+
+def test_the_workers_get_the_planned_device_and_the_kv_settings():
+    cpu = decode_options(_on("cpu")._options())
+    assert cpu.device == "cpu" and cpu.max_batch_total_tokens == CPU_KV_TOKENS
+    cuda = decode_options(_on("cuda", cuda_memory_fraction=0.8)._options())
+    assert cuda.device == "cuda" and cuda.max_batch_total_tokens == 0  # sized from memory
+    assert cuda.cuda_memory_fraction == 0.8 and cuda.num_blocks == 0
+    assert cuda.max_batch_prefill_tokens == Config().scheduler.max_batch_prefill_tokens
+    assert cuda.collective_timeout_s == Config().worker.ready_timeout_s
+    planned = Supervisor(_config(device="cpu"), "/m", None)
+    assert decode_options(planned._options()).device == "cpu"  # planned at the first start
+
+
+async def test_a_cache_sized_from_memory_is_pinned_for_the_replacements():
+    supervisor = _on("cuda")
+    await supervisor._settle_kv(_ready(1000))
+    assert supervisor.kv_bounds == KvBounds(16000, 4096, "GPU memory")
+    replacement = decode_options(supervisor._options())
+    assert replacement.num_blocks == 1000 and replacement.max_batch_prefill_tokens == 4096
+
+
+async def test_limits_beyond_the_sized_cache_refuse_the_start():
+    supervisor = _on("cuda")
+    with pytest.raises(WorkerStartError) as info:
+        await supervisor._settle_kv(_ready(100))  # 1600 tokens < max_total_tokens 2048
+    assert info.value.config_error
+    assert str(info.value).startswith("max_total_tokens = 2048: more than the 1600 tokens the "
+                                      "KV cache holds (max_batch_total_tokens is unset: sized "
+                                      "by GPU memory)")
+    cpu = _on("cpu")  # auto found no GPU: the CPU's default is checked the same way
+    config = cpu.config
+    cpu.config = dataclasses.replace(config, scheduler=dataclasses.replace(
+        config.scheduler, max_total_tokens=40000, max_batch_prefill_tokens=40000))
+    with pytest.raises(WorkerStartError, match="more than the 32768 tokens .* the CPU's default"):
+        await cpu._settle_kv(_ready(2052))
+
+
+def test_each_ranks_gpu_comes_from_nvml_live():
+    supervisor = _on("cuda")
+    reads = iter([GpuMemory("NVIDIA H200", 141 << 30, 100 << 30),
+                  GpuMemory("NVIDIA H200", 141 << 30, 90 << 30)])
+
+    class FakeNvml:
+        def memory(self, uuid):
+            assert uuid == "aaaa"
+            return next(reads)
+
+    supervisor.devices = DevicePlan("cuda", FakeNvml())
+    first = supervisor._gpu_memory(_ready(10, uuid="aaaa"))
+    assert first == {"device_name": "NVIDIA H200", "device_total_bytes": 141 << 30,
+                     "device_free_bytes": 100 << 30}
+    assert supervisor._gpu_memory(_ready(10, uuid="aaaa"))["device_free_bytes"] == 90 << 30
+    assert supervisor._gpu_memory(_ready(10)) == {}  # a CPU rank has no UUID

@@ -28,8 +28,9 @@ class VocabParallelEmbedding:
         self.end = min(self.start + self.rows_per_rank, vocab_size)  # this rank's real rows
         self.weight = torch.zeros(self.rows_per_rank, hidden_size, dtype=dtype, device=device)
 
-    def load(self, full: torch.Tensor) -> None:
-        """The checkpoint's whole [vocab, hidden] table; this rank keeps its rows."""
+    def load(self, full) -> None:
+        """The checkpoint's [vocab, hidden] table (a tensor, or a lazy one indexed like it);
+        this rank reads only its rows."""
         if full.shape[0] != self.vocab_size:
             raise ValueError(f"an embedding of {full.shape[0]} rows for a vocabulary of "
                              f"{self.vocab_size}")

@@ -11,8 +11,9 @@ row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer in
 through in 512-row pieces (as fast as one call).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
 
-Layers are filled by `load_weight`/`load_bias` calls with full (unsharded) HF tensors, each
-slicing its own rank's part, then `finalize()` builds the kernel.
+Layers are filled by `load_weight`/`load_bias` calls with a full (unsharded) HF tensor, or
+anything indexed like one (loader.CheckpointTensor, which reads only the part indexed): each
+indexes only its own rank's part, then `finalize()` builds the kernel.
 """
 from __future__ import annotations
 
@@ -135,24 +136,29 @@ class ColumnParallelLinear:
         self.bias = torch.zeros(self.out_features, dtype=dtype, device=device) if bias else None
         self.kernel: DenseKernel | None = None
 
-    def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
-        """Place full HF weight `shard` (e.g. 0 = q_proj of a fused qkv) into this rank's rows."""
-        size, start = self.output_sizes[shard], self.offsets[shard]
-        self.weight[start:start + size].copy_(weight[self.parts[shard]])
+    def _rows(self, shard: int, offset: int) -> slice:
+        part = self.parts[shard]
+        return slice(offset + part.start, offset + part.stop)
 
-    def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
+    def load_weight(self, weight, shard: int = 0, offset: int = 0) -> None:
+        """Place this rank's rows of full HF weight `shard` (e.g. 0 = q_proj of a fused qkv),
+        found at row `offset` of `weight`."""
         size, start = self.output_sizes[shard], self.offsets[shard]
-        self.bias[start:start + size].copy_(bias[self.parts[shard]])
+        self.weight[start:start + size].copy_(weight[self._rows(shard, offset)])
 
-    def load_fused(self, tensor: torch.Tensor, load: Callable) -> None:
+    def load_bias(self, bias, shard: int = 0, offset: int = 0) -> None:
+        size, start = self.output_sizes[shard], self.offsets[shard]
+        self.bias[start:start + size].copy_(bias[self._rows(shard, offset)])
+
+    def load_fused(self, tensor, load: Callable) -> None:
         """Place a checkpoint tensor that holds every sub-matrix at once (Phi-3's qkv_proj),
         each through `load` (load_weight or load_bias) as its own shard."""
         sizes = self.full_sizes
         if tensor.shape[0] != sum(sizes):
             raise ValueError(f"a fused tensor of {tensor.shape[0]} rows does not hold "
                              f"sub-matrices of {sizes} rows")
-        for shard, part in enumerate(tensor.split(sizes)):
-            load(part, shard)
+        for shard in range(len(sizes)):
+            load(tensor, shard, sum(sizes[:shard]))
 
     def finalize(self, allow_packed: bool = True) -> None:
         self.kernel = DenseKernel(self.weight, self.bias, allow_packed=allow_packed)
@@ -186,11 +192,11 @@ class RowParallelLinear:
         self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
         self.kernel: DenseKernel | None = None
 
-    def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
+    def load_weight(self, weight, shard: int = 0, offset: int = 0) -> None:
         self.weight.copy_(weight[:, self.cols])
 
-    def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
-        self.bias.copy_(bias)
+    def load_bias(self, bias, shard: int = 0, offset: int = 0) -> None:
+        self.bias.copy_(bias[()])  # every rank adds it whole, after the sum
 
     def finalize(self, allow_packed: bool = True) -> None:
         fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum

@@ -7,6 +7,7 @@ sandwich norms, embedding scaling and soft-capping, per-layer-type rotary tables
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterable
 
 import torch
@@ -114,6 +115,18 @@ _FUSED_WEIGHTS = {"self_attn.qkv_proj": ("self_attn.qkv_proj", None),
                   "mlp.down_proj": ("mlp.down_proj", 0)}
 
 
+class _CastOnRead:
+    """A checkpoint tensor whose reads come in the model's dtype (slicing then casting gives
+    what casting then slicing gave: the cast is elementwise)."""
+
+    def __init__(self, tensor, dtype: torch.dtype):
+        self.tensor, self.dtype = tensor, dtype
+        self.shape = tuple(tensor.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.tensor[index].to(self.dtype)
+
+
 class CausalLM:
     """The whole model, or with `tp` over N ranks this rank's shard of it (see
     models/sharding.py and layers/embedding.py for what each rank holds).
@@ -143,10 +156,12 @@ class CausalLM:
                        for kind, spec in arch.rope.items()}
         self.layer_weights = _FUSED_WEIGHTS if arch.fused_checkpoint else _LAYER_WEIGHTS
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, typing.Any]]) -> None:
+        """(name, tensor) pairs: whole tensors, or loader.CheckpointTensor, of which each
+        layer reads only this rank's part."""
         seen = set()
         for name, tensor in weights:
-            if self._load_one(name, tensor.to(self.dtype)):
+            if self._load_one(name, _CastOnRead(tensor, self.dtype)):
                 seen.add(name)
         missing = [n for n in self._required_weights() if n not in seen]
         if missing:
@@ -167,7 +182,7 @@ class CausalLM:
         if name == "model.embed_tokens.weight":
             self.embed_tokens.load(tensor)
         elif name == "model.norm.weight":
-            self.norm.load(tensor)
+            self.norm.load(tensor[()])
         elif name == "lm_head.weight":
             if self.arch.tie_word_embeddings:
                 return False
@@ -188,7 +203,7 @@ class CausalLM:
         if module in layer.norms:
             if kind != "weight":
                 return False
-            layer.norms[module].load(tensor)
+            layer.norms[module].load(tensor[()])
             return True
         target = self.layer_weights.get(module)
         if target is None or kind not in ("weight", "bias"):
