@@ -6,7 +6,7 @@ import msgspec
 from loraxd.protocol.worker import FromWorker, ToWorker, WorkerOptions
 
 # Bump when a message changes shape; Hello carries it and the scheduler refuses a mismatch.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
