@@ -25,9 +25,7 @@ log = logging.getLogger(__name__)
 def apply(new: Config, *, old: Config, engine: Any, frontend: Any, supervisor: Any) -> None:
     sched, adapters = new.scheduler, new.adapters
     engine.config = new
-    engine.scheduler.limits = SchedulerLimits(sched.max_batch_prefill_tokens,
-                                              sched.waiting_served_ratio,
-                                              sched.max_waiting_tokens)
+    engine.scheduler.limits = SchedulerLimits.from_config(sched)
     engine.adapters.cycle_time_s = adapters.adapter_cycle_time_s
     if engine.sources is not None:
         engine.sources.local_adapter_dirs = tuple(adapters.local_adapter_dirs)

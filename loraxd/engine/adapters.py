@@ -65,6 +65,7 @@ class AdapterEntry:
     strikes: int = 0  # worker deaths in a row while it was loading
     error: str | None = None  # why it is quarantined
     moved_at: float = 0.0  # when its fetch or its load started
+    load_number: int = 0  # which load of the manager put it in its slot (see kv_identity)
 
 
 class AdapterManager:
@@ -84,6 +85,7 @@ class AdapterManager:
         self.slots: list[str | None] = [None] * num_slots
         self.pending: OrderedDict[str, None] = OrderedDict()  # fetched, waiting for a slot
         self._tasks: set[asyncio.Task] = set()
+        self._loads = 0
         # Called with ("fetch" | "load", entry, seconds) as each fetch or load succeeds.
         self.timing_observers: list[Callable[[str, AdapterEntry, float], None]] = []
 
@@ -119,6 +121,12 @@ class AdapterManager:
         entry = self._entry_of(seq)
         if entry is not None:
             entry.num_waiting -= 1
+
+    def kv_identity(self, seq: Sequence) -> object:
+        """A load of an adapter computes K/V only the same load computes: another load of the
+        same id may have read other files."""
+        entry = self._entry_of(seq)
+        return "base" if entry is None else (entry.key, entry.load_number)
 
     def _entry_of(self, seq: Sequence) -> AdapterEntry | None:
         spec = seq.request.adapter_spec
@@ -265,6 +273,8 @@ class AdapterManager:
             self._assign_slots()
             return
         entry.status, entry.strikes = LOADED, 0
+        self._loads += 1
+        entry.load_number = self._loads
         entry.loaded_at = entry.last_used = self._clock()
         self._timed("load", entry)
         log.info("adapter %s loaded into slot %d", key, slot)

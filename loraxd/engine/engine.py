@@ -62,9 +62,8 @@ class AsyncEngine:
             busy=self.adapters.busy_refs, forget=self.adapters.forget_idle)
         sched = config.scheduler
         self.scheduler = Scheduler(
-            SchedulerLimits(sched.max_batch_prefill_tokens, sched.waiting_served_ratio,
-                            sched.max_waiting_tokens),
-            BlockManager(ready.num_blocks, ready.block_size),
+            SchedulerLimits.from_config(sched),
+            BlockManager(ready.num_blocks, ready.block_size, sched.prefix_caching),
             eos_ids=frozenset(ready.eos_token_ids),
             special_ids=tokenizer.special_ids,
             decode_one=lambda i: tokenizer.decode([i]),
@@ -279,8 +278,11 @@ class AsyncEngine:
         return {"num_waiting": s.num_waiting, "num_running": len(s.running),
                 "kv_cache_usage": s.blocks.usage, "num_steps": self.num_steps,
                 "batch_max_tokens": sum(seq.max_len for seq in s.running.values()),
-                "num_kv_pages_used": s.blocks.num_blocks - s.blocks.num_free,
-                "num_kv_pages_reserved": s.num_reserved_blocks,
+                "num_kv_pages_used": s.blocks.num_used,
+                "num_kv_pages_cached": s.blocks.num_cached,
+                "num_preempted": s.num_preempted,
+                "prefix_queried_tokens": s.prefix_queried_tokens,
+                "prefix_hit_tokens": s.prefix_hit_tokens,
                 "num_requests_held": self.num_requests}
 
     # -- adapters ----------------------------------------------------------------------------

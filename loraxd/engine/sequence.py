@@ -20,6 +20,11 @@ class Sequence:
     adapter_slot: int = -1
     block_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
+    # the prefix cache: the key chain of its full pages under `kv_root` (what computes its
+    # K/V), and how many of its pages are entered in the cache
+    kv_root: bytes = b""
+    page_keys: list[bytes] = field(default_factory=list)
+    num_keyed: int = 0
     output_ids: list[int] = field(default_factory=list)
     started: float | None = None
     finish_reason: str | None = None

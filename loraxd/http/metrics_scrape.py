@@ -42,7 +42,10 @@ class Snapshot:
     time_s: float
     batch_max_tokens: int = 0
     kv_pages_used: int = 0  # in pages, so a leak of one page shows (the ratio rounds it)
-    kv_pages_reserved: int = 0
+    kv_pages_cached: int = 0  # unused, kept for the prefix cache
+    num_preempted: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
     num_held: int = 0  # requests the engine holds a stream for, whatever their state
     tiers: dict[str, str] = field(default_factory=dict)  # adapter id -> tier, public ones
     tier_counts: dict[str, int] = field(default_factory=dict)  # tier -> adapters, all of them
@@ -55,7 +58,10 @@ class Snapshot:
                 self.num_adapters_loaded, "running_lora_adapters": self.running_adapters,
                 "waiting_lora_adapters": self.waiting_adapters,
                 "adapter_tiers": self.tiers, "num_kv_pages_used": self.kv_pages_used,
-                "num_kv_pages_reserved": self.kv_pages_reserved,
+                "num_kv_pages_cached": self.kv_pages_cached,
+                "num_preempted": self.num_preempted,
+                "prefix_queried_tokens": self.prefix_queried_tokens,
+                "prefix_hit_tokens": self.prefix_hit_tokens,
                 "num_requests_held": self.num_held}
 
 
@@ -116,7 +122,10 @@ def snapshot(engine: Any, model_id: str, clock: Callable[[], float] = time.time,
         time_s=clock(),
         batch_max_tokens=int(stats.get("batch_max_tokens", 0)),
         kv_pages_used=int(stats.get("num_kv_pages_used", 0)),
-        kv_pages_reserved=int(stats.get("num_kv_pages_reserved", 0)),
+        kv_pages_cached=int(stats.get("num_kv_pages_cached", 0)),
+        num_preempted=int(stats.get("num_preempted", 0)),
+        prefix_queried_tokens=int(stats.get("prefix_queried_tokens", 0)),
+        prefix_hit_tokens=int(stats.get("prefix_hit_tokens", 0)),
         num_held=int(stats.get("num_requests_held", 0)),
         tiers=dict(ordered[:max_labeled] if max_labeled is not None else ordered),
         tier_counts=counts)
@@ -125,6 +134,12 @@ def snapshot(engine: Any, model_id: str, clock: Callable[[], float] = time.time,
 def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None):
     family = GaugeMetricFamily(name, doc, labels=list(labels or ()))
     family.add_metric(list((labels or {}).values()), value)
+    return family
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str]):
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
     return family
 
 
@@ -148,8 +163,10 @@ class EngineGauges:
         yield _gauge("loraxd_kv_cache_usage_ratio", usage, s.kv_cache_usage)
         yield _gauge("loraxd_kv_pages_used", "KV cache pages allocated to sequences",
                      s.kv_pages_used)
-        yield _gauge("loraxd_kv_pages_reserved", "KV cache pages reserved for the running "
-                     "sequences' whole length", s.kv_pages_reserved)
+        yield _gauge("loraxd_kv_pages_cached", "KV cache pages no sequence uses, kept for "
+                     "the prefix cache", s.kv_pages_cached)
+        preempted = "Sequences preempted when the KV cache ran out (resumed later)"
+        yield CounterMetricFamily("loraxd_preemptions", preempted, value=s.num_preempted)
         yield _gauge("loraxd_requests_held", "Requests the engine holds (running, waiting, or "
                      "their last event unread)", s.num_held)
         yield CounterMetricFamily("loraxd_steps", "Forward steps run", value=s.num_steps)
@@ -170,6 +187,11 @@ class EngineGauges:
         yield _gauge("vllm:gpu_cache_usage_perc", usage + " (vLLM's older name)",
                      s.kv_cache_usage, model)
         yield _gauge("vllm:lora_requests_info", lora_doc, s.time_s, lora)
+        yield _counter("vllm:num_preemptions", preempted, s.num_preempted, model)
+        yield _counter("vllm:prefix_cache_queries", "Context tokens looked up in the prefix "
+                       "cache", s.prefix_queried_tokens, model)
+        yield _counter("vllm:prefix_cache_hits", "Context tokens found in the prefix cache",
+                       s.prefix_hit_tokens, model)
         by_tier = GaugeMetricFamily("loraxd_adapters_by_tier",
                                     "Adapters in each tier (device slot, host memory, disk)",
                                     labels=["tier"])

@@ -170,6 +170,10 @@ class NewSeq(msgspec.Struct, array_like=True, frozen=True):
     A sequence resumed on a new worker is prefilled with its prompt and the tokens it had
     generated: `num_generated` says how many of `prompt_ids` are those, so penalties and
     seeded draws carry on exactly where they were.
+
+    The first `num_cached` tokens' K/V are already in its first pages (the prefix cache);
+    this step computes the next `num_computed` (0: all the rest). A prompt not computed
+    to its end goes on in later steps (`Step.prefill_chunks`) and is sampled after its last.
     """
 
     req_id: int
@@ -178,13 +182,16 @@ class NewSeq(msgspec.Struct, array_like=True, frozen=True):
     sampling: SamplingParams
     adapter_slot: int = -1  # -1: the base model
     num_generated: int = 0
+    num_cached: int = 0
+    num_computed: int = 0
 
 
 class Step(msgspec.Struct, tag=True, frozen=True):
     """Run one forward pass: prefill `new_seqs`, decode one token for each of `decode_ids`.
 
-    `finished_ids` are freed before the step runs; `new_blocks` are KV pages appended to a
-    running sequence's page table.
+    `finished_ids` are freed and `clear_blocks` zeroed before the step runs; `new_blocks`
+    are KV pages appended to a running sequence's page table; `prefill_chunks` names running
+    sequences whose prompt goes on, with the tokens of it this step computes.
     """
 
     step_id: int
@@ -192,6 +199,8 @@ class Step(msgspec.Struct, tag=True, frozen=True):
     decode_ids: list[int] = []
     new_blocks: dict[int, list[int]] = {}
     finished_ids: list[int] = []
+    prefill_chunks: dict[int, int] = {}
+    clear_blocks: list[int] = []
 
 
 class AdapterMerge(msgspec.Struct, array_like=True, frozen=True):

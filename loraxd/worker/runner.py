@@ -43,7 +43,30 @@ class SeqState:
     num_cached: int  # tokens whose K/V are in the cache
     last_token: int  # the input of its next decode step
     adapter_slot: int
-    sampling: SeqSampling
+    sampling: SeqSampling  # its token_ids: the context (prompt, then what it generated)
+    prefill_end: int  # tokens of context to compute before its first sample
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_cached < self.prefill_end
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A slice of a sequence's context computed in this step: tokens [start, start + n)."""
+
+    state: SeqState
+    start: int
+    n: int
+    prompt_logprobs: bool = False
+
+    @property
+    def sampled(self) -> bool:
+        return self.start + self.n == self.state.prefill_end
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.state.sampling.token_ids[self.start:self.start + self.n]
 
 
 def usable_cpus() -> int:
@@ -179,8 +202,10 @@ class ModelRunner:
     # -- a step -------------------------------------------------------------------------
 
     def execute(self, step: Step, lora=None) -> list[SeqOutput | SeqFailure]:
-        """One result per sequence of the step: its token, or why it failed (and is gone)."""
+        """One result per sampled sequence of the step: its token, or why it failed (and is
+        gone). A sequence whose prompt goes on in later steps has none."""
         self.forget(step.finished_ids)
+        self.kv_cache.clear_blocks(step.clear_blocks)
         for req_id, block_ids in step.new_blocks.items():
             if req_id not in self.seqs:
                 raise StepRejected(f"pages for request {req_id}, which is not running here")
@@ -188,48 +213,59 @@ class ModelRunner:
         new: list[SeqState] = []
         try:
             try:
+                prefill = []
                 for seq in step.new_seqs:
                     new.append(self._admit(seq))
+                    prefill.append(self._slice(new[-1], seq.num_computed or
+                                               len(seq.prompt_ids) - seq.num_cached,
+                                               seq.sampling.prompt_logprobs))
+                prefill += [self._slice(self._running(req_id, prefilling=True), n)
+                            for req_id, n in step.prefill_chunks.items()]
                 decode = [self._decoding(req_id) for req_id in step.decode_ids]
             except (KeyError, ValueError) as exc:
                 raise StepRejected(exc.args[0] if exc.args else str(exc)) from exc
-            if not new and not decode:
+            if not prefill and not decode:
                 return []
             with torch.inference_mode():
-                return self._run(step.new_seqs, new, decode, lora)
+                return self._run(prefill, decode, lora)
         except BaseException:
             for state in new:  # a failed step leaves no half-admitted sequence behind
                 self._free(state.req_id)
             raise
 
-    def _run(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
-             lora) -> list[SeqOutput | SeqFailure]:
-        ctx = self._context(new_seqs, new, decode, lora)
+    def _run(self, prefill: list[Prefill], decode: list[SeqState], lora
+             ) -> list[SeqOutput | SeqFailure]:
+        ctx = self._context(prefill, decode, lora)
         if ctx.lora is None and self.lora_pool is not None and max(ctx.seq_slots) >= 0:
             ctx.lora = self.lora_pool.step_context(self._host_token_slots(ctx))
         elif ctx.lora is not None and hasattr(ctx.lora, "prepare"):
             ctx.lora.prepare(ctx)
         hidden, residual = self.model.forward(ctx, self.kv_cache)
+        for work in prefill:
+            if not work.sampled:  # its prompt goes on in a later step
+                work.state.num_cached = work.start + work.n
+        sampled = [w.state for w in prefill if w.sampled] + decode
+        if not sampled:
+            return []
         logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)  # rank 0 only
-        states = new + decode
         result, prompt_lps, token_ids = None, {}, None
         if logits is not None:
             rows = logits if ctx.sample_idx is None else logits[ctx.sample_idx]  # [seqs, vocab]
-            result = sample(rows, [s.sampling for s in states])
-            prompt_lps = self._prompt_logprobs(logits, new_seqs)
+            result = sample(rows, [s.sampling for s in sampled])
+            prompt_lps = self._prompt_logprobs(logits, prefill)
             token_ids = result.token_ids  # -1: that sequence failed
-        token_ids = self.tp.broadcast_ids(token_ids, len(states))
+        token_ids = self.tp.broadcast_ids(token_ids, len(sampled))
         outputs: list[SeqOutput | SeqFailure] = []
-        for i, state in enumerate(states):
+        for i, state in enumerate(sampled):
             token = token_ids[i]
             if token < 0:  # this sequence alone ends; the batch goes on
-                self._free(state.req_id, clear=True)
+                self._free(state.req_id)  # the scheduler has its pages zeroed
                 if result is not None:
                     failure = result.failures[i]
                     outputs.append(SeqFailure(state.req_id, failure.reason,
                                               failure.bad_request))
                 continue
-            state.num_cached = ctx.seq_lens[i]
+            state.num_cached = len(state.sampling.token_ids)
             state.last_token = token
             state.sampling.accept(token)
             if result is not None:
@@ -246,21 +282,42 @@ class ModelRunner:
     def _admit(self, seq: NewSeq) -> SeqState:
         if not seq.prompt_ids:
             raise ValueError(f"request {seq.req_id}: empty prompt")
-        if len(seq.block_ids) * self.block_size < len(seq.prompt_ids):
+        if not 0 <= seq.num_cached < len(seq.prompt_ids):
+            raise ValueError(f"request {seq.req_id}: {seq.num_cached} cached tokens of a "
+                             f"prompt of {len(seq.prompt_ids)}")
+        computed = seq.num_computed or len(seq.prompt_ids) - seq.num_cached
+        if len(seq.block_ids) * self.block_size < seq.num_cached + computed:
             raise ValueError(f"request {seq.req_id}: {len(seq.block_ids)} blocks cannot hold "
-                             f"a prompt of {len(seq.prompt_ids)} tokens")
+                             f"{seq.num_cached + computed} tokens")
         self._free(seq.req_id)
         if not 0 <= seq.num_generated < len(seq.prompt_ids):
             raise ValueError(f"request {seq.req_id}: {seq.num_generated} generated tokens of "
                              f"{len(seq.prompt_ids)}")
+        if seq.sampling.prompt_logprobs and seq.num_cached:
+            raise ValueError(f"request {seq.req_id}: prompt logprobs need the whole prompt "
+                             "computed, not taken from the cache")
         prompt_len = len(seq.prompt_ids) - seq.num_generated
         sampling = SeqSampling(seq.sampling, list(seq.prompt_ids), prompt_len,
                                grammar=self._grammar(seq, prompt_len),
                                watermark=self.watermark if seq.sampling.watermark else None)
-        state = SeqState(seq.req_id, self.tables.add(seq.block_ids), 0, -1,
-                         seq.adapter_slot, sampling)
+        state = SeqState(seq.req_id, self.tables.add(seq.block_ids), seq.num_cached, -1,
+                         seq.adapter_slot, sampling, len(seq.prompt_ids))
         self.seqs[seq.req_id] = state
         return state
+
+    def _slice(self, state: SeqState, n: int, prompt_logprobs: bool = False) -> Prefill:
+        """The next `n` tokens of `state`'s prompt, checked against its pages."""
+        start = state.num_cached
+        if not 0 < n <= state.prefill_end - start:
+            raise ValueError(f"request {state.req_id}: {n} prompt tokens asked, "
+                             f"{state.prefill_end - start} left")
+        if prompt_logprobs and (start or n < state.prefill_end):
+            raise ValueError(f"request {state.req_id}: prompt logprobs need the whole prompt "
+                             "in one step")
+        if self.tables.lengths[state.row] * self.block_size < start + n:
+            raise ValueError(f"request {state.req_id}: its {self.tables.lengths[state.row]} "
+                             f"blocks cannot hold {start + n} tokens")
+        return Prefill(state, start, n, prompt_logprobs)
 
     def _grammar(self, seq: NewSeq, prompt_len: int):
         """The sequence's grammar state (rank 0), replayed over what it had generated."""
@@ -271,32 +328,34 @@ class ModelRunner:
                              "tokenizer.json")
         return self.grammars.start(seq.sampling.grammar, list(seq.prompt_ids[prompt_len:]))
 
-    def _decoding(self, req_id: int) -> SeqState:
+    def _running(self, req_id: int, prefilling: bool) -> SeqState:
         state = self.seqs.get(req_id)
-        if state is None or state.num_cached == 0:
-            raise KeyError(f"request {req_id} is not running here (decode before prefill)")
+        if state is None or state.prefilling != prefilling:
+            what = "prefilling" if prefilling else "decoding"
+            raise KeyError(f"request {req_id} is not {what} here")
+        return state
+
+    def _decoding(self, req_id: int) -> SeqState:
+        state = self._running(req_id, prefilling=False)
         if self.tables.lengths[state.row] * self.block_size <= state.num_cached:
             raise ValueError(f"request {req_id}: its {self.tables.lengths[state.row]} blocks "
                              f"have no room for token {state.num_cached + 1}")
         return state
 
-    def _free(self, req_id: int, clear: bool = False) -> None:
-        """`clear`: zero its pages too, for a sequence whose values may be NaN or inf."""
+    def _free(self, req_id: int) -> None:
         state = self.seqs.pop(req_id, None)
         if state is not None:
-            if clear:
-                self.kv_cache.clear_blocks(self.tables.blocks(state.row))
             self.tables.free(state.row)
 
-    def _prompt_logprobs(self, logits: torch.Tensor, new_seqs: list[NewSeq]
+    def _prompt_logprobs(self, logits: torch.Tensor, prefill: list[Prefill]
                          ) -> dict[int, list[float]]:
-        """Sequence index -> prompt logprobs, for the new sequences that asked."""
+        """Sampled-sequence index -> prompt logprobs, for the new sequences that asked (only
+        sampled slices have logit rows)."""
         out, row = {}, 0
-        for i, seq in enumerate(new_seqs):
-            if seq.sampling.prompt_logprobs:
-                n = len(seq.prompt_ids)
-                out[i] = prompt_logprobs(logits[row:row + n], seq.prompt_ids)
-                row += n
+        for i, work in enumerate(w for w in prefill if w.sampled):
+            if work.prompt_logprobs:
+                out[i] = prompt_logprobs(logits[row:row + work.n], work.token_ids)
+                row += work.n
             else:
                 row += 1
         return out
@@ -312,13 +371,12 @@ class ModelRunner:
             return ctx.token_slots
         return torch.tensor(ctx.seq_slots).repeat_interleave(torch.tensor(ctx.query_lens))
 
-    def _context(self, new_seqs: list[NewSeq], new: list[SeqState], decode: list[SeqState],
-                 lora) -> StepContext:
-        states = new + decode
-        query_lens = [len(s.prompt_ids) for s in new_seqs] + [1] * len(decode)
-        past_lens = [0] * len(new) + [s.num_cached for s in decode]
+    def _context(self, prefill: list[Prefill], decode: list[SeqState], lora) -> StepContext:
+        states = [w.state for w in prefill] + decode
+        query_lens = [w.n for w in prefill] + [1] * len(decode)
+        past_lens = [w.start for w in prefill] + [s.num_cached for s in decode]
         seq_lens = [p + q for p, q in zip(past_lens, query_lens)]
-        num_prefill_tokens = sum(query_lens[:len(new)])
+        num_prefill_tokens = sum(query_lens[:len(prefill)])
         starts = [0] * len(states)
         for i in range(1, len(states)):
             starts[i] = starts[i - 1] + query_lens[i - 1]
@@ -327,7 +385,7 @@ class ModelRunner:
             rotary.ensure(max(seq_lens))
 
         dev = self.device
-        input_ids = [t for s in new_seqs for t in s.prompt_ids] + [s.last_token for s in decode]
+        input_ids = [t for w in prefill for t in w.token_ids] + [s.last_token for s in decode]
         rows = tensor_on([s.row for s in states], dev)
         q_lens = tensor_on(query_lens, dev)
         seq_of_token = torch.repeat_interleave(torch.arange(len(states), device=dev), q_lens,
@@ -341,18 +399,24 @@ class ModelRunner:
         decode_blocks = decode_lens = None
         decode_max_len = 0
         if decode:
-            max_blocks = -(-max(seq_lens[len(new):]) // self.block_size)
+            max_blocks = -(-max(seq_lens[len(prefill):]) // self.block_size)
             decode_max_len = max_blocks * self.block_size
-            decode_lens = tensor_on(seq_lens[len(new):], dev)
-            decode_blocks = self.tables.table[rows[len(new):], :max_blocks].flatten()
+            decode_lens = tensor_on(seq_lens[len(prefill):], dev)
+            decode_blocks = self.tables.table[rows[len(prefill):], :max_blocks].flatten()
+        # a slice after cached tokens attends to its pages, not only to its own rows
+        prefill_pages = [None if w.start == 0 else
+                         self.tables.table[w.state.row, :-(-seq_lens[i] // self.block_size)]
+                         for i, w in enumerate(prefill)]
 
-        logits_idx, sample_idx = self._logit_rows(new_seqs, starts, query_lens, len(decode))
+        logits_idx, sample_idx = self._logit_rows(prefill, starts, len(decode))
         return StepContext(
             input_ids=tensor_on(input_ids, dev), positions=positions,
             slot_mapping=slot_mapping, token_slots=token_slots,
             req_ids=[s.req_id for s in states], seq_slots=seq_slots, query_lens=query_lens,
-            seq_lens=seq_lens, num_prefill_seqs=len(new), num_prefill_tokens=num_prefill_tokens,
-            prefill_starts=starts[:len(new)], decode_blocks=decode_blocks, decode_lens=decode_lens,
+            seq_lens=seq_lens, num_prefill_seqs=len(prefill),
+            num_prefill_tokens=num_prefill_tokens, prefill_starts=starts[:len(prefill)],
+            prefill_past=past_lens[:len(prefill)], prefill_pages=prefill_pages,
+            decode_blocks=decode_blocks, decode_lens=decode_lens,
             decode_max_len=decode_max_len, logits_idx=logits_idx, sample_idx=sample_idx,
             dtype=self.dtype, lora=lora if any(s >= 0 for s in seq_slots) else None)
 
@@ -361,20 +425,23 @@ class ModelRunner:
         bs = self.block_size
         return self.tables.table[rows, positions // bs] * bs + positions % bs
 
-    def _logit_rows(self, new_seqs: list[NewSeq], starts: list[int], query_lens: list[int],
-                    num_decode: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows that need logits (each sequence's last token; every prompt token of a
-        sequence asking prompt logprobs) and each sequence's sampling row among them (None:
+    def _logit_rows(self, prefill: list[Prefill], starts: list[int], num_decode: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows that need logits (each sampled sequence's last token; every prompt token of
+        a sequence asking prompt logprobs) and each sampled sequence's row among them (None:
         every logit row, in order; indexing [num_seqs, vocab] rows costs ~0.2 ms)."""
         dev = self.device
-        last = [start + n - 1 for start, n in zip(starts, query_lens)]
-        if not any(s.sampling.prompt_logprobs for s in new_seqs):
-            return tensor_on(last, dev), None
+        works = prefill + [None] * num_decode
+        if not any(w.prompt_logprobs for w in prefill):
+            return tensor_on([start + (w.n if w else 1) - 1 for start, w in zip(starts, works)
+                              if w is None or w.sampled], dev), None
         logit_rows, sample_rows = [], []
-        for i, (start, n) in enumerate(zip(starts, query_lens)):
-            if i < len(new_seqs) and new_seqs[i].sampling.prompt_logprobs:
-                logit_rows.extend(range(start, start + n))
+        for start, w in zip(starts, works):
+            if w is not None and w.prompt_logprobs:
+                logit_rows.extend(range(start, start + w.n))
+            elif w is None or w.sampled:
+                logit_rows.append(start + (w.n if w else 1) - 1)
             else:
-                logit_rows.append(start + n - 1)
+                continue
             sample_rows.append(len(logit_rows) - 1)
         return tensor_on(logit_rows, dev), tensor_on(sample_rows, dev)

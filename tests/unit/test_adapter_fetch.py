@@ -38,7 +38,8 @@ def config(**adapters):
         scheduler=SimpleNamespace(max_batch_prefill_tokens=64, waiting_served_ratio=0.0,
                                   max_waiting_tokens=20, max_concurrent_requests=64,
                                   max_best_of=2, max_stop_sequences=4, max_input_length=32,
-                                  max_total_tokens=64, max_batch_total_tokens=1024),
+                                  max_total_tokens=64, max_batch_total_tokens=1024,
+                                  prefill_chunk_tokens=0, prefix_caching=True),
         adapters=SimpleNamespace(**{
             "max_active_adapters": 2, "adapter_cycle_time_s": 1.0, "adapter_source": "hub",
             "preloaded_adapter_ids": (), "max_adapter_downloads": 2,

@@ -48,7 +48,8 @@ class StatsEngine(FakeEngine):
         super().__init__()
         self._stats = {"num_waiting": 5, "num_running": 3, "kv_cache_usage": 0.375,
                        "num_steps": 1200, "batch_max_tokens": 96, "num_kv_pages_used": 12,
-                       "num_kv_pages_reserved": 20, "num_requests_held": 9, **stats}
+                       "num_kv_pages_cached": 20, "num_requests_held": 9, "num_preempted": 2,
+                       "prefix_queried_tokens": 1000, "prefix_hit_tokens": 640, **stats}
         self.adapters = SimpleNamespace(entries={e.key: e for e in entries},
                                         slots=[None] * num_slots, timing_observers=[])
         self.steps = SimpleNamespace(step_observers=[])
@@ -202,7 +203,11 @@ async def test_gauges_follow_the_engine_at_each_scrape(serve):
     assert value(fams, "lorax_batch_current_max_tokens") == 96
     assert value(fams, "loraxd_steps", "loraxd_steps_total") == 1200
     assert value(fams, "loraxd_kv_pages_used") == 12
-    assert value(fams, "loraxd_kv_pages_reserved") == 20
+    assert value(fams, "loraxd_kv_pages_cached") == 20
+    assert value(fams, "loraxd_preemptions", "loraxd_preemptions_total") == 2
+    assert value(fams, "vllm:num_preemptions", "vllm:num_preemptions_total") == 2
+    assert value(fams, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == 1000
+    assert value(fams, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") == 640
     assert value(fams, "loraxd_requests_held") == 9
     (info,) = fams["vllm:lora_requests_info"].samples
     assert info.labels == {"max_lora": "4", "running_lora_adapters": "a,b",
@@ -238,7 +243,8 @@ async def test_json_when_asked(serve):
         "kv_cache_usage": 0.375, "num_steps": 1200, "max_lora": 4, "num_adapters_loaded": 1,
         "running_lora_adapters": ["a"], "waiting_lora_adapters": [],
         "adapter_tiers": {"a": "device"}, "num_kv_pages_used": 12,
-        "num_kv_pages_reserved": 20, "num_requests_held": 9}
+        "num_kv_pages_cached": 20, "num_preempted": 2, "prefix_queried_tokens": 1000,
+        "prefix_hit_tokens": 640, "num_requests_held": 9}
 
 
 async def test_an_engine_without_read_outs_reads_as_zero(serve):

@@ -228,10 +228,12 @@ class NaNLora:
             y[self.mask] = float("nan")
 
 
-def greedy_tokens(runner, req_id, prompt, blocks, n, step_id=100):
-    """`n` greedy tokens of `prompt` on pages `blocks`, one sequence alone."""
+def greedy_tokens(runner, req_id, prompt, blocks, n, step_id=100, clear=()):
+    """`n` greedy tokens of `prompt` on pages `blocks`, one sequence alone; `clear`: pages
+    the first step zeroes first."""
     out = runner.execute(Step(step_id, new_seqs=[NewSeq(req_id, prompt, blocks,
-                                                        SamplingParams())]))
+                                                        SamplingParams())],
+                              clear_blocks=list(clear)))
     tokens = [out[0].token_id]
     for i in range(1, n):
         out = runner.execute(Step(step_id + i, decode_ids=[req_id]))
@@ -242,7 +244,8 @@ def greedy_tokens(runner, req_id, prompt, blocks, n, step_id=100):
 
 
 def test_a_nan_sequence_leaves_no_nan_on_its_pages(llama):
-    """Its pages go to the next request, whose masked decode reads see what they hold."""
+    """Its pages go to the next request, whose masked decode reads see what they hold: the
+    scheduler has them zeroed (clear_blocks) in the next step."""
     _, runner, _ = llama
     expected = greedy_tokens(runner, 30, [9], [70, 71], 6)
     poisoned = NewSeq(31, [5, 6, 7, 8, 9, 10, 11, 12], [40, 41], SamplingParams(),
@@ -250,7 +253,8 @@ def test_a_nan_sequence_leaves_no_nan_on_its_pages(llama):
     out = runner.execute(Step(0, new_seqs=[poisoned]), lora=NaNLora())
     assert isinstance(out[0], SeqFailure) and not out[0].bad_request
     assert "not finite" in out[0].message
-    assert greedy_tokens(runner, 32, [9], [41, 42], 6) == expected  # page 41: its tail
+    assert not torch.isfinite(runner.kv_cache.data[1:, 41 * 4:42 * 4]).all()
+    assert greedy_tokens(runner, 32, [9], [41, 42], 6, clear=[40, 41]) == expected
 
 
 def test_padded_decode_reads_never_reach_another_sequences_pages(llama):

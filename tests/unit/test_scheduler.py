@@ -21,24 +21,25 @@ class CharTokenizer:
 
 
 def make_scheduler(num_blocks=64, block_size=4, prefill=64, ratio=1.2, max_waiting=20,
-                   adapters=None):
-    return Scheduler(SchedulerLimits(prefill, ratio, max_waiting),
+                   adapters=None, chunk=0):
+    return Scheduler(SchedulerLimits(prefill, ratio, max_waiting, chunk),
                      BlockManager(num_blocks, block_size), eos_ids=frozenset({EOS}),
                      special_ids=frozenset({EOS}), decode_one=lambda i: chr(i),
                      adapters=adapters)
 
 
-def make_seq(req_id, prompt="abc", max_new=4, stop=(), ignore_eos=False):
+def make_seq(req_id, prompt="abc", max_new=4, stop=(), ignore_eos=False, **request):
     ids = [ord(c) for c in prompt]
     req = GenerationRequest(prompt_ids=ids, max_new_tokens=max_new, stop=stop,
-                            ignore_eos=ignore_eos)
+                            ignore_eos=ignore_eos, **request)
     return Sequence(req_id, req, IncrementalDetokenizer(CharTokenizer(), ids, frozenset({EOS})))
 
 
 def run_step(s, tokens: dict[int, int]):
     plan = s.schedule()
     assert plan is not None
-    ids = [n.req_id for n in plan.step.new_seqs] + plan.step.decode_ids
+    ids = [n.req_id for n in plan.step.new_seqs] + list(plan.step.prefill_chunks)
+    ids = [i for i in ids if i not in plan.partial] + plan.step.decode_ids
     outputs = [SeqOutput(i, tokens.get(i, ord("x")), -0.5) for i in ids]
     return plan, s.update(plan, StepResult(plan.step.step_id, outputs, 0.0))
 
@@ -126,11 +127,11 @@ def test_max_waiting_tokens_lets_a_lone_request_in():
     assert joined_at == 2  # after max_waiting_tokens steps of the running batch
 
 
-def test_admission_reserves_whole_length_and_respects_prefill_budget():
+def test_admission_keeps_a_page_of_growth_each_and_respects_prefill_budget():
     s = make_scheduler(num_blocks=4, block_size=4, prefill=64)
-    s.add(make_seq(1, prompt="abcd", max_new=4))   # 8 tokens: 2 pages
-    s.add(make_seq(2, prompt="abcd", max_new=4))   # 2 pages
-    s.add(make_seq(3, prompt="abcd", max_new=4))   # no room: waits
+    s.add(make_seq(1, prompt="abcd", max_new=4))   # 1 page now
+    s.add(make_seq(2, prompt="abcd", max_new=4))   # 1 page, and 1 spare for the first
+    s.add(make_seq(3, prompt="abcd", max_new=4))   # 1 page + 2 spare > the 2 left: waits
     plan, _ = run_step(s, {})
     assert [n.req_id for n in plan.step.new_seqs] == [1, 2]
     assert s.num_waiting == 1
@@ -245,3 +246,161 @@ def test_plans_say_why_new_sequences_join_a_running_batch():
     reasons = [run_step(s, {})[0] for _ in range(3)]
     assert [(bool(p.step.new_seqs), p.join_reason) for p in reasons] == [
         (False, None), (False, None), (True, "wait_exceeded")]
+
+
+# -- chunked prefill, pages on demand, preemption, the prefix cache ---------------------------
+
+
+def test_a_long_prompt_is_prefilled_in_slices_while_others_decode():
+    s = make_scheduler(block_size=4, chunk=4, ratio=0.0)
+    s.add(make_seq(1, prompt="ab", max_new=20))
+    run_step(s, {})
+    s.add(make_seq(2, prompt="abcdefghij", max_new=3))  # 10 tokens: slices of 4, 4, 2
+    slices = []
+    for _ in range(3):
+        plan, events = run_step(s, {})
+        assert plan.step.decode_ids == [1]  # the stream goes on every step
+        slices.append([(n.req_id, n.num_computed) for n in plan.step.new_seqs]
+                      or list(plan.step.prefill_chunks.items()))
+    assert slices == [[(2, 4)], [(2, 4)], [(2, 2)]]
+    assert [i for i, e in events if isinstance(e, TokenEvent)] == [2, 1]  # sampled at last
+    assert len(s.running[2].block_ids) == 3 and s.running[2].num_cached == 10
+    plan, _ = run_step(s, {})
+    assert plan.step.decode_ids == [1, 2]
+
+
+def test_an_idle_engine_prefills_up_to_max_batch_prefill_tokens_at_once():
+    s = make_scheduler(chunk=4, prefill=64)
+    s.add(make_seq(1, prompt="abcdefghij"))
+    plan, _ = run_step(s, {})
+    assert plan.step.new_seqs[0].num_computed == 10 and not plan.partial
+
+
+def test_prompt_logprobs_are_never_sliced_nor_cached():
+    from loraxd.protocol.worker import SamplingParams
+    s = make_scheduler(block_size=4, chunk=4, ratio=0.0)
+    s.add(make_seq(1, prompt="abcdefghij", max_new=20))
+    run_step(s, {})
+    s.add(make_seq(2, prompt="abcdefghij", sampling=SamplingParams(prompt_logprobs=True)))
+    plan, _ = run_step(s, {})
+    (new,) = plan.step.new_seqs
+    assert (new.num_cached, new.num_computed) == (0, 10) and not plan.partial
+
+
+def test_pages_run_out_the_newest_sequence_is_preempted_and_resumes():
+    s = make_scheduler(num_blocks=4, block_size=4, ratio=0.0)
+    s.add(make_seq(1, prompt="abcd", max_new=8, ignore_eos=True))
+    s.add(make_seq(2, prompt="efgh", max_new=8, ignore_eos=True))
+    run_step(s, {})  # 1 page each, 2 spare
+    for _ in range(4):  # both grow into a 2nd page
+        run_step(s, {})
+    assert s.blocks.num_free == 0 and s.num_preempted == 0
+    plan, _ = run_step(s, {})  # both need a 3rd page: 2, the newest, makes room
+    assert s.num_preempted == 1 and plan.step.decode_ids == [1]
+    assert plan.step.finished_ids == [2] and [q.req_id for q in s.waiting] == [2]
+    assert s.running[1].block_ids[-1] in plan.step.new_blocks[1]
+    generated = list(s.waiting[0].output_ids)
+    for _ in range(10):
+        plan, events = run_step(s, {})
+        resumed = [n for n in plan.step.new_seqs if n.req_id == 2]
+        if resumed:
+            break
+    assert resumed[0].prompt_ids == [ord(c) for c in "efgh"] + generated
+    assert resumed[0].num_generated == len(generated)
+    assert resumed[0].num_cached == 4  # its first page, kept in the prefix cache
+
+
+def test_a_repeated_context_takes_its_cached_pages():
+    s = make_scheduler(block_size=4)
+    s.add(make_seq(1, prompt="abcdefghijkl", max_new=2))  # 3 full pages
+    run_step(s, {})
+    pages = list(s.running[1].block_ids[:3])
+    run_step(s, {})
+    assert s.schedule().step.finished_ids == [1] and s.blocks.num_cached == 3
+    s.add(make_seq(2, prompt="abcdefghijkl", max_new=2))
+    plan, _ = run_step(s, {})
+    (new,) = plan.step.new_seqs
+    # the last page is computed again: the last token's logits are needed
+    assert (new.num_cached, new.num_computed) == (8, 4) and new.block_ids[:2] == pages[:2]
+    assert (s.prefix_hit_tokens, s.prefix_queried_tokens) == (8, 24)
+    s.add(make_seq(3, prompt="abcdXfghijkl", max_new=2))  # differs in page 2: 1 page hit
+    plan, _ = run_step(s, {})
+    assert plan.step.new_seqs[0].num_cached == 4
+
+
+def test_pages_in_use_are_shared_and_freed_once_by_each():
+    s = make_scheduler(block_size=4, ratio=0.0)
+    s.add(make_seq(1, prompt="abcdefghi", max_new=10))
+    run_step(s, {})
+    s.add(make_seq(2, prompt="abcdefghz", max_new=10))
+    plan, _ = run_step(s, {})
+    assert plan.step.new_seqs[0].block_ids[:2] == s.running[1].block_ids[:2]
+    used = s.blocks.num_used
+    s.abort(1)
+    assert s.blocks.num_used == used - 1  # its own page only: the shared two stay in use
+    s.abort(2)
+    assert s.blocks.num_used == 0
+
+
+class TwoLoads(BaseModelOnly):
+    """An adapter whose K/V identity changes when it is loaded again."""
+
+    def __init__(self):
+        self.load = 1
+
+    def acquire(self, seq):
+        return -1 if seq.request.adapter is None else 0
+
+    def kv_identity(self, seq):
+        return "base" if seq.request.adapter is None else ("a", self.load)
+
+
+def test_pages_never_serve_another_adapter_or_another_load():
+    from loraxd.engine.request import AdapterRef
+    adapters = TwoLoads()
+    s = make_scheduler(block_size=4, adapters=adapters, ratio=0.0)
+    a = AdapterRef("a", "local")
+    s.add(make_seq(1, prompt="abcdefghi", max_new=1, adapter=a))
+    run_step(s, {})
+    s.add(make_seq(2, prompt="abcdefghi", max_new=1))  # the base model: no hit
+    s.add(make_seq(3, prompt="abcdefghi", max_new=1, adapter=a))  # the same load: a hit
+    plan, _ = run_step(s, {})
+    assert [(n.req_id, n.num_cached) for n in plan.step.new_seqs] == [(2, 0), (3, 8)]
+    adapters.load = 2  # unloaded and loaded again: its files may have changed
+    s.add(make_seq(4, prompt="abcdefghi", max_new=1, adapter=a))
+    plan, _ = run_step(s, {})
+    assert [(n.req_id, n.num_cached) for n in plan.step.new_seqs] == [(4, 0)]
+
+
+def test_a_failed_sequence_has_its_pages_zeroed_and_never_cached():
+    from loraxd.protocol.worker import SeqFailure
+    s = make_scheduler(block_size=4)
+    s.add(make_seq(1, prompt="abcdefghi", max_new=5))
+    plan, _ = run_step(s, {})
+    pages = list(s.running[1].block_ids)
+    s.update(plan, StepResult(plan.step.step_id, [], 0.0, [SeqFailure(1, "NaN")]))
+    plan = s.schedule()
+    assert plan.step.finished_ids == [1] and sorted(plan.step.clear_blocks) == sorted(pages)
+    s.add(make_seq(2, prompt="abcdefghi", max_new=5))
+    assert s.schedule().step.new_seqs[0].num_cached == 0
+
+
+def test_replaced_workers_take_the_prefix_cache_with_them():
+    s = make_scheduler(block_size=4)
+    s.add(make_seq(1, prompt="abcdefghi", max_new=5))
+    run_step(s, {})
+    run_step(s, {})
+    s.requeue_running()
+    assert s.blocks.num_cached == 0 and s.blocks.num_free == s.blocks.num_blocks
+    assert s.schedule().step.new_seqs[0].num_cached == 0
+
+
+def test_without_prefix_caching_nothing_is_kept():
+    s = Scheduler(SchedulerLimits(64, 1.2, 20), BlockManager(16, 4, prefix_caching=False),
+                  eos_ids=frozenset({EOS}), special_ids=frozenset({EOS}),
+                  decode_one=chr)
+    s.add(make_seq(1, prompt="abcdefghi", max_new=1))
+    run_step(s, {})
+    s.add(make_seq(2, prompt="abcdefghi", max_new=1))
+    plan, _ = run_step(s, {})
+    assert plan.step.new_seqs[0].num_cached == 0 and s.blocks.num_cached == 0

@@ -3,8 +3,10 @@
 A step's tokens are flat: first each prefill sequence's prompt (rows
 `[prefill_starts[i], prefill_starts[i] + query_lens[i])`), then one row per decode sequence.
 Each layer writes the step's K/V to the cache (one index op), runs causal SDPA per prefill
-sequence on its own tokens (a prompt never reads the cache: no prefix sharing), and one
-batched SDPA for all decode sequences over their pages gathered into `[B, max_len]`.
+sequence, and one batched SDPA for all decode sequences over their pages gathered into
+`[B, max_len]`. A prefill that starts at the beginning of its context attends to its own
+rows; one that follows cached tokens (a prefix-cache hit, a prompt's later slice) attends
+to its pages, the step's K/V included.
 """
 from __future__ import annotations
 
@@ -57,6 +59,10 @@ class StepContext:
     sample_idx: torch.Tensor | None  # [num_seqs]; None: every logit row, in order
     dtype: torch.dtype
     lora: Any = None  # a LoraStep, or None when no sequence of the step uses an adapter
+    # tokens of each prefill sequence cached before this step, and the pages of those with
+    # some (else None)
+    prefill_past: list[int] = field(default_factory=list)
+    prefill_pages: list[torch.Tensor | None] = field(default_factory=list)
     # layer type -> (cos, sin), each [num_tokens, 1, head_dim]; set by the model
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
@@ -83,6 +89,26 @@ class StepContext:
             mask = torch.zeros(keep.shape, dtype=self.dtype, device=keep.device)
             mask.masked_fill_(~keep, float("-inf"))
             mask = mask[:, None, None, :]
+            self._masks[key] = mask
+        return mask
+
+    @property
+    def has_past(self) -> bool:
+        """Some prefill sequence follows cached tokens."""
+        return any(self.prefill_past)
+
+    def past_mask(self, seq: int, cols: int, window: int | None) -> torch.Tensor:
+        """A bool mask [n, cols] for prefill sequence `seq` over its gathered pages: row i
+        (position past + i) sees the positions up to its own."""
+        key = ("past", seq, cols, window)
+        mask = self._masks.get(key)
+        if mask is None:
+            dev = self.input_ids.device
+            pos = torch.arange(self.query_lens[seq], device=dev)[:, None] + self.prefill_past[seq]
+            col = torch.arange(cols, device=dev)[None, :]
+            mask = col <= pos
+            if window is not None:
+                mask &= col > pos - window
             self._masks[key] = mask
         return mask
 
@@ -140,25 +166,32 @@ class PagedAttention:
         apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
         kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
         kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
-        if self.kernels is not None:
+        if self.kernels is not None and not ctx.has_past:  # its prefill reads no pages
             return self.kernels.forward(self, qkv, ctx, kv_cache)
         if ctx.num_prefill_seqs == 0:
             return self._decode(qkv, ctx, kv_cache)
         if ctx.num_decode == 0 and ctx.num_prefill_seqs == 1:
-            return self._prefill(qkv, ctx, 0)
+            return self._prefill(qkv, ctx, 0, kv_cache)
         out = qkv.new_empty(num_tokens, self.q_size)
         for seq, start in enumerate(ctx.prefill_starts):
-            out[start:start + ctx.query_lens[seq]] = self._prefill(qkv, ctx, seq)
+            out[start:start + ctx.query_lens[seq]] = self._prefill(qkv, ctx, seq, kv_cache)
         if ctx.num_decode:
             out[ctx.num_prefill_tokens:] = self._decode(qkv, ctx, kv_cache)
         return out
 
-    def _prefill(self, qkv: torch.Tensor, ctx: StepContext, seq: int) -> torch.Tensor:
+    def _prefill(self, qkv: torch.Tensor, ctx: StepContext, seq: int,
+                 kv_cache: PagedKVCache) -> torch.Tensor:
         start = ctx.prefill_starts[seq]
         n = ctx.query_lens[seq]
         rows = qkv[start:start + n]
         d = self.head_dim
         q = rows[:, :self.q_size].view(n, self.num_heads, d).transpose(0, 1)
+        if ctx.has_past and ctx.prefill_past[seq]:
+            pages = kv_cache.gather_blocks(self.layer_idx, ctx.prefill_pages[seq])
+            k, v = pages[:, 0].transpose(0, 1), pages[:, 1].transpose(0, 1)
+            mask = ctx.past_mask(seq, pages.shape[0], self.sliding_window)
+            o = self._attend(q[None], k[None], v[None], mask, False)
+            return o[0].transpose(0, 1).reshape(n, self.q_size)
         k = rows[:, self.q_size:self.q_size + self.kv_size].view(n, -1, d).transpose(0, 1)
         v = rows[:, self.q_size + self.kv_size:].view(n, -1, d).transpose(0, 1)
         mask = ctx.prefill_mask(seq, self.sliding_window)
