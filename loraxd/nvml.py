@@ -1,5 +1,5 @@
 """The GPUs as NVML sees them, for the supervisor (which never imports torch): how many this
-process may use, and each one's name and memory now.
+process may use, and each one's name, memory and utilization now.
 
 pynvml (the `gpu` extra: nvidia-ml-py) is imported only when asked, so a CPU host needs
 neither it nor a driver. `Nvml.open()` tells three cases apart:
@@ -40,6 +40,16 @@ class GpuMemory:
     name: str
     total_bytes: int
     free_bytes: int
+    used_bytes: int = 0
+    uuid: str = ""  # NVML's own: GPU-... or MIG-...
+
+
+@dataclass(frozen=True)
+class GpuUtilization:
+    """NVML's utilization rates over its last sample period (1/6 s to 1 s), as 0..1."""
+
+    gpu: float  # the share of the period a kernel ran
+    memory: float  # the share of it device memory was read or written
 
 
 class Nvml:
@@ -88,16 +98,26 @@ class Nvml:
     def memory(self, uuid: str) -> GpuMemory:
         """The name and memory now of the device whose CUDA UUID is `uuid` (as torch gives
         it: no GPU-/MIG- prefix needed)."""
+        name, handle = self._device(uuid)
+        info = self._call(self._nvml.nvmlDeviceGetMemoryInfo, handle)
+        device = self._call(self._nvml.nvmlDeviceGetName, handle)
+        if isinstance(device, bytes):  # older pynvml
+            device = device.decode(errors="replace")
+        return GpuMemory(device, int(info.total), int(info.free), int(info.used), name)
+
+    def utilization(self, uuid: str) -> GpuUtilization:
+        """How busy the device is (NvmlError where NVML cannot say, as on a MIG instance)."""
+        rates = self._call(self._nvml.nvmlDeviceGetUtilizationRates, self._device(uuid)[1])
+        return GpuUtilization(int(rates.gpu) / 100, int(rates.memory) / 100)
+
+    def _device(self, uuid: str):
+        """(NVML's UUID, its handle) for a UUID with or without the GPU-/MIG- prefix."""
         candidates = [uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}",
                                                                          f"MIG-{uuid}"]
         for name in candidates:
             handle = self._handle(name)
             if handle is not None:
-                info = self._call(self._nvml.nvmlDeviceGetMemoryInfo, handle)
-                device = self._call(self._nvml.nvmlDeviceGetName, handle)
-                if isinstance(device, bytes):  # older pynvml
-                    device = device.decode(errors="replace")
-                return GpuMemory(device, int(info.total), int(info.free))
+                return name, handle
         raise NvmlError(f"NVML has no device with UUID {uuid}")
 
     def close(self) -> None:

@@ -66,7 +66,8 @@ def version(r: Version, client_version: str) -> str:
 
 def workers(r: WorkerList) -> str:
     """MEMORY: the process's resident memory; WEIGHTS and KV: the rank's shard of each;
-    GPU: free/total memory of its GPU now, and its name (from NVML)."""
+    GPU: free/total memory of its GPU now, and its name; UTIL: the share of NVML's last
+    sample period a kernel ran on it, then the share its memory was busy (from NVML)."""
     def maybe(n: int) -> str:
         return size(n) if n else "-"
 
@@ -74,11 +75,16 @@ def workers(r: WorkerList) -> str:
         total = w.device_total_bytes
         return f"{size(w.device_free_bytes)}/{size(total)}" if total else "-"
 
+    def busy(w) -> str:
+        if w.gpu_utilization is None or w.gpu_memory_utilization is None:
+            return "-"
+        return f"{100 * w.gpu_utilization:.0f}%/{100 * w.gpu_memory_utilization:.0f}%"
+
     return table(("RANK", "PID", "DEVICE", "STATE", "MEMORY", "WEIGHTS", "KV", "GPU",
-                  "UPTIME", "RESTARTS", "GPU NAME"),
+                  "UTIL", "UPTIME", "RESTARTS", "GPU NAME"),
                  [(str(w.rank), "-" if w.pid is None else str(w.pid), w.device or "-",
                    w.state, maybe(w.rss_bytes), maybe(w.weight_bytes), maybe(w.kv_cache_bytes),
-                   device_free(w), duration(w.uptime_s), str(w.restarts),
+                   device_free(w), busy(w), duration(w.uptime_s), str(w.restarts),
                    w.device_name or "-") for w in r.workers])
 
 

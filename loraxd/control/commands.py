@@ -81,7 +81,8 @@ class Commands:
         return WorkerList([WorkerInfo(r.rank, r.pid, r.device, r.state, r.rss_bytes,
                                       r.uptime_s, r.restarts, r.weight_bytes, r.kv_cache_bytes,
                                       r.device_total_bytes, r.device_free_bytes,
-                                      r.device_name)
+                                      r.device_name, r.device_used_bytes,
+                                      r.gpu_utilization, r.gpu_memory_utilization)
                            for r in self.service.supervisor.ranks()])
 
     # -- adapters -----------------------------------------------------------------------------

@@ -225,7 +225,7 @@ class Service:
             parts["tracing"] = TraceExport(config.server.otlp_endpoint)
             tracer = parts["tracing"].tracer
         # The app first: its metrics observe the engine from its first step and adapter move.
-        self.app = make_app(self.engine, config, tracer=tracer)
+        self.app = make_app(self.engine, config, tracer=tracer, gpus=self.supervisor.gpus)
         self.frontend = self.app[FRONTEND_KEY]
         self.engine.start()
         if config.adapters.adapter_id is not None:  # the default adapter: pinned like a preload

@@ -32,7 +32,7 @@ from loraxd.daemon.notify import child_environment
 from loraxd.daemon.proc import process_state, rss_bytes
 from loraxd.engine.worker_client import ModelUnsupported, WorkerClient
 from loraxd.logs import current_level
-from loraxd.nvml import NvmlError
+from loraxd.daemon.gpu_usage import GpuReader, RankGpu
 from loraxd.protocol.codec import encode_options
 from loraxd.protocol.worker import Ready, Shutdown, WorkerOptions
 
@@ -66,6 +66,9 @@ class RankInfo:
     device_name: str = ""  # CUDA only, from NVML, as are the two below
     device_total_bytes: int = 0
     device_free_bytes: int = 0
+    device_used_bytes: int = 0
+    gpu_utilization: float | None = None  # 0..1, from NVML; None where it cannot say
+    gpu_memory_utilization: float | None = None
 
 
 def free_port(host: str) -> int:
@@ -89,6 +92,7 @@ class Supervisor:
         self._restarts = 0
         self._restart_times: deque[float] = deque()  # within the restart window
         self.devices: DevicePlan | None = None  # planned at the first start
+        self._gpus = GpuReader()
         self.kv_bounds = KvBounds(None, None)  # what the first group was started for
         self._pinned_blocks = 0
 
@@ -270,7 +274,10 @@ class Supervisor:
                  "weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
                  "rss_bytes": r.rss_bytes, "device_name": r.device_name,
                  "device_total_bytes": r.device_total_bytes,
-                 "device_free_bytes": r.device_free_bytes} for r in self.ranks()]
+                 "device_free_bytes": r.device_free_bytes,
+                 "device_used_bytes": r.device_used_bytes,
+                 "gpu_utilization": r.gpu_utilization,
+                 "gpu_memory_utilization": r.gpu_memory_utilization} for r in self.ranks()]
 
     def ranks(self) -> list[RankInfo]:
         uptime = round(time.monotonic() - self._started_at, 3) if self._procs else 0.0
@@ -292,15 +299,24 @@ class Supervisor:
                                 self._restarts, **memory))
         return out
 
-    def _gpu_memory(self, ready: Ready) -> dict:
-        """The rank's GPU as NVML sees it now; nothing on a CPU, or when NVML fails."""
+    def gpus(self) -> list[RankGpu]:
+        """Each ready CUDA rank's GPU now (for /metrics); none on a CPU."""
+        ready = self.workers.ready_ranks if self.ready is not None else {}
+        return [gpu for rank in sorted(ready) if (gpu := self._read_gpu(ready[rank]))]
+
+    def _read_gpu(self, ready: Ready) -> RankGpu | None:
         nvml = self.devices.nvml if self.devices is not None else None
         if nvml is None or not ready.device_uuid:
+            return None
+        return self._gpus.read(nvml, ready.rank, ready.device_uuid)
+
+    def _gpu_memory(self, ready: Ready) -> dict:
+        """The rank's GPU as NVML sees it now; nothing on a CPU, or when NVML fails."""
+        gpu = self._read_gpu(ready)
+        if gpu is None:
             return {}
-        try:
-            gpu = nvml.memory(ready.device_uuid)
-        except NvmlError as exc:
-            log.warning("rank %d: %s", ready.rank, exc)
-            return {}
+        busy = gpu.utilization
         return {"device_name": gpu.name, "device_total_bytes": gpu.total_bytes,
-                "device_free_bytes": gpu.free_bytes}
+                "device_free_bytes": gpu.free_bytes, "device_used_bytes": gpu.used_bytes,
+                "gpu_utilization": None if busy is None else busy.gpu,
+                "gpu_memory_utilization": None if busy is None else busy.memory}

@@ -7,7 +7,7 @@ bounds how long a client may take to send a request's head (head_deadline.py).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -29,13 +29,15 @@ RUNNER_KWARGS = {"handler_cancellation": True}
 _CORS_METHODS = "GET, POST, OPTIONS"
 
 
-def make_app(engine: Any, config: Any, *, tracer: Any = None) -> web.Application:
+def make_app(engine: Any, config: Any, *, tracer: Any = None,
+             gpus: Callable[[], list] | None = None) -> web.Application:
     """`engine`: an AsyncEngine; `config`: the loraxd Config tree; `tracer`: an OpenTelemetry
-    tracer for one trace per generation request (tracing_export.py), or None: no tracing.
+    tracer for one trace per generation request (tracing_export.py), or None: no tracing;
+    `gpus`: each CUDA rank's GPU now, for /metrics (Supervisor.gpus), or None.
 
     Raises KeysFileError when an API keys file is configured and cannot be used.
     """
-    metrics = Metrics(engine, config)
+    metrics = Metrics(engine, config, gpus)
     routed = metrics.metered(engine)
     tracing = None
     if tracer is not None:  # imported only then: without an endpoint, nothing of it runs

@@ -6,14 +6,14 @@ scrape (metrics_scrape.py). The README lists them all.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 from prometheus_client import generate_latest
 
 from loraxd.http.bodies import json_response
 from loraxd.http.metrics_recorder import MeteredEngine, Recorder
-from loraxd.http.metrics_scrape import EngineGauges, snapshot
+from loraxd.http.metrics_scrape import EngineGauges, GpuGauges, snapshot
 from loraxd.http.metrics_series import AdapterLabels, Series
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,7 +33,8 @@ def wants_json(accept: str) -> bool:
 class Metrics:
     """Everything /metrics serves for one app, and the hooks that record it."""
 
-    def __init__(self, engine: Any, config: Any):
+    def __init__(self, engine: Any, config: Any, gpus: Callable[[], list] | None = None):
+        """`gpus`: each CUDA rank's GPU now (Supervisor.gpus); None: no GPU series."""
         sched, server = config.scheduler, config.server
         self.engine = engine
         self.model_id = config.model.model_id
@@ -41,6 +42,8 @@ class Metrics:
         self.series = Series(max_input_length=sched.max_input_length,
                              max_total_tokens=sched.max_total_tokens)
         self.series.registry.register(EngineGauges(engine, self.model_id, self.max_labeled))
+        if gpus is not None:
+            self.series.registry.register(GpuGauges(gpus))
         self.recorder = Recorder(self.series, AdapterLabels(self.model_id, self.max_labeled),
                                  engine)
         self.recorder.attach()

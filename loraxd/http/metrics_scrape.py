@@ -12,11 +12,15 @@ And each adapter's tier, so that a router can prefer the replica that already ho
 `device` (loaded in a slot), `host` (in every worker's host-memory LRU: a load without the
 disk), `disk` (downloaded only). Adapters still downloading or quarantined have no tier.
 
+`GpuGauges`: each CUDA rank's GPU (labels `rank`, and `gpu`: NVML's UUID), read from NVML at
+each scrape; no series at all on a CPU, nor for what NVML cannot read now.
+
 Adapter lists and labels name adapters by id. Merged adapters are left out of them (no one
 id names them), and so is an adapter first fetched with an API token: it may be private.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +28,8 @@ from typing import Any, Callable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TIERS = ("device", "host", "disk")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -204,3 +210,41 @@ class EngineGauges:
         for adapter_id, tier in s.tiers.items():
             tier_family.add_metric([adapter_id, tier], 1)
         yield tier_family
+
+
+class GpuGauges:
+    """A prometheus-client collector of `read()`: RankGpu records (loraxd/daemon/gpu_usage.py).
+    A read that fails leaves the GPU series out of this scrape, never the scrape itself."""
+
+    def __init__(self, read: Callable[[], list]):
+        self.read = read
+        self._failed = False  # logged once with its traceback; later ones at debug
+
+    def collect(self):
+        try:
+            gpus = list(self.read())
+        except Exception:  # noqa: BLE001 - NVML's own errors are handled below this
+            log.log(logging.DEBUG if self._failed else logging.WARNING,
+                    "the GPUs cannot be read: no GPU series in this scrape", exc_info=True)
+            self._failed = True
+            return
+        labels = ["rank", "gpu"]
+        used = GaugeMetricFamily("loraxd_gpu_memory_used_bytes",
+                                 "Memory in use on the rank's GPU, by any process (NVML)",
+                                 labels=labels)
+        total = GaugeMetricFamily("loraxd_gpu_memory_total_bytes",
+                                  "Memory of the rank's GPU (NVML)", labels=labels)
+        busy = GaugeMetricFamily("loraxd_gpu_utilization_ratio",
+                                 "Share of NVML's last sample period a kernel ran on the "
+                                 "rank's GPU (0..1)", labels=labels)
+        memory_busy = GaugeMetricFamily("loraxd_gpu_memory_utilization_ratio",
+                                        "Share of NVML's last sample period the rank's GPU "
+                                        "memory was read or written (0..1)", labels=labels)
+        for gpu in gpus:
+            key = [str(gpu.rank), gpu.uuid]
+            used.add_metric(key, gpu.used_bytes)
+            total.add_metric(key, gpu.total_bytes)
+            if gpu.utilization is not None:
+                busy.add_metric(key, gpu.utilization.gpu)
+                memory_busy.add_metric(key, gpu.utilization.memory)
+        yield from (f for f in (used, total, busy, memory_busy) if f.samples)  # no empty HELP

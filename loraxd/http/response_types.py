@@ -116,6 +116,9 @@ class RankSummary(_Out):
     device_name: str  # CUDA only, from NVML; else ""
     device_total_bytes: int  # CUDA only, now; else 0
     device_free_bytes: int
+    device_used_bytes: int
+    gpu_utilization: float | None  # CUDA only, 0..1, now; None where NVML cannot say
+    gpu_memory_utilization: float | None
 
 
 class Info(_Out):

@@ -161,6 +161,9 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     device_total_bytes: int = 0  # CUDA only: the rank's GPU, from NVML, now
     device_free_bytes: int = 0
     device_name: str = ""
+    device_used_bytes: int = 0
+    gpu_utilization: float | None = None  # 0..1, from NVML; None on a CPU or where it cannot say
+    gpu_memory_utilization: float | None = None
 
 
 class WorkerList(msgspec.Struct, tag="workers", frozen=True):

@@ -1,9 +1,11 @@
 """On a real GPU: NVML's numbers against torch's, the KV cache sized from free memory within
 cuda_memory_fraction, the activations' headroom covering a real prefill, and a daemon whose
-/info and `loraxctl workers` show each rank's GPU. Skipped without CUDA (conftest.py)."""
+/info, `loraxctl workers` and /metrics show each rank's GPU. Skipped without CUDA
+(conftest.py)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -75,7 +77,9 @@ def test_the_cache_takes_the_share_left_and_the_headroom_covers_a_prefill(tmp_pa
     assert peak <= headroom - kv_sizing.FIXED_HEADROOM_BYTES, (peak, headroom)
 
 
-def test_info_and_loraxctl_show_each_ranks_gpu_from_nvml(default_model_dir, tmp_path):
+def test_info_loraxctl_and_metrics_show_each_ranks_gpu_from_nvml(default_model_dir, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
     from tests.integration import tiny_model
     from tests.integration.daemon import Daemon
 
@@ -91,6 +95,10 @@ def test_info_and_loraxctl_show_each_ranks_gpu_from_nvml(default_model_dir, tmp_
         out = subprocess.run([sys.executable, "-m", "loraxd.cli.loraxctl", "--socket",
                               str(d.runtime_dir / "control.sock"), "workers", "--json"],
                              capture_output=True, text=True, timeout=30)
+        table = subprocess.run([sys.executable, "-m", "loraxd.cli.loraxctl", "--socket",
+                                str(d.runtime_dir / "control.sock"), "workers"],
+                               capture_output=True, text=True, timeout=30).stdout
+        metrics = requests.get(d.url + "/metrics", timeout=30).text
     finally:
         d.stop()
     rank = info["ranks"][0]
@@ -99,5 +107,17 @@ def test_info_and_loraxctl_show_each_ranks_gpu_from_nvml(default_model_dir, tmp_
     assert abs(rank["device_total_bytes"] - total) <= 0.03 * total
     assert 0 < rank["device_free_bytes"] < rank["device_total_bytes"]
     assert info["max_batch_total_tokens"] >= info["max_total_tokens"]  # sized, in force
+    assert 0 <= rank["gpu_utilization"] <= 1 and 0 <= rank["gpu_memory_utilization"] <= 1
     worker = json.loads(out.stdout)["workers"][0]
     assert worker["device_name"] == rank["device_name"] and worker["device_total_bytes"] > 0
+    head, row = table.splitlines()[:2]
+    assert "UTIL" in head.split() and re.search(r"  \d+%/\d+%  ", row), table
+    gpu = {"rank": "0", "gpu": f"GPU-{torch.cuda.get_device_properties(0).uuid}"}
+    series = {f.name: [s for s in f.samples if s.labels == gpu]
+              for f in text_string_to_metric_families(metrics) if f.name.startswith("loraxd_gpu")}
+    assert {name: len(samples) for name, samples in series.items()} == dict.fromkeys(
+        ["loraxd_gpu_memory_used_bytes", "loraxd_gpu_memory_total_bytes",
+         "loraxd_gpu_utilization_ratio", "loraxd_gpu_memory_utilization_ratio"], 1), metrics
+    assert series["loraxd_gpu_memory_total_bytes"][0].value == rank["device_total_bytes"]
+    assert series["loraxd_gpu_memory_used_bytes"][0].value > GIB  # the KV cache, at least
+    assert 0 <= series["loraxd_gpu_utilization_ratio"][0].value <= 1

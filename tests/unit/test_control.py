@@ -91,7 +91,11 @@ class FakeService:
                 RankInfo(0, 4242, "cpu", "ready", 3 << 30, 12.5, 1, 1 << 30, 1 << 29),
                 RankInfo(1, 4243, "cuda:1", "ready", 1 << 30, 12.5, 1, 1 << 30, 1 << 29,
                          device_name="NVIDIA H200", device_total_bytes=80 << 30,
-                         device_free_bytes=20 << 30)])
+                         device_free_bytes=20 << 30, device_used_bytes=60 << 30,
+                         gpu_utilization=0.37, gpu_memory_utilization=0.05),
+                RankInfo(2, 4244, "cuda:2", "ready", 1 << 30, 12.5, 1, 1 << 30, 1 << 29,
+                         device_name="NVIDIA H200 MIG 1g.18gb", device_total_bytes=18 << 30,
+                         device_free_bytes=9 << 30, device_used_bytes=9 << 30)])
         self.state = "serving"
         self.uptime_s = 3723.0
         self.url = "http://127.0.0.1:3000"
@@ -212,19 +216,25 @@ async def test_version(control, capsys):
 
 async def test_workers(control, capsys):
     code, out, _ = await ctl(control, capsys, "workers")
-    head, row0, row1 = out.splitlines()
+    head, row0, row1, row2 = out.splitlines()
     assert code == 0 and head.split() == ["RANK", "PID", "DEVICE", "STATE", "MEMORY", "WEIGHTS",
-                                          "KV", "GPU", "UPTIME", "RESTARTS", "GPU", "NAME"]
+                                          "KV", "GPU", "UTIL", "UPTIME", "RESTARTS", "GPU",
+                                          "NAME"]
     assert row0.split() == ["0", "4242", "cpu", "ready", "3.0", "GiB", "1.0", "GiB", "512.0",
-                            "MiB", "-", "0h", "00m", "12s", "1", "-"]
+                            "MiB", "-", "-", "0h", "00m", "12s", "1", "-"]
     assert row1.split()[:3] == ["1", "4243", "cuda:1"]
-    assert "20.0 GiB/80.0 GiB" in row1 and row1.endswith(" NVIDIA H200")
+    assert "20.0 GiB/80.0 GiB  37%/5%  0h" in row1 and row1.endswith(" NVIDIA H200")
+    assert row2.split()[10:13] == ["9.0", "GiB/18.0", "GiB"]
+    assert row2.split()[13] == "-"  # NVML has no utilization for a MIG instance
     code, data = await ctl_json(control, capsys, "workers")
     assert data["workers"][0] == {
         "rank": 0, "pid": 4242, "device": "cpu", "state": "ready", "rss_bytes": 3 << 30,
         "uptime_s": 12.5, "restarts": 1, "weight_bytes": 1 << 30, "kv_cache_bytes": 1 << 29,
-        "device_total_bytes": 0, "device_free_bytes": 0, "device_name": ""}
+        "device_total_bytes": 0, "device_free_bytes": 0, "device_name": "",
+        "device_used_bytes": 0, "gpu_utilization": None, "gpu_memory_utilization": None}
     assert data["workers"][1]["device_name"] == "NVIDIA H200"
+    assert data["workers"][1]["gpu_utilization"] == 0.37
+    assert data["workers"][1]["device_used_bytes"] == 60 << 30
 
 
 # -- adapters ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """NVML as the supervisor reads it, with a fake pynvml (no GPU here): the GPUs a worker may
 use, each one's name and memory by UUID, and where the workers run (`plan_devices`), with
-the start refused, in one line, where the config asks for what the host cannot give."""
+the start refused, in one line, where the config asks for what the host cannot give; and how
+busy each GPU is."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,9 +11,9 @@ import pytest
 
 from loraxd.config import Config
 from loraxd.daemon.devices import DeviceRefused, plan_devices
-from loraxd.nvml import DRIVER_PATH, NoGpu, Nvml, NvmlError, NvmlUnreadable
+from loraxd.nvml import DRIVER_PATH, GpuUtilization, NoGpu, Nvml, NvmlError, NvmlUnreadable
 
-NOT_FOUND, NO_LIBRARY, NO_DRIVER, UNKNOWN = 6, 12, 9, 999
+NOT_SUPPORTED, NOT_FOUND, NO_LIBRARY, NO_DRIVER, UNKNOWN = 3, 6, 12, 9, 999
 
 
 class FakeNvmlError(Exception):
@@ -21,8 +22,10 @@ class FakeNvmlError(Exception):
         self.value = value
 
 
-def fake_pynvml(gpus: list[tuple[str, str, int, int]], init_error: int | None = None):
-    """gpus: (uuid, name, total, free) in NVML's order."""
+def fake_pynvml(gpus: list[tuple[str, str, int, int]], init_error: int | None = None,
+                busy: dict[str, tuple[int, int]] | None = None):
+    """gpus: (uuid, name, total, free) in NVML's order; busy: uuid -> (gpu %, memory %), NVML's
+    utilization rates (a GPU not named has none: NOT_SUPPORTED, as a MIG instance)."""
     calls = []
 
     def init():
@@ -40,12 +43,19 @@ def fake_pynvml(gpus: list[tuple[str, str, int, int]], init_error: int | None = 
         _, _, total, free = gpus[handle]
         return SimpleNamespace(total=total, free=free, used=total - free)
 
+    def utilization(handle):
+        if gpus[handle][0] not in (busy or {}):
+            raise FakeNvmlError(NOT_SUPPORTED)
+        gpu, memory = busy[gpus[handle][0]]
+        return SimpleNamespace(gpu=gpu, memory=memory)
+
     return SimpleNamespace(
         NVMLError=FakeNvmlError, NVML_ERROR_LIBRARY_NOT_FOUND=NO_LIBRARY,
         NVML_ERROR_DRIVER_NOT_LOADED=NO_DRIVER, nvmlInit=init,
         nvmlShutdown=lambda: calls.append("shutdown"), nvmlDeviceGetCount=lambda: len(gpus),
         nvmlDeviceGetHandleByUUID=by_uuid, nvmlDeviceGetMemoryInfo=memory,
-        nvmlDeviceGetName=lambda handle: gpus[handle][1], calls=calls)
+        nvmlDeviceGetName=lambda handle: gpus[handle][1],
+        nvmlDeviceGetUtilizationRates=utilization, calls=calls)
 
 
 H200 = [("GPU-aaaa", "NVIDIA H200", 141 << 30, 140 << 30),
@@ -76,6 +86,17 @@ def test_memory_by_uuid_as_torch_gives_it(tmp_path):
     assert nvml.memory("cccc").name == "NVIDIA H200"
     with pytest.raises(NvmlError, match="no device with UUID dddd"):
         nvml.memory("dddd")
+    gpu = nvml.memory("bbbb")
+    assert (gpu.uuid, gpu.used_bytes) == ("GPU-bbbb", 41 << 30)  # NVML's own UUID, for labels
+
+
+def test_utilization_as_fractions_and_none_to_read_is_an_error(tmp_path):
+    nvml = opener(fake_pynvml(H200, busy={"GPU-aaaa": (37, 5)}), tmp_path=tmp_path)()
+    assert nvml.utilization("aaaa") == GpuUtilization(0.37, 0.05)
+    with pytest.raises(NvmlError, match="^NVML: .*: NVML error 3$"):
+        nvml.utilization("bbbb")
+    with pytest.raises(NvmlError, match="no device with UUID dddd"):
+        nvml.utilization("dddd")
 
 
 @pytest.mark.parametrize("visible, count", [

@@ -8,7 +8,7 @@ import pytest
 from loraxd.config.tree import CPU_KV_TOKENS, Config
 from loraxd.daemon.devices import DevicePlan, KvBounds
 from loraxd.daemon.supervisor import Supervisor, WorkerStartError
-from loraxd.nvml import GpuMemory
+from loraxd.nvml import GpuMemory, GpuUtilization
 from loraxd.protocol.codec import decode_options
 from loraxd.protocol.worker import Ready, WorkerOptions
 
@@ -100,17 +100,21 @@ async def test_limits_beyond_the_sized_cache_refuse_the_start():
 
 def test_each_ranks_gpu_comes_from_nvml_live():
     supervisor = _on("cuda")
-    reads = iter([GpuMemory("NVIDIA H200", 141 << 30, 100 << 30),
-                  GpuMemory("NVIDIA H200", 141 << 30, 90 << 30)])
+    reads = iter([GpuMemory("NVIDIA H200", 141 << 30, 100 << 30, 41 << 30, "GPU-aaaa"),
+                  GpuMemory("NVIDIA H200", 141 << 30, 90 << 30, 51 << 30, "GPU-aaaa")])
 
     class FakeNvml:
         def memory(self, uuid):
             assert uuid == "aaaa"
             return next(reads)
 
+        def utilization(self, uuid):
+            return GpuUtilization(0.25, 0.5)
+
     supervisor.devices = DevicePlan("cuda", FakeNvml())
     first = supervisor._gpu_memory(_ready(10, uuid="aaaa"))
     assert first == {"device_name": "NVIDIA H200", "device_total_bytes": 141 << 30,
-                     "device_free_bytes": 100 << 30}
+                     "device_free_bytes": 100 << 30, "device_used_bytes": 41 << 30,
+                     "gpu_utilization": 0.25, "gpu_memory_utilization": 0.5}
     assert supervisor._gpu_memory(_ready(10, uuid="aaaa"))["device_free_bytes"] == 90 << 30
     assert supervisor._gpu_memory(_ready(10)) == {}  # a CPU rank has no UUID
