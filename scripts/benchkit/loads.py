@@ -57,7 +57,7 @@ def base_body(prompt: str, new_tokens: int) -> dict:
     return {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
 
 
-async def _round(system: HttpSystem, load: Load, new_tokens: int) -> RoundResult:
+async def run_round(system: HttpSystem, load: Load, new_tokens: int) -> RoundResult:
     import aiohttp
     # A fresh connection per stream: llama-server closes each one after its stream though
     # it says keep-alive, and every system is driven the same way.
@@ -78,5 +78,5 @@ async def _round(system: HttpSystem, load: Load, new_tokens: int) -> RoundResult
 
 def run_load(system: HttpSystem, load: Load, new_tokens: int, rounds: int) -> list[RoundResult]:
     """A short warm-up round (it also loads the adapters), then `rounds` timed ones."""
-    asyncio.run(_round(system, load, min(4, new_tokens)))
-    return [asyncio.run(_round(system, load, new_tokens)) for _ in range(rounds)]
+    asyncio.run(run_round(system, load, min(4, new_tokens)))
+    return [asyncio.run(run_round(system, load, new_tokens)) for _ in range(rounds)]

@@ -53,7 +53,8 @@ def serve(ctx: BenchContext, max_streams: int):
     cmd = [str(venv / "bin" / "vllm"), "serve", str(ctx.model_dir),
            "--served-model-name", BASE_NAME, "--dtype", ctx.dtype,
            "--max-model-len", str(max_len), "--max-num-seqs", str(max_streams),
-           "--host", "127.0.0.1", "--port", str(port)]
+           # loraxd caches no prefixes, and the streams repeat 8 prompts
+           "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)]
     if ctx.adapter_names:
         rank = ctx.peer_options.get("rank", 16)
         cmd += ["--enable-lora", "--max-loras", str(len(ctx.adapter_names)),
