@@ -11,18 +11,37 @@ METRICS = [("tok_s", "tok/s"), ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "
            ("itl_ms_p50", "ITL p50 ms"), ("itl_ms_p99", "ITL p99 ms")]
 
 
-def cpu_model_name(cpuinfo: str | None = None) -> str:
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
+# the vector extensions that decide CPU matmul speed
+_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd",
+        "sve")
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _field(cpuinfo: str, *names: str) -> str | None:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model name"):
+        if key.strip() in names:
             return value.strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model_name(cpuinfo: str | None = None) -> str:
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    return (_field(cpuinfo, "model name", "Model name") or platform.processor()
+            or platform.machine())
+
+
+def cpu_features(cpuinfo: str | None = None) -> list[str]:
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = set((_field(cpuinfo, "flags", "Features") or "").split())
+    return [f for f in _ISA if f in flags]
 
 
 def _num(x: float, digits: int = 1) -> str:
@@ -52,8 +71,8 @@ def build(machine: dict, roof: dict, results: dict, skipped: dict, loads: list,
 
 def render(doc: dict) -> str:
     m, roof = doc["machine"], doc["roofline"]
-    lines = [f"machine: {m['cpu']}, {m['cpus']} CPUs; {m['threads']} threads per system; "
-             f"{m['workload']}",
+    lines = [f"machine: {m['cpu']} ({' '.join(m.get('cpu_features', []))}), {m['cpus']} CPUs; "
+             f"{m['threads']} threads per system; {m['workload']}",
              f"read bandwidth ({m['threads']} threads, x.sum() over 256 MiB, best of "
              f"{roof['bandwidth_repeats']}): {roof['bandwidth_gb_s']:.1f} GB/s; weights "
              f"{roof['weight_bytes'] / 1e6:.1f} MB, each adapter "
@@ -87,5 +106,6 @@ def render(doc: dict) -> str:
 
 
 def machine_info(threads: int, workload: str) -> dict:
-    return {"cpu": cpu_model_name(), "cpus": len(os.sched_getaffinity(0)), "threads": threads,
+    return {"cpu": cpu_model_name(), "cpu_features": cpu_features(),
+            "cpus": len(os.sched_getaffinity(0)), "threads": threads,
             "workload": workload, "systems": {}}

@@ -184,7 +184,9 @@ def test_report_shares_of_roofline_and_ratios():
     assert "| 8 streams, base | loraxd/llama.cpp | 2.00 |" in text
     assert "skipped vLLM: no vLLM" in text and "20.0 GB/s" in text
     json.dumps(doc)
-    assert report.cpu_model_name("processor : 0\nmodel name : Xeon X\n") == "Xeon X"
+    cpuinfo = "processor : 0\nmodel name : Xeon X\nflags : fpu avx2 fma avx512f amx_bf16\n"
+    assert report.cpu_model_name(cpuinfo) == "Xeon X"
+    assert report.cpu_features(cpuinfo) == ["avx2", "fma", "avx512f", "amx_bf16"]
 
 
 async def test_a_round_over_a_server_that_closes_each_connection(unused_tcp_port):
