@@ -56,7 +56,8 @@ def summarize(rounds: list[RoundResult]) -> dict:
     gaps = [g for r in rounds for s in r.streams for g in s.gaps()]
     return {"tok_s": statistics.median(r.tok_s for r in rounds),
             "tok_s_rounds": [r.tok_s for r in rounds],
-            "ttft_ms_p50": 1000 * percentile(ttfts, 50), "ttft_ms_p99": 1000 * percentile(ttfts, 99),
+            "ttft_ms_p50": 1000 * percentile(ttfts, 50),
+            "ttft_ms_p99": 1000 * percentile(ttfts, 99),
             "itl_ms_p50": 1000 * percentile(gaps, 50), "itl_ms_p99": 1000 * percentile(gaps, 99),
             "streams": len(rounds[0].streams) if rounds else 0, "rounds": len(rounds)}
 

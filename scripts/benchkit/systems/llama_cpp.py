@@ -140,7 +140,8 @@ def serve(ctx: BenchContext, max_streams: int):
     opts = ctx.peer_options
     binary = find_server(opts.get("llama_server"))
     tree = find_converter(opts.get("gguf_convert"), binary)
-    model, adapters = gguf_files(ctx, tree, opts.get("gguf_python") or os.environ.get("GGUF_PYTHON") or sys.executable)
+    python = opts.get("gguf_python") or os.environ.get("GGUF_PYTHON") or sys.executable
+    model, adapters = gguf_files(ctx, tree, python)
     port = free_port()
     per_slot = max(512, opts.get("context_per_stream", 0))
     cmd = [str(binary), "-m", str(model), "-np", str(max_streams), "-cb",
