@@ -49,7 +49,10 @@ def find_converter(option: str | None, server: Path) -> Path | None:
 def _convert(python: str, tree: Path, args: list[str], log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
     with open(log, "ab") as f:
-        done = subprocess.run([python, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            done = subprocess.run([python, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        except OSError as exc:
+            raise Absent(f"cannot run the GGUF converter with {python}: {exc}") from exc
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise Absent(f"the GGUF conversion failed ({' '.join(args[:2])}); its log {log}:\n{tail}")
