@@ -96,6 +96,7 @@ def render(doc: dict) -> str:
     if ratio_rows:
         lines += ["", "ratios (tok/s above 1 and latencies below 1 favour loraxd):",
                   *_table(["load", "ratio", *(h for _, h in METRICS)], ratio_rows)]
+    lines.append("")
     for system, info in m.get("systems", {}).items():
         if info:
             lines.append(f"{system}: " + "; ".join(
