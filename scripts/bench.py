@@ -115,12 +115,16 @@ def server_groups(module, loads: list) -> list[tuple[int, list]]:
 
 
 def run_system(module, ctx: BenchContext, loads: list, new_tokens: int, rounds: int,
-               info: dict) -> dict:
+               info: dict, probes: dict) -> dict:
     from scripts.benchkit.stats import summarize
     rows = {}
     for streams, group in server_groups(module, loads):
         with module.serve(ctx, streams) as system:
             info.update(system.info)
+            if module.NAME not in probes:
+                probe = getattr(system, "probe_texts", None)
+                probes[module.NAME] = (probe(len(ctx.adapter_names)) if probe else
+                                       workloads.probe_texts(system, len(ctx.adapter_names)))
             for load in group:
                 run = getattr(system, "run_load", None)
                 results = (run(load, new_tokens, rounds) if run else
@@ -159,13 +163,13 @@ def main(argv=None) -> None:
                 f"adapters rank {args.rank} on all linears")
     machine = report.machine_info(args.threads, workload)
     roof = measure_roofline(ctx, args.load_list, args.bandwidth_repeats)
-    results, skipped = {}, {}
+    results, skipped, probes = {}, {}, {}
     for name in [s for s in SYSTEMS if s in args.systems]:
         module = system_module(name)
         info = machine["systems"].setdefault(module.NAME, {})
         try:
             results[module.NAME] = run_system(module, ctx, args.load_list, args.new_tokens,
-                                              args.rounds, info)
+                                              args.rounds, info, probes)
         except Absent as exc:
             skipped[module.NAME] = str(exc)
             print(f"skipping {module.NAME}: {exc}", file=sys.stderr, flush=True)
@@ -174,7 +178,7 @@ def main(argv=None) -> None:
                 raise
             skipped[module.NAME] = f"failed: {exc}"
             traceback.print_exc()
-    doc = report.build(machine, roof, results, skipped, args.load_list)
+    doc = report.build(machine, roof, results, skipped, args.load_list, probes)
     doc["logs"] = str(work_dir)
     print(report.render(doc))
     print(f"logs: {work_dir}")

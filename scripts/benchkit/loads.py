@@ -80,3 +80,19 @@ def run_load(system: HttpSystem, load: Load, new_tokens: int, rounds: int) -> li
     """A short warm-up round (it also loads the adapters), then `rounds` timed ones."""
     asyncio.run(run_round(system, load, min(4, new_tokens)))
     return [asyncio.run(run_round(system, load, new_tokens)) for _ in range(rounds)]
+
+
+PROBE_PROMPT = "The rules of chess are"
+
+
+def probe_texts(system: HttpSystem, adapters: int, new_tokens: int = 8) -> list[str]:
+    """The greedy text of one prompt on the base model, then on each adapter: the same texts
+    on two systems say they run the same model and adapters."""
+    import requests
+    texts = []
+    for adapter in [None, *range(adapters)]:
+        body = {**system.body(PROBE_PROMPT, adapter, new_tokens), "stream": False}
+        resp = requests.post(system.url + "/v1/completions", json=body, timeout=600)
+        resp.raise_for_status()
+        texts.append(resp.json()["choices"][0]["text"])
+    return texts

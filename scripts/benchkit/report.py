@@ -53,10 +53,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def agreement(ours: list[str], theirs: list[str]) -> str:
+    """How many of the probe texts (base model, then each adapter) are loraxd's."""
+    same = sum(a == b for a, b in zip(ours, theirs))
+    return f"{same} of {len(ours)}"
+
+
 def build(machine: dict, roof: dict, results: dict, skipped: dict, loads: list,
-          reference: str = "loraxd") -> dict:
+          probes: dict | None = None, reference: str = "loraxd") -> dict:
     """The JSON document: `results[system][load key]` rows, each with its share of the
-    load's roofline, and loraxd's ratios to each peer."""
+    load's roofline, loraxd's ratios to each peer, and how many greedy probe texts each
+    peer shares with loraxd (all of them: the same model and adapters run)."""
+    probes = probes or {}
     for system, by_load in results.items():
         for key, row in by_load.items():
             row["roofline_share"] = row["tok_s"] / roof["loads"][key]["max_tok_s"]
@@ -66,7 +74,10 @@ def build(machine: dict, roof: dict, results: dict, skipped: dict, loads: list,
     return {"machine": machine, "roofline": roof, "loads": [load.key for load in loads],
             "load_names": {load.key: load.name for load in loads}, "results": results,
             "ratios": {f"{reference}/{peer}": r for peer, r in table.items()},
-            "skipped": skipped}
+            "skipped": skipped, "probe_texts": probes,
+            "probe_agreement": {peer: agreement(probes[reference], texts)
+                                for peer, texts in probes.items()
+                                if peer != reference and reference in probes}}
 
 
 def render(doc: dict) -> str:
@@ -101,6 +112,9 @@ def render(doc: dict) -> str:
         if info:
             lines.append(f"{system}: " + "; ".join(
                 f"{k} {_num(v) if isinstance(v, float) else v}" for k, v in info.items()))
+    for peer, same in doc.get("probe_agreement", {}).items():
+        lines.append(f"{peer}: greedy probe texts (base, then each adapter) equal to loraxd's: "
+                     f"{same}")
     for system, why in doc["skipped"].items():
         lines.append(f"skipped {system}: {why}")
     return "\n".join(lines)

@@ -144,12 +144,10 @@ def test_request_bodies_name_the_adapter_each_peer_s_way():
     assert llama.body("p", None, 64)["lora"] == []  # the global scales, all set to 0
 
 
-def test_llama_adapter_ids_system_info_and_tokenizer_copy(tmp_path):
+def test_llama_adapter_ids_and_tokenizer_copy(tmp_path):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     listed = [{"id": 0, "path": str(b), "scale": 1.0}, {"id": 1, "path": str(a), "scale": 1.0}]
     assert llama_cpp.adapter_ids_by_path(listed, [a, b]) == [1, 0]
-    log = "load...\nsystem_info: n_threads = 2 | CPU : AVX2 = 1 | AVX512 = 1 |\nmain: ready"
-    assert llama_cpp.system_info(log) == "n_threads = 2 | CPU : AVX2 = 1 | AVX512 = 1 |"
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -173,7 +171,9 @@ def test_report_shares_of_roofline_and_ratios():
     results = {"loraxd": {"8:base": dict(row), "8:lora": dict(row)},
                "llama.cpp": {"8:base": {**row, "tok_s": 80.0}}}
     machine = report.machine_info(2, "64 new tokens")
-    doc = report.build(machine, roof, results, {"vLLM": "no vLLM"}, loads)
+    probes = {"loraxd": ["x", "a", "b"], "llama.cpp": ["x", "a", "c"]}
+    doc = report.build(machine, roof, results, {"vLLM": "no vLLM"}, loads, probes)
+    assert doc["probe_agreement"] == {"llama.cpp": "2 of 3"}
     assert doc["results"]["loraxd"]["8:base"]["roofline_share"] == pytest.approx(0.5)
     assert doc["results"]["loraxd"]["8:lora"]["roofline_share"] == pytest.approx(0.66)
     assert doc["ratios"]["loraxd/llama.cpp"] == {"8:base": pytest.approx(
@@ -183,6 +183,7 @@ def test_report_shares_of_roofline_and_ratios():
     assert "| 8 streams, base | llama.cpp | 80.0 |" in text
     assert "| 8 streams, base | loraxd/llama.cpp | 2.00 |" in text
     assert "skipped vLLM: no vLLM" in text and "20.0 GB/s" in text
+    assert "equal to loraxd's: 2 of 3" in text
     json.dumps(doc)
     cpuinfo = "processor : 0\nmodel name : Xeon X\nflags : fpu avx2 fma avx512f amx_bf16\n"
     assert report.cpu_model_name(cpuinfo) == "Xeon X"

@@ -132,12 +132,6 @@ def adapter_ids_by_path(listed: list[dict], paths: list[Path]) -> list[int]:
     return [by_path[p.resolve()] for p in paths]
 
 
-def system_info(log_text: str) -> str | None:
-    """The CPU features the binary was built for, from its `system_info:` log line."""
-    return next((line.split("system_info:", 1)[1].strip() for line in log_text.splitlines()
-                 if "system_info:" in line), None)
-
-
 @contextlib.contextmanager
 def serve(ctx: BenchContext, max_streams: int):
     opts = ctx.peer_options
@@ -165,7 +159,6 @@ def serve(ctx: BenchContext, max_streams: int):
             if any(scales[i] != 0.0 for i in ids):
                 raise RuntimeError(f"llama-server kept global adapter scales {scales}")
         system = LlamaCppSystem(url, ids)
-        system.info["system_info"] = system_info(server.log_tail(200_000))
         system.info["binary"] = str(binary)
         yield system
     finally:

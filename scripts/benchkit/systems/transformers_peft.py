@@ -7,7 +7,7 @@ import contextlib
 import time
 
 from scripts.benchkit.context import BenchContext
-from scripts.benchkit.loads import PROMPTS, Load
+from scripts.benchkit.loads import PROBE_PROMPT, PROMPTS, Load
 from scripts.benchkit.stats import RoundResult, StreamTiming
 
 NAME = "transformers+PEFT"
@@ -75,6 +75,21 @@ class Baseline:
                                f"{len(clock.times)} steps, expected {new_tokens}")
         return RoundResult([StreamTiming(t0, list(clock.times), new_tokens)
                             for _ in range(load.streams)], wall)
+
+    def probe_texts(self, adapters: int, new_tokens: int = 8) -> list[str]:
+        """As `loads.probe_texts`: the base model's greedy text, then each adapter's."""
+        enc = self.tok([PROBE_PROMPT], return_tensors="pt")
+        texts = []
+        for adapter in [None, *range(adapters)]:
+            model = self._model(adapter is not None)
+            extra = {} if adapter is None else {"adapter_names": [self.ctx.adapter_names[adapter]]}
+            with self.torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=self.tok.pad_token_id, **extra)
+            texts.append(self.tok.decode(out[0, enc.input_ids.shape[1]:],
+                                         skip_special_tokens=True))
+        return texts
 
     def run_load(self, load: Load, new_tokens: int, rounds: int) -> list[RoundResult]:
         self.round(load, min(4, new_tokens))  # warm-up
