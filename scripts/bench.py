@@ -12,6 +12,9 @@ share of the memory roofline measured at the start of the run, and loraxd's rati
 peer. `--json FILE` writes it all as JSON too.
 
 `--constrained`: instead, what `json_schema` neighbours cost loraxd's plain streams.
+`--kv`: instead, loraxd's prefix cache (a shared system prompt's time to first token) and
+prompt slices (running streams' inter-token latency while a long prompt arrives), each
+against the same daemon without them.
 """
 from __future__ import annotations
 
@@ -69,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--constrained", action="store_true",
                    help="only the json_schema-neighbours experiment on loraxd")
     p.add_argument("--constrained-streams", type=int, default=8)
+    p.add_argument("--kv", action="store_true",
+                   help="only the prefix-cache and prompt-slice experiments on loraxd")
+    p.add_argument("--chunk-sizes", default="64,0",
+                   help="--kv: prefill_chunk_tokens values to compare (default: %(default)s)")
     args = p.parse_args(argv)
     if args.quick:
         args.loads, args.rounds = workloads.QUICK_LOADS, 1
@@ -155,6 +162,19 @@ def main(argv=None) -> None:
             result = constrained.run(system.url, args.constrained_streams, args.new_tokens,
                                      args.rounds)
         print(constrained.render(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
+
+    if args.kv:
+        from scripts.benchkit import kv_scenarios
+        chunks = tuple(int(c) for c in args.chunk_sizes.split(","))
+        result = {"prefix": kv_scenarios.prefix(ctx, args.rounds + 2, args.new_tokens),
+                  "slices": kv_scenarios.slices(ctx, chunks)}
+        machine = report.machine_info(args.threads, "greedy, EOS ignored, " + args.dtype)
+        result["machine"] = machine
+        print(f"CPU: {machine['cpu']} ({machine['cpus']} cores, {args.threads} threads)")
+        print(kv_scenarios.render(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
         return

@@ -181,6 +181,10 @@ class Scheduler:
                     new_blocks[seq.req_id] = pages
                 chunks[seq.req_id] = n
                 budget -= n
+        # before admission: a sequence preempted above may be admitted again below
+        decode_ids = [s.req_id for s in decoding if s.req_id in self.running]
+        chunks = {i: n for i, n in chunks.items() if i in self.running}
+        new_blocks = {i: p for i, p in new_blocks.items() if i in self.running}
         admitted = self._admit(budget)
         if not admitted and not self.running and not self._to_free:
             return None  # nothing runnable (requests may wait for an adapter)
@@ -192,14 +196,11 @@ class Scheduler:
             new_seqs.append(_new_seq(seq, n))
             self.running[seq.req_id] = seq
             self._note_prefill(plan, seq, n)
-        chunks = {i: n for i, n in chunks.items() if i in self.running}
         for req_id, n in chunks.items():
             self._note_prefill(plan, self.running[req_id], n)
-        decode_ids = [s.req_id for s in decoding if s.req_id in self.running]
         plan.seqs.update((i, self.running[i]) for i in decode_ids)
-        plan.step = Step(self._next_step_id, new_seqs, decode_ids,
-                         {i: p for i, p in new_blocks.items() if i in self.running},
-                         self._to_free, prefill_chunks=chunks, clear_blocks=self._to_clear)
+        plan.step = Step(self._next_step_id, new_seqs, decode_ids, new_blocks, self._to_free,
+                         prefill_chunks=chunks, clear_blocks=self._to_clear)
         self._next_step_id += 1
         self._to_free, self._to_clear = [], []
         return plan

@@ -38,19 +38,22 @@ def chunk_completion_tokens(chunk: dict) -> int | None:
     return usage.get("completion_tokens") if isinstance(usage, dict) else None
 
 
-def record(timing: StreamTiming, line: bytes, now: float) -> None:
+def record(timing: StreamTiming, line: bytes, now: float, keep_text: bool = False) -> None:
     """Fold one received line into a stream's timing."""
     chunk = parse_data_line(line)
     if chunk is None:
         return
     if chunk_has_token(chunk):
         timing.arrivals.append(now)
+        if keep_text:
+            timing.text += "".join(c.get("text") or "" for c in chunk["choices"])
     tokens = chunk_completion_tokens(chunk)
     if tokens is not None:
         timing.tokens = tokens
 
 
-async def stream_completion(session, url: str, body: dict) -> StreamTiming:
+async def stream_completion(session, url: str, body: dict, keep_text: bool = False
+                            ) -> StreamTiming:
     """POST `body` (with `stream` set) to `url` + /v1/completions and time its chunks."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     timing = StreamTiming(sent=time.perf_counter())
@@ -58,7 +61,7 @@ async def stream_completion(session, url: str, body: dict) -> StreamTiming:
         if resp.status != 200:
             raise StreamError(f"{url}: HTTP {resp.status}: {(await resp.text())[:500]}")
         async for line in resp.content:
-            record(timing, line, time.perf_counter())
+            record(timing, line, time.perf_counter(), keep_text)
     if not timing.arrivals:
         raise StreamError(f"{url}: a stream with no token")
     return timing

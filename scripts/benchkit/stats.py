@@ -14,6 +14,7 @@ class StreamTiming:
     sent: float
     arrivals: list[float] = field(default_factory=list)
     tokens: int | None = None
+    text: str = ""  # what the stream said, when kept
 
     @property
     def num_tokens(self) -> int:

@@ -28,8 +28,9 @@ class LoraxdSystem:
 
 
 @contextlib.contextmanager
-def serve(ctx: BenchContext, max_streams: int):
-    """One daemon for every load (its batch grows to `max_streams` on its own)."""
+def serve(ctx: BenchContext, max_streams: int, extra: tuple[str, ...] = ()):
+    """One daemon for every load (its batch grows to `max_streams` on its own); `extra`:
+    more command-line options."""
     model_dir, adapter_root, adapter_names = ctx.model_dir, ctx.adapter_root, ctx.adapter_names
     threads, dtype, work_dir = ctx.threads, ctx.dtype, ctx.work_dir
     port = free_port()
@@ -38,7 +39,7 @@ def serve(ctx: BenchContext, max_streams: int):
            "--cache-dir", str(work_dir / "loraxd-cache"), "--config", os.devnull,
            "--dtype", dtype, "--num-threads", str(threads),
            "--local-adapter-dir", str(adapter_root), "--adapter-source", "local",
-           "--max-active-adapters", str(max(1, len(adapter_names)))]
+           "--max-active-adapters", str(max(1, len(adapter_names))), *extra]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     server = ServerProcess(NAME, cmd, work_dir / "loraxd.log", env=env)
     try:
