@@ -85,7 +85,8 @@ class Supervisor:
         if self.world_size > 1 and port == 0:  # a fresh port per group: no stale rendezvous
             port = free_port(c.model.master_addr)
         return encode_options(WorkerOptions(
-            dtype=c.model.dtype, device=c.model.device, block_size=c.scheduler.block_size,
+            dtype=c.model.dtype, quantize=c.model.quantize, device=c.model.device,
+            block_size=c.scheduler.block_size,
             max_batch_total_tokens=c.scheduler.max_batch_total_tokens,
             num_threads=c.worker.num_threads,
             max_active_adapters=c.adapters.max_active_adapters,

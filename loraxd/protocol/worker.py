@@ -39,6 +39,7 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
     kv_cache_bytes: int = 0
     device_total_bytes: int = 0
     device_free_bytes: int = 0
+    quantize: str | None = None  # how the layers' weights are held (None: in `dtype`)
 
 
 class SeqOutput(msgspec.Struct, array_like=True, frozen=True):
@@ -121,6 +122,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     a free one when the config leaves it 0); unused with one rank."""
 
     dtype: str
+    quantize: str | None  # None, or "int8-weight-only"
     device: str
     block_size: int
     max_batch_total_tokens: int

@@ -185,7 +185,7 @@ def _load(args: argparse.Namespace, options: WorkerOptions):
                          max_batch_total_tokens=options.max_batch_total_tokens,
                          block_size=options.block_size, num_threads=options.num_threads,
                          tp=tp, watermark_gamma=options.watermark_gamma,
-                         watermark_delta=options.watermark_delta)
+                         watermark_delta=options.watermark_delta, quantize=options.quantize)
     log.info("rank %d on %s, %s kernels", args.rank, device, runner.kernels)
     return runner, tp
 

@@ -10,6 +10,8 @@ prefills of every length), a worker grew by GBs. So the packed op only ever sees
 row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer inputs go
 through in 512-row pieces (as fast as one call).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
+With `--quantize int8-weight-only` the layers' kernels are `Int8WeightOnlyKernel`s instead
+(quantized.py), built from the same rank-local weight: each rank quantizes its own shard.
 
 Layers are filled by `load_weight`/`load_bias` calls with full (unsharded) HF tensors, each
 slicing its own rank's part, then `finalize()` builds the kernel.
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxd.worker.distributed import ShardSpec
+from loraxd.worker.layers.quantized import INT8_WEIGHT_ONLY, Int8WeightOnlyKernel
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # the only row counts the packed op sees
@@ -94,6 +97,16 @@ class DenseKernel:
         return y if bucket == rows else y[:rows]
 
 
+def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, *, quantize: str | None = None,
+                allow_packed: bool = True) -> DenseKernel | Int8WeightOnlyKernel:
+    """The kernel of a layer's (rank-local) weight: dense, or quantized as `quantize` says."""
+    if quantize is None:
+        return DenseKernel(weight, bias, allow_packed=allow_packed)
+    if quantize == INT8_WEIGHT_ONLY:
+        return Int8WeightOnlyKernel(weight, bias)
+    raise ValueError(f"quantize {quantize!r} is not built; built: {INT8_WEIGHT_ONLY}")
+
+
 def no_all_reduce(y: torch.Tensor) -> torch.Tensor:
     return y
 
@@ -154,8 +167,9 @@ class ColumnParallelLinear:
         for shard, part in enumerate(tensor.split(sizes)):
             load(part, shard)
 
-    def finalize(self, allow_packed: bool = True) -> None:
-        self.kernel = DenseKernel(self.weight, self.bias, allow_packed=allow_packed)
+    def finalize(self, allow_packed: bool = True, quantize: str | None = None) -> None:
+        self.kernel = make_kernel(self.weight, self.bias, quantize=quantize,
+                                  allow_packed=allow_packed)
         self.weight = self.bias = None
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
@@ -192,9 +206,10 @@ class RowParallelLinear:
     def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
         self.bias.copy_(bias)
 
-    def finalize(self, allow_packed: bool = True) -> None:
+    def finalize(self, allow_packed: bool = True, quantize: str | None = None) -> None:
         fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum
-        self.kernel = DenseKernel(self.weight, fused_bias, allow_packed=allow_packed)
+        self.kernel = make_kernel(self.weight, fused_bias, quantize=quantize,
+                                  allow_packed=allow_packed)
         self.weight = None
         if self.world_size == 1:
             self.bias = None
