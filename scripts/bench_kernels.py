@@ -4,7 +4,7 @@ percentile is shown: on a shared machine a call that lost its core is an outlier
 
 Candidates: fp32 and bf16 oneDNN-prepacked (`DenseKernel`), int8 weight-only through
 `aten._weight_int8pack_mm` (bf16 inputs), and int8 converted to bf16 then one matmul
-(the scales applied to the output). The last line sums one decode step's linears: 30 layers
+(the scales applied to the output) or dequantized to fp32 then one fp32 matmul. The last line sums one decode step's linears: 30 layers
 of qkv, o, gate_up, down, plus the LM head.
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ def candidates(weight):
                         torch.bfloat16),
         "int8->bf16+mm": (lambda x: F.linear(x, q.to(torch.bfloat16)).mul_(scales),
                           torch.bfloat16),
+        "int8->fp32+mm": (lambda x: F.linear(x.float(), q.float().mul_(scales.float()[:, None])
+                                             ).bfloat16(), torch.bfloat16),
     }
 
 

@@ -10,9 +10,11 @@ The product runs on bf16 inputs with fp32 accumulation, whatever the model dtype
 model's linear inputs are rounded to bf16 at the kernel, its outputs are fp32 again):
 * up to `GEMV_ROWS` rows (decode), `aten._weight_int8pack_mm`, which reads the int8 weight
   and applies the scales itself: half the bytes of a bf16 weight, a quarter of fp32;
-* more rows (prefill), the weight converted to bf16 for one oneDNN matmul, the scales
-  applied to its output (int8 values are exact in bf16): that kernel re-reads the weight
-  once per 4 rows, a conversion is cheaper beyond a few dozen.
+* more rows (prefill), the weight dequantized to fp32 for one fp32 matmul: that kernel
+  re-reads the weight once per 4 rows, so beyond a few dozen rows a conversion is cheaper.
+  fp32, not bf16, because it is then the same arithmetic as the int8 kernel's (bf16 inputs,
+  fp32 weights = q * scale, fp32 sums, one rounding to bf16): a sequence gets the same
+  numbers whichever path the size of its batch picks. A bf16 matmul would round twice.
 Scales are rounded to bf16 before quantizing, so the kernel's bf16 scales are exact.
 """
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Int8WeightOnlyKernel:
         if x.shape[0] <= GEMV_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         else:
-            y = F.linear(x, self.qweight.to(torch.bfloat16)).mul_(self.scales)
+            weight = self.qweight.float().mul_(self.scales.float()[:, None])
+            y = F.linear(x.float(), weight).bfloat16()
         y = y.to(self.dtype)
         return y if self.bias is None else y.add_(self.bias)
