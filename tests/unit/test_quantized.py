@@ -88,6 +88,19 @@ def test_layers_quantize_their_own_shard():
         ColumnParallelLinear(96, [32]).finalize(quantize="gptq")
 
 
+def test_row_parallel_shards_are_slices_of_the_whole_quantized_weight():
+    weight = torch.randn(8, 64) * torch.linspace(0.1, 2, 64)  # row maxima in the 2nd half
+    whole = Int8WeightOnlyKernel(weight)
+    shards = []
+    for rank in range(2):
+        layer = RowParallelLinear(64, 8, rank=rank, world_size=2, all_reduce=lambda y: y)
+        layer.load_weight(weight)
+        layer.finalize(quantize="int8-weight-only")
+        shards.append(layer.kernel)
+        assert torch.equal(layer.kernel.scales, whole.scales)
+    assert torch.equal(torch.cat([k.qweight for k in shards], 1), whole.qweight)
+
+
 def test_the_worker_builds_what_the_config_accepts():
     assert quantized.QUANTIZE_METHODS == CONFIG_METHODS
 

@@ -11,7 +11,9 @@ row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer in
 through in 512-row pieces (as fast as one call).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
 With `--quantize int8-weight-only` the layers' kernels are `Int8WeightOnlyKernel`s instead
-(quantized.py), built from the same rank-local weight: each rank quantizes its own shard.
+(quantized.py), built from the same rank-local weight: each rank quantizes its own shard,
+a row-parallel one with the scales of the whole rows, so that every rank's int8 weight is
+the slice of the one a single rank would hold (N ranks compute what one computes).
 
 Layers are filled by `load_weight`/`load_bias` calls with full (unsharded) HF tensors, each
 slicing its own rank's part, then `finalize()` builds the kernel.
@@ -98,12 +100,14 @@ class DenseKernel:
 
 
 def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, *, quantize: str | None = None,
-                allow_packed: bool = True) -> DenseKernel | Int8WeightOnlyKernel:
-    """The kernel of a layer's (rank-local) weight: dense, or quantized as `quantize` says."""
+                allow_packed: bool = True, row_amax: torch.Tensor | None = None
+                ) -> DenseKernel | Int8WeightOnlyKernel:
+    """The kernel of a layer's (rank-local) weight: dense, or quantized as `quantize` says
+    (`row_amax`: the whole rows' largest |value| when `weight` holds some columns)."""
     if quantize is None:
         return DenseKernel(weight, bias, allow_packed=allow_packed)
     if quantize == INT8_WEIGHT_ONLY:
-        return Int8WeightOnlyKernel(weight, bias)
+        return Int8WeightOnlyKernel(weight, bias, row_amax)
     raise ValueError(f"quantize {quantize!r} is not built; built: {INT8_WEIGHT_ONLY}")
 
 
@@ -198,10 +202,13 @@ class RowParallelLinear:
         self.site = _LoraSite(layer_idx, group)
         self.weight = torch.zeros(out_features, self.in_features, dtype=dtype, device=device)
         self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.row_amax: torch.Tensor | None = None  # of the whole rows, for quantized shards
         self.kernel: DenseKernel | None = None
 
     def load_weight(self, weight: torch.Tensor, shard: int = 0) -> None:
         self.weight.copy_(weight[:, self.cols])
+        if self.world_size > 1:
+            self.row_amax = weight.abs().amax(dim=1).float()
 
     def load_bias(self, bias: torch.Tensor, shard: int = 0) -> None:
         self.bias.copy_(bias)
@@ -209,8 +216,8 @@ class RowParallelLinear:
     def finalize(self, allow_packed: bool = True, quantize: str | None = None) -> None:
         fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum
         self.kernel = make_kernel(self.weight, fused_bias, quantize=quantize,
-                                  allow_packed=allow_packed)
-        self.weight = None
+                                  allow_packed=allow_packed, row_amax=self.row_amax)
+        self.weight = self.row_amax = None
         if self.world_size == 1:
             self.bias = None
 

@@ -81,10 +81,14 @@ def precision_problem(dtype: torch.dtype, quantize: str | None, device: torch.de
     return f"{what} on this CPU: {problem}; use --dtype float32 without --quantize"
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [out, in], scales bf16 [out]) with weight ≈ scales[:, None] * q."""
+def quantize_per_channel(weight: torch.Tensor, amax: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scales bf16 [out]) with weight ≈ scales[:, None] * q. `amax`: each
+    row's largest |value| when `weight` is a column slice of the rows (a row-parallel
+    shard), so that the shards' scales are the whole rows' and their q the whole's slices."""
     w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-30).bfloat16()  # exact in the kernel
+    amax = w.abs().amax(dim=1) if amax is None else amax.float()
+    scales = (amax / 127).clamp_min(1e-30).bfloat16()  # exact in the kernel
     q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scales
 
@@ -97,7 +101,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 class Int8WeightOnlyKernel:
     """y = x @ W^T + bias with W held as int8 + per-output-channel scales (see above)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 amax: torch.Tensor | None = None):
         self.out_features, self.in_features = weight.shape
         if weight.device.type != "cpu":
             raise ValueError(f"{INT8_WEIGHT_ONLY} is built for CPUs only, not "
@@ -106,7 +111,7 @@ class Int8WeightOnlyKernel:
             raise ValueError(f"{INT8_WEIGHT_ONLY} needs input widths that are multiples of "
                              f"{K_MULTIPLE}; a linear of this model has {self.in_features}")
         self.dtype = weight.dtype  # of the output: the model dtype
-        self.qweight, self.scales = quantize_per_channel(weight)
+        self.qweight, self.scales = quantize_per_channel(weight, amax)
         self.bias = bias
         self.weight = None  # no dense weight is kept
 
