@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 from loraxd.protocol.worker import SamplingParams  # noqa: E402
 from loraxd.worker.layers import quantized  # noqa: E402
-from loraxd.worker.layers.quantized import Int8WeightOnlyKernel  # noqa: E402
+from loraxd.worker.layers.quantized import GEMV_ROWS, Int8WeightOnlyKernel  # noqa: E402
 from loraxd.worker.runner import ModelRunner, UnsupportedModel  # noqa: E402
 from tests.unit.test_family_adapters import _reference, _save_adapter  # noqa: E402
 from tests.unit.test_model_fidelity import Driver, build_tiny_model  # noqa: E402
@@ -117,8 +117,13 @@ def test_lora_deltas_apply_on_the_lower_precision_base(model, mode):
 
 
 def test_a_mixed_batch_gives_each_sequence_its_tokens_alone(model, mode):
-    _, prompts, _ = model
+    """The batch's first prefill (base + a) has more rows than the int8 kernel takes, each
+    prompt alone fewer: both int8 paths are compared."""
     _, runner = mode
+    rng = random.Random(9)
+    prompts = {name: [rng.randrange(256) for _ in range(n)]
+               for name, n in (("base", 20), ("a", 15), ("b", 4))}
+    assert len(prompts["base"]) <= GEMV_ROWS < len(prompts["base"]) + len(prompts["a"])
     alone = {name: _alone(runner, prompts, name) for name in SLOTS}
     requests = [(10, prompts["base"], 0, NEW_TOKENS), (11, prompts["a"], 0, NEW_TOKENS),
                 (12, prompts["b"], 2, NEW_TOKENS)]

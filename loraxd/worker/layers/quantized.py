@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 INT8_WEIGHT_ONLY = "int8-weight-only"
 QUANTIZE_METHODS = (INT8_WEIGHT_ONLY,)
-GEMV_ROWS = 16  # rows up to which the int8 kernel beats convert-then-matmul (see README)
+GEMV_ROWS = 32  # rows up to which the int8 kernel beats dequantize-then-matmul (see README)
 K_MULTIPLE = 16  # the int8 kernel steps through K 16 values at a time, aligned
 _ALIGN = 64
 
