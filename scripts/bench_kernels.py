@@ -4,8 +4,9 @@ percentile is shown: on a shared machine a call that lost its core is an outlier
 
 Candidates: fp32 and bf16 oneDNN-prepacked (`DenseKernel`), int8 weight-only through
 `aten._weight_int8pack_mm` (bf16 inputs), and int8 converted to bf16 then one matmul
-(the scales applied to the output) or dequantized to fp32 then one fp32 matmul. The last line sums one decode step's linears: 30 layers
-of qkv, o, gate_up, down, plus the LM head.
+(the scales applied to the output) or dequantized to fp32 then one fp32 matmul (what
+`Int8WeightOnlyKernel` does beyond 32 rows). The last lines sum one decode step's linears:
+30 layers of qkv, o, gate_up, down, plus the LM head.
 """
 from __future__ import annotations
 
