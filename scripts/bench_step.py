@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default=None, help="e.g. int8-weight-only")
     p.add_argument("--adapters", action="store_true")
     p.add_argument("--rank", type=int, default=16)
     args = p.parse_args()
@@ -34,7 +35,8 @@ def main() -> None:
     config, _ = load([], {}, default_config_path="/nonexistent")
     model_dir = Path(args.model_dir) if args.model_dir else resolve_model(
         EMBEDDED_MODEL_ID, revision=None, cache_dir=config.paths.cache_dir, hub_cache=None)
-    runner = ModelRunner(str(model_dir), dtype=args.dtype, max_batch_total_tokens=16384)
+    runner = ModelRunner(str(model_dir), dtype=args.dtype, quantize=args.quantize,
+                         max_batch_total_tokens=16384)
     slots = [-1] * args.batch
     if args.adapters:
         runner.enable_lora(args.batch)
@@ -63,7 +65,8 @@ def main() -> None:
         runner.execute(Step(step, decode_ids=list(range(args.batch))))
         times.append(1000 * (time.perf_counter() - t0))
     kind = f"{args.batch} distinct rank-{args.rank} adapters" if args.adapters else "base model"
-    print(f"{kind}, {args.dtype}: prefill {args.batch}x{args.context} {prefill_ms:.0f} ms; "
+    precision = args.dtype + (f" + {args.quantize}" if args.quantize else "")
+    print(f"{kind}, {precision}: prefill {args.batch}x{args.context} {prefill_ms:.0f} ms; "
           f"decode {args.batch} seqs: median {statistics.median(times):.1f} ms/step "
           f"(min {min(times):.1f})")
 

@@ -22,7 +22,7 @@ def _no(value: str) -> bool:
 @dataclass(frozen=True)
 class LoraxOnlyFlag:
     name: str  # the flag without dashes, underscored
-    takes_value: bool  # `--quantize gptq`; else a switch (`--compile`)
+    takes_value: bool  # `--otlp-endpoint URL`; else a switch (`--compile`)
     reason: str  # why a value other than the accepted ones is refused
     holds: Callable[[str], bool] = _no  # values that ask for what loraxd does anyway
 
@@ -42,8 +42,6 @@ class LoraxOnlyFlag:
 _NGROK = "ngrok tunnels are not built in: run a tunnel or proxy in front of loraxd"
 
 LORAX_ONLY_FLAGS = (
-    LoraxOnlyFlag("quantize", True, "quantized weights (bitsandbytes, gptq, awq, ...) are not "
-                  "built yet: serve the unquantized model, with --dtype bfloat16 or float16"),
     LoraxOnlyFlag("compile", False, "CUDA graph capture is not built yet"),
     LoraxOnlyFlag("trust_remote_code", False, "loraxd runs only its own model code, never code "
                   "from the Hub"),

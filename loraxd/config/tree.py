@@ -65,6 +65,22 @@ _OTLP_URL = _rule(_is_http_url, "must be an http:// or https:// URL of an OTLP/H
 
 
 _FRACTION = _rule(lambda v: 0 < v <= 1, "must be greater than 0 and at most 1")
+
+QUANTIZE_METHODS = ("int8-weight-only",)
+# LoRAX's --quantize values: recognized, so that each is refused naming what is built instead
+LORAX_QUANTIZE_METHODS = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq",
+                          "eetq", "exl2", "fp8", "fp8-kv", "hqq-4bit", "hqq-3bit", "hqq-2bit")
+
+
+def _quantize_reason(value: str) -> str | None:
+    if value in QUANTIZE_METHODS:
+        return None
+    built = f"built: {', '.join(QUANTIZE_METHODS)} (8-bit weights, per-channel scales, CPU)"
+    if value in LORAX_QUANTIZE_METHODS:
+        return f"LoRAX's {value} quantization is not built; {built}"
+    return f"unknown quantization; {built}"
+
+
 _MODEL_SOURCE = _rule(lambda v: v in ("hub", "local"),
                       "only hub and local models are built yet (adapters may come from s3)")
 
@@ -91,7 +107,12 @@ class ModelConfig:
     revision: str | None = _setting(None, "Hub revision (branch, tag or commit) of the model",
                                     lorax=True)
     dtype: str = _setting("float32", "weights and activations; auto: bfloat16 on cuda, "
-                          "else float32", choices=DTYPES, lorax=True)
+                          "else float32 (bfloat16 on a CPU needs AVX512_BF16 or AMX)",
+                          choices=DTYPES, lorax=True)
+    quantize: str | None = _setting(
+        None, "int8-weight-only: the decoder layers' weights held as int8 with a scale per "
+        "output channel (CPU only; the embedding and LM head stay in dtype); unset: none",
+        _quantize_reason, lorax=True)
     device: str = _setting("auto", "auto: cuda when NVML shows a GPU, else cpu",
                            choices=DEVICES)
     cuda_memory_fraction: float = _setting(

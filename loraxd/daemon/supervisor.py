@@ -120,7 +120,7 @@ class Supervisor:
         device = self._plan_devices().device
         prefill = self.kv_bounds.prefill_tokens or c.scheduler.max_batch_prefill_tokens
         return encode_options(WorkerOptions(
-            dtype=c.model.dtype, device=device, block_size=c.scheduler.block_size,
+            dtype=c.model.dtype, quantize=c.model.quantize, device=device, block_size=c.scheduler.block_size,
             max_batch_total_tokens=self._kv_tokens(device),
             cuda_memory_fraction=c.model.cuda_memory_fraction,
             max_batch_prefill_tokens=prefill, num_blocks=self._pinned_blocks,

@@ -238,6 +238,7 @@ class AsyncEngine:
             "model_id": self.model_id,
             "model_sha": None,
             "model_dtype": self.ready.dtype,
+            "quantize": self.ready.quantize,  # as LoRAX's launcher names it; None: none
             "model_device_type": self.ready.device.partition(":")[0],  # "cuda", not "cuda:0"
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": c.scheduler.max_concurrent_requests,

@@ -130,6 +130,7 @@ class Info(_Out):
     max_total_tokens: int
     version: str
     model_dtype: str | UnsetType = UNSET
+    quantize: str | None | UnsetType = UNSET  # "int8-weight-only", or null: none
     model_device_type: str | UnsetType = UNSET
     max_batch_total_tokens: int | UnsetType = UNSET
     adapter_source: str | UnsetType = UNSET

@@ -39,6 +39,7 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
     weight_bytes: int = 0
     kv_cache_bytes: int = 0
     device_uuid: str = ""
+    quantize: str | None = None  # how the layers' weights are held (None: in `dtype`)
 
 
 class SeqOutput(msgspec.Struct, array_like=True, frozen=True):
@@ -125,6 +126,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     `num_blocks` > 0 pins its pages (a replaced group keeps the first group's)."""
 
     dtype: str
+    quantize: str | None  # None, or "int8-weight-only"
     device: str  # cpu or cuda: the supervisor resolves auto
     block_size: int
     max_batch_total_tokens: int

@@ -194,6 +194,7 @@ def _load(args: argparse.Namespace, options: WorkerOptions):
                          block_size=options.block_size, num_threads=options.num_threads,
                          tp=tp, watermark_gamma=options.watermark_gamma,
                          watermark_delta=options.watermark_delta, kv=kv,
+                         quantize=options.quantize,
                          lora_slots=options.max_active_adapters,
                          max_lora_rank=adapter_limits(options).max_rank)
     read = runner.weights_read

@@ -21,6 +21,7 @@ from loraxd.worker.kv_cache import BlockTables, PagedKVCache
 from loraxd.worker.kv_plan import KvSizing
 from loraxd.worker.layers.attention import StepContext
 from loraxd.worker.layers.grammar import Grammars
+from loraxd.worker.layers.quantized import precision_problem
 from loraxd.worker.layers.sampler import SeqSampling, prompt_logprobs, sample
 from loraxd.worker.layers.watermark import Watermark
 from loraxd.worker.models import CausalLM, UnsupportedModel, read_config_json, resolve
@@ -87,14 +88,17 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 class ModelRunner:
     """`kernels`: "auto" (the Triton attention and LoRA kernels on CUDA when triton is
-    installed, the torch code elsewhere), "torch", or "triton" (see triton_support.py)."""
+    installed, the torch code elsewhere), "torch", or "triton" (see triton_support.py).
+    `quantize`: None, or "int8-weight-only" (see layers/quantized.py); a dtype or
+    quantization this device cannot run fast is refused (UnsupportedModel)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                  max_batch_total_tokens: int | None = 32768, block_size: int = 16,
                  num_threads: int = 0, tp: TensorParallel | None = None,
                  kernels: str = "auto", watermark_gamma: float = 0.5,
                  watermark_delta: float = 2.0, kv: KvSizing | None = None,
-                 lora_slots: int = 0, max_lora_rank: int = 64):
+                 lora_slots: int = 0, max_lora_rank: int = 64,
+                 quantize: str | None = None):
         """`max_batch_total_tokens` None: the KV cache takes what fits (CUDA only; see
         KvSizing). `lora_slots` > 0: the LoRA slot pool is allocated before the cache, so
         that a cache sized from free memory leaves the slots their room."""
@@ -102,6 +106,10 @@ class ModelRunner:
             torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
+        problem = precision_problem(self.dtype, quantize, self.device)
+        if problem is not None:
+            raise UnsupportedModel(problem)
+        self.quantize = quantize
         self.kernels = "triton" if use_triton(kernels, self.device) else "torch"
         self.tp = tp or TensorParallel.single(self.device)
         self.model_dir = model_dir
@@ -115,7 +123,7 @@ class ModelRunner:
             attention_kernels = TritonAttention()
         with torch.inference_mode():
             self.model = CausalLM(arch, dtype=self.dtype, device=self.device, tp=self.tp,
-                                  attention_kernels=attention_kernels)
+                                  attention_kernels=attention_kernels, quantize=quantize)
             self.weights_read = loader.ReadCount()
             self.model.load_weights(loader.iter_weights(model_dir, self.weights_read))
         self.num_layers = arch.num_layers
@@ -186,6 +194,7 @@ class ModelRunner:
             "eos_token_ids": list(self.eos_token_ids),
             "max_position_embeddings": self.arch.max_position_embeddings,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": self.quantize,
             "device": str(self.device),
             "architecture": self.architecture,
             "weight_bytes": self.model.weight_bytes(),

@@ -48,6 +48,7 @@ def test_health_and_info(daemon):
     assert requests.get(daemon.url + "/health", timeout=30).status_code == 200
     info = requests.get(daemon.url + "/info", timeout=5).json()
     assert info["model_device_type"] == "cpu" and info["model_dtype"] == "float32"
+    assert info["quantize"] is None  # the exact default
     assert info["max_input_length"] == 1024
 
 

@@ -40,10 +40,10 @@ def family(request, tmp_path_factory):
     return request.param, root
 
 
-def _run_group(root, world_size, tmp_path):
+def _run_group(root, world_size, tmp_path, **options):
     """Greedy outputs of a mixed batch (base, a, b, c, merge of a and b) joining at
     different steps; and each rank's Ready."""
-    group = WorkerGroup(root / "model", world_size, tmp_path)
+    group = WorkerGroup(root / "model", world_size, tmp_path, **options)
     try:
         for slot, name in enumerate("abc"):
             assert group.load_adapter(slot, str(root / name)) == dict.fromkeys(
@@ -90,6 +90,37 @@ def test_two_ranks_give_the_tokens_of_one(family, single, tmp_path):
     assert ready2[0].kv_cache_bytes * 2 == ready2[1].kv_cache_bytes * 2 == \
         ready1[0].kv_cache_bytes
     assert ready2[0].num_blocks == ready2[1].num_blocks == ready1[0].num_blocks
+
+
+def test_two_ranks_quantize_their_own_shards(family, request, tmp_path):
+    """int8-weight-only over 2 ranks: each rank quantizes its own shard, with the whole rows'
+    scales, so 2 ranks give the tokens of 1 int8 rank, near float32's; their logprobs differ
+    only by the bf16 rounding of the kernel's partial sums (each rank's, before the
+    all-reduce). Each rank holds half the int8 weights."""
+    name, root = family
+    if name != "llama-tied":
+        pytest.skip("one family is enough for quantized shards")
+    expected, dense = request.getfixturevalue("single")
+    runs = []
+    for world_size in (1, 2):
+        (tmp_path / str(world_size)).mkdir()
+        runs.append(_run_group(root, world_size, tmp_path / str(world_size),
+                               quantize="int8-weight-only"))
+    (one, ready1), (two, ready2) = runs
+    assert ready1[0].quantize == ready2[0].quantize == ready2[1].quantize == "int8-weight-only"
+    assert ready1[0].weight_bytes < dense[0].weight_bytes
+    halves = [ready2[r].weight_bytes for r in (0, 1)]
+    assert all(0.45 * ready1[0].weight_bytes <= h <= 0.55 * ready1[0].weight_bytes
+               for h in halves)
+    for req_id in expected:
+        for got in (one, two):
+            tokens = [o.token_id for o in got[req_id]]
+            assert tokens[:3] == _tokens(expected)[req_id][:3], req_id
+            assert _tops(got)[req_id][:3 * TOP] == pytest.approx(
+                _tops(expected)[req_id][:3 * TOP], abs=0.2), req_id
+    assert _tokens(two) == _tokens(one)
+    for req_id, tops in _tops(two).items():
+        assert tops == pytest.approx(_tops(one)[req_id], abs=0.05), req_id
 
 
 def test_four_ranks_replicate_two_kv_heads(family, single, tmp_path):

@@ -21,7 +21,8 @@ TIMEOUT_S = 120.0
 
 class WorkerGroup:
     def __init__(self, model_dir: Path, world_size: int, tmp: Path, *, block_size: int = 4,
-                 max_batch_total_tokens: int = 512, device: str = "cpu"):
+                 max_batch_total_tokens: int = 512, device: str = "cpu",
+                 dtype: str = "float32", quantize: str | None = None):
         self.world_size, self.block_size = world_size, block_size
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -29,7 +30,7 @@ class WorkerGroup:
         endpoint = f"ipc://{tmp / 'workers.sock'}"
         self.sock.bind(endpoint)
         options = WorkerOptions(
-            dtype="float32", device=device, block_size=block_size,
+            dtype=dtype, quantize=quantize, device=device, block_size=block_size,
             max_batch_total_tokens=max_batch_total_tokens, cuda_memory_fraction=1.0,
             max_batch_prefill_tokens=max_batch_total_tokens, num_blocks=0, num_threads=1,
             max_active_adapters=4, adapter_memory_bytes=1 << 28, max_lora_rank=16,

@@ -22,6 +22,7 @@ SETTINGS = [
     ("--validation-workers", "VALIDATION_WORKERS", "3", ("server", "validation_workers"), 3),
     ("--num-shard", "NUM_SHARD", "2", ("model", "num_shard"), 2),
     ("--dtype", "DTYPE", "bfloat16", ("model", "dtype"), "bfloat16"),
+    ("--quantize", "QUANTIZE", "int8-weight-only", ("model", "quantize"), "int8-weight-only"),
     ("--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", "7",
      ("scheduler", "max_concurrent_requests"), 7),
     ("--max-best-of", "MAX_BEST_OF", "3", ("scheduler", "max_best_of"), 3),
@@ -60,7 +61,7 @@ SETTINGS = [
 ]
 
 REFUSED = [
-    ("--quantize", "QUANTIZE", "gptq", "quantized weights"),
+    ("--quantize", "QUANTIZE", "gptq", "gptq quantization is not built; built: int8-weight-only"),
     ("--compile", "COMPILE", None, "CUDA graph"),
     ("--trust-remote-code", "TRUST_REMOTE_CODE", None, "its own model code"),
     ("--ngrok", "NGROK", None, "ngrok"),
@@ -219,8 +220,24 @@ def test_version_and_env_flags():
 def test_a_refused_flag_exits_78_with_one_line():
     out = _main("--quantize", "awq")
     assert out.returncode == 78
-    assert out.stderr.startswith("loraxd: command line: --quantize awq: quantized weights")
+    assert out.stderr.startswith("loraxd: command line: --quantize = awq: LoRAX's awq "
+                                 "quantization is not built; built: int8-weight-only")
     assert out.stderr.count("\n") == 1
+    out = _main("--compile")
+    assert out.returncode == 78
+    assert out.stderr.startswith("loraxd: command line: --compile: CUDA graph capture")
+
+
+@pytest.mark.parametrize("method", ["bitsandbytes", "bitsandbytes-nf4", "gptq", "awq", "eetq",
+                                    "exl2", "fp8", "hqq-4bit", "hqq-2bit"])
+def test_lorax_quantize_methods_other_than_int8_weight_only_are_refused(method):
+    with pytest.raises(ConfigError, match=rf"^command line: --quantize = {method}: LoRAX's "
+                       rf"{method} quantization is not built; built: int8-weight-only"):
+        run(["--quantize", method])
+    with pytest.raises(ConfigError, match=r"^environment: QUANTIZE = int4: unknown "
+                       r"quantization; built: int8-weight-only"):
+        run(environ={"QUANTIZE": "int4"})
+    assert run([])[0].model.quantize is None
 
 
 async def test_adapter_id_is_the_default_adapter_of_requests_that_name_none():

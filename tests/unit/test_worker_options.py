@@ -25,6 +25,10 @@ def test_options_carry_the_config():
     assert options.max_lora_rank == 8 and options.max_adapter_bytes == 1234
     assert options.block_size == Config().scheduler.block_size
     assert options.master_port == 0  # one rank: no group, no port
+    assert options.quantize is None and options.dtype == "float32"
+    quantized = decode_options(Supervisor(_config(quantize="int8-weight-only",
+                                                  dtype="bfloat16"), "/m", None)._options())
+    assert quantized.quantize == "int8-weight-only" and quantized.dtype == "bfloat16"
 
 
 def test_a_group_gets_a_free_port_unless_one_is_set():

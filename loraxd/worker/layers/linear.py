@@ -10,6 +10,10 @@ prefills of every length), a worker grew by GBs. So the packed op only ever sees
 row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer inputs go
 through in 512-row pieces (as fast as one call).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
+With `--quantize int8-weight-only` the layers' kernels are `Int8WeightOnlyKernel`s instead
+(quantized.py), built from the same rank-local weight: each rank quantizes its own shard,
+a row-parallel one with the scales of the whole rows, so that every rank's int8 weight is
+the slice of the one a single rank would hold (N ranks compute what one computes).
 
 Layers are filled by `load_weight`/`load_bias` calls with a full (unsharded) HF tensor, or
 anything indexed like one (loader.CheckpointTensor, which reads only the part indexed): each
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxd.worker.distributed import ShardSpec
+from loraxd.worker.layers.quantized import INT8_WEIGHT_ONLY, Int8WeightOnlyKernel
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # the only row counts the packed op sees
@@ -95,6 +100,18 @@ class DenseKernel:
         return y if bucket == rows else y[:rows]
 
 
+def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, *, quantize: str | None = None,
+                allow_packed: bool = True, row_amax: torch.Tensor | None = None
+                ) -> DenseKernel | Int8WeightOnlyKernel:
+    """The kernel of a layer's (rank-local) weight: dense, or quantized as `quantize` says
+    (`row_amax`: the whole rows' largest |value| when `weight` holds some columns)."""
+    if quantize is None:
+        return DenseKernel(weight, bias, allow_packed=allow_packed)
+    if quantize == INT8_WEIGHT_ONLY:
+        return Int8WeightOnlyKernel(weight, bias, row_amax)
+    raise ValueError(f"quantize {quantize!r} is not built; built: {INT8_WEIGHT_ONLY}")
+
+
 def no_all_reduce(y: torch.Tensor) -> torch.Tensor:
     return y
 
@@ -160,8 +177,9 @@ class ColumnParallelLinear:
         for shard in range(len(sizes)):
             load(tensor, shard, sum(sizes[:shard]))
 
-    def finalize(self, allow_packed: bool = True) -> None:
-        self.kernel = DenseKernel(self.weight, self.bias, allow_packed=allow_packed)
+    def finalize(self, allow_packed: bool = True, quantize: str | None = None) -> None:
+        self.kernel = make_kernel(self.weight, self.bias, quantize=quantize,
+                                  allow_packed=allow_packed)
         self.weight = self.bias = None
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
@@ -190,18 +208,22 @@ class RowParallelLinear:
         self.site = _LoraSite(layer_idx, group)
         self.weight = torch.zeros(out_features, self.in_features, dtype=dtype, device=device)
         self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.row_amax: torch.Tensor | None = None  # of the whole rows, for quantized shards
         self.kernel: DenseKernel | None = None
 
     def load_weight(self, weight, shard: int = 0, offset: int = 0) -> None:
         self.weight.copy_(weight[:, self.cols])
+        if self.world_size > 1:
+            self.row_amax = weight.abs().amax(dim=1).float()
 
     def load_bias(self, bias, shard: int = 0, offset: int = 0) -> None:
         self.bias.copy_(bias[()])  # every rank adds it whole, after the sum
 
-    def finalize(self, allow_packed: bool = True) -> None:
+    def finalize(self, allow_packed: bool = True, quantize: str | None = None) -> None:
         fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum
-        self.kernel = DenseKernel(self.weight, fused_bias, allow_packed=allow_packed)
-        self.weight = None
+        self.kernel = make_kernel(self.weight, fused_bias, quantize=quantize,
+                                  allow_packed=allow_packed, row_amax=self.row_amax)
+        self.weight = self.row_amax = None
         if self.world_size == 1:
             self.bias = None
 

@@ -130,12 +130,17 @@ class _CastOnRead:
 class CausalLM:
     """The whole model, or with `tp` over N ranks this rank's shard of it (see
     models/sharding.py and layers/embedding.py for what each rank holds).
-    `attention_kernels`: see PagedAttention (None: the torch path)."""
+    `attention_kernels`: see PagedAttention (None: the torch path). `quantize`: how the
+    decoder layers' linears hold their weights (see layers/quantized.py); the embedding and
+    the LM head stay in `dtype`: quantized, the LM head was no faster at 8 rows (measured,
+    see README) and its error lands on the logits."""
 
     def __init__(self, arch: ModelArch, *, dtype: torch.dtype, device: str | torch.device,
-                 tp: TensorParallel | None = None, attention_kernels=None):
+                 tp: TensorParallel | None = None, attention_kernels=None,
+                 quantize: str | None = None):
         self.arch = arch
         self.dtype, self.device = dtype, device
+        self.quantize = quantize
         self.tp = tp or TensorParallel.single(device)
         self.shard = shard_model(arch, self.tp.shard)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp,
@@ -222,7 +227,7 @@ class CausalLM:
     def _finalize(self) -> None:
         for layer in self.layers:
             for linear in layer.linears():
-                linear.finalize()
+                linear.finalize(quantize=self.quantize)
         head = self.embed_tokens if self.arch.tie_word_embeddings else self.lm_head_weight
         self.lm_head = ParallelLMHead(head.weight, self.arch.vocab_size, self.tp)
         self.lm_head_weight = None

@@ -1,0 +1,136 @@
+"""Lower precision on a CPU: what the CPU must have for it, and int8 weight-only linears.
+
+`--dtype bfloat16` and `--quantize int8-weight-only` are refused at start on a CPU without
+bf16 instructions (x86: AVX512_BF16 or AMX-BF16; Arm: BF16): there oneDNN emulates bf16
+matmuls, slower than fp32, and a setting meant to speed things up must not slow them down.
+
+`Int8WeightOnlyKernel`: the weight is quantized once, at load, symmetric per output channel
+(w ≈ scale[n] * q[n, k], q in [-127, 127]); activations keep the model dtype between layers.
+The product runs on bf16 inputs with fp32 accumulation, whatever the model dtype (an fp32
+model's linear inputs are rounded to bf16 at the kernel, its outputs are fp32 again):
+* up to `GEMV_ROWS` rows (decode), `aten._weight_int8pack_mm`, which reads the int8 weight
+  and applies the scales itself: half the bytes of a bf16 weight, a quarter of fp32;
+* more rows (prefill), the weight dequantized to fp32 for one fp32 matmul: that kernel
+  re-reads the weight once per 4 rows, so beyond a few dozen rows a conversion is cheaper.
+  fp32, not bf16, because it is then the same arithmetic as the int8 kernel's (bf16 inputs,
+  fp32 weights = q * scale, fp32 sums, one rounding to bf16): a sequence gets the same
+  numbers whichever path the size of its batch picks. A bf16 matmul would round twice.
+Scales are rounded to bf16 before quantizing, so the kernel's bf16 scales are exact.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+INT8_WEIGHT_ONLY = "int8-weight-only"
+QUANTIZE_METHODS = (INT8_WEIGHT_ONLY,)
+GEMV_ROWS = 32  # rows up to which the int8 kernel beats dequantize-then-matmul (see README)
+K_MULTIPLE = 16  # the int8 kernel steps through K 16 values at a time, aligned
+_ALIGN = 64
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU feature flags the kernel reports (x86 `flags`, Arm `Features`); None when
+    it reports none (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def cpu_bf16_problem(flags: set[str] | None = None, machine: str | None = None) -> str | None:
+    """Why this CPU has no fast bf16 matmuls, or None when it has them."""
+    machine = (machine or platform.machine()).lower()
+    flags = cpu_flags() if flags is None else flags
+    if machine in ("x86_64", "amd64", "i686"):
+        wanted = {"avx512_bf16", "amx_bf16"}
+        if flags is None:  # no /proc/cpuinfo: ask torch (AMX implies AMX-BF16 on x86)
+            ok = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        else:
+            ok = bool(flags & wanted)
+        return None if ok else ("this CPU has neither AVX512_BF16 nor AMX-BF16, so bf16 "
+                                "matmuls would be emulated, slower than float32")
+    if machine in ("aarch64", "arm64"):
+        if flags is not None and "bf16" in flags:
+            return None
+        return "this CPU has no BF16 instructions, so bf16 matmuls would be slower than float32"
+    return f"bf16 matmuls are not known to be fast on {machine} CPUs"
+
+
+def precision_problem(dtype: torch.dtype, quantize: str | None, device: torch.device,
+                      bf16_problem=cpu_bf16_problem) -> str | None:
+    """Why a worker must not start with this dtype and quantization on `device`, or None."""
+    if quantize is not None and quantize not in QUANTIZE_METHODS:
+        return f"quantize {quantize!r} is not built; built: {', '.join(QUANTIZE_METHODS)}"
+    if quantize is not None and device.type != "cpu":
+        return f"--quantize {quantize} is built for CPUs only, not {device.type}"
+    if device.type != "cpu" or (dtype != torch.bfloat16 and quantize is None):
+        return None
+    problem = bf16_problem()
+    if problem is None:
+        return None
+    what = "--dtype bfloat16" if quantize is None else f"--quantize {quantize} (bf16 matmuls)"
+    return f"{what} on this CPU: {problem}; use --dtype float32 without --quantize"
+
+
+def quantize_per_channel(weight: torch.Tensor, amax: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scales bf16 [out]) with weight ≈ scales[:, None] * q. `amax`: each
+    row's largest |value| when `weight` is a column slice of the rows (a row-parallel
+    shard), so that the shards' scales are the whole rows' and their q the whole's slices."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1) if amax is None else amax.float()
+    scales = (amax / 127).clamp_min(1e-30).bfloat16()  # exact in the kernel
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight the int8 weight stands for."""
+    return q.float() * scales.float()[:, None]
+
+
+class Int8WeightOnlyKernel:
+    """y = x @ W^T + bias with W held as int8 + per-output-channel scales (see above)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 amax: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        if weight.device.type != "cpu":
+            raise ValueError(f"{INT8_WEIGHT_ONLY} is built for CPUs only, not "
+                             f"{weight.device.type}")
+        if self.in_features % K_MULTIPLE:
+            raise ValueError(f"{INT8_WEIGHT_ONLY} needs input widths that are multiples of "
+                             f"{K_MULTIPLE}; a linear of this model has {self.in_features}")
+        self.dtype = weight.dtype  # of the output: the model dtype
+        self.qweight, self.scales = quantize_per_channel(weight, amax)
+        self.bias = bias
+        self.weight = None  # no dense weight is kept
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = [t for t in (self.qweight, self.scales, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            flat = self(x.reshape(-1, self.in_features))
+            return flat.reshape(*x.shape[:-1], self.out_features)
+        x = x.to(torch.bfloat16)
+        if not x.is_contiguous() or x.data_ptr() % _ALIGN:  # the kernel loads rows aligned
+            x = x.clone(memory_format=torch.contiguous_format)
+        if x.shape[0] <= GEMV_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        else:
+            weight = self.qweight.float().mul_(self.scales.float()[:, None])
+            y = F.linear(x.float(), weight).bfloat16()
+        y = y.to(self.dtype)
+        return y if self.bias is None else y.add_(self.bias)
