@@ -208,22 +208,25 @@ class RowParallelLinear:
         self.site = _LoraSite(layer_idx, group)
         self.weight = torch.zeros(out_features, self.in_features, dtype=dtype, device=device)
         self.bias = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
-        self.row_amax: torch.Tensor | None = None  # of the whole rows, for quantized shards
+        self._whole = None  # the checkpoint's whole weight, read again only to quantize
         self.kernel: DenseKernel | None = None
 
     def load_weight(self, weight, shard: int = 0, offset: int = 0) -> None:
         self.weight.copy_(weight[:, self.cols])
         if self.world_size > 1:
-            self.row_amax = weight.abs().amax(dim=1).float()
+            self._whole = weight
 
     def load_bias(self, bias, shard: int = 0, offset: int = 0) -> None:
         self.bias.copy_(bias[()])  # every rank adds it whole, after the sum
 
     def finalize(self, allow_packed: bool = True, quantize: str | None = None) -> None:
         fused_bias = self.bias if self.world_size == 1 else None  # else added once, after the sum
+        row_amax = None  # a quantized shard takes the whole rows' scales, as one rank would
+        if quantize and self._whole is not None:
+            row_amax = self._whole[:, :].abs().amax(dim=1).float()
         self.kernel = make_kernel(self.weight, fused_bias, quantize=quantize,
-                                  allow_packed=allow_packed, row_amax=self.row_amax)
-        self.weight = self.row_amax = None
+                                  allow_packed=allow_packed, row_amax=row_amax)
+        self.weight = self._whole = None
         if self.world_size == 1:
             self.bias = None
 
