@@ -5,9 +5,12 @@ Admission follows LoRAX (TGI) semantics. An idle engine admits whatever fits. Wh
 runs, waiting requests join only when there are at least `waiting_served_ratio` × the
 running batch of them, or when they have waited `max_waiting_tokens` steps.
 
-A step computes at most `max_batch_prefill_tokens` prompt tokens, and while sequences decode
-at most `prefill_chunk_tokens`: a longer prompt is prefilled in slices over several steps,
-between which the others keep decoding, so one long prompt never stalls every stream.
+A step computes at most `max_batch_prefill_tokens` prompt tokens. While sequences decode, a
+step computes at most `prefill_chunk_tokens` tokens in all (their one token each, then
+prompt tokens; at least a quarter of it for prompts): a longer prompt is prefilled in
+slices over several steps, between which the others keep decoding, so one long prompt never
+stalls every stream, and each slice step costs about what a decode step of that many rows
+does.
 
 KV pages are taken as a sequence grows, not reserved for its whole length. A sequence is
 admitted when its first slice fits with a page of growth to spare for each running one;
@@ -158,8 +161,9 @@ class Scheduler:
         if self.running and self._steps_since_admission + 1 >= self.limits.max_waiting_tokens:
             join_reason = "wait_exceeded"
         budget = self.limits.max_batch_prefill_tokens
-        if decoding and self.limits.prefill_chunk_tokens:
-            budget = min(budget, self.limits.prefill_chunk_tokens)
+        chunk = self.limits.prefill_chunk_tokens
+        if decoding and chunk:  # the step's rows, decode tokens included; some progress always
+            budget = min(budget, max(chunk - len(decoding), chunk // 4))
         new_blocks: dict[int, list[int]] = {}
         for seq in decoding:  # oldest first: the newest make room
             if (seq.req_id in self.running
