@@ -200,10 +200,9 @@ class SchedulerConfig:
                                        _POSITIVE_INT, reload=True, lorax=True)
     block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)
     prefill_chunk_tokens: int = _setting(
-        32, "most tokens a step computes while sequences decode (their tokens, then a slice "
-        "of a prompt; at least a quarter of it for the prompt): a longer prompt is "
-        "prefilled in slices between their tokens (0: in one step)", _NON_NEGATIVE,
-        reload=True)
+        32, "while sequences decode, prompts longer than this share this many tokens a step: "
+        "a long prompt is prefilled in slices between their tokens (0: in one step)",
+        _NON_NEGATIVE, reload=True)
     prefix_caching: bool = _setting(True, "keep full KV pages for later requests whose "
                                     "context starts the same, under the same adapter")
 

@@ -5,12 +5,10 @@ Admission follows LoRAX (TGI) semantics. An idle engine admits whatever fits. Wh
 runs, waiting requests join only when there are at least `waiting_served_ratio` × the
 running batch of them, or when they have waited `max_waiting_tokens` steps.
 
-A step computes at most `max_batch_prefill_tokens` prompt tokens. While sequences decode, a
-step computes at most `prefill_chunk_tokens` tokens in all (their one token each, then
-prompt tokens; at least a quarter of it for prompts): a longer prompt is prefilled in
-slices over several steps, between which the others keep decoding, so one long prompt never
-stalls every stream, and each slice step costs about what a decode step of that many rows
-does.
+A step computes at most `max_batch_prefill_tokens` prompt tokens. While sequences decode,
+prompts longer than `prefill_chunk_tokens` share that many tokens per step: a long prompt is
+prefilled in slices over several steps, between which the others keep decoding, so it never
+stalls every stream; shorter prompts join whole, as a burst of requests must.
 
 KV pages are taken as a sequence grows, not reserved for its whole length. A sequence is
 admitted when its first slice fits with a page of growth to spare for each running one;
@@ -161,9 +159,10 @@ class Scheduler:
         if self.running and self._steps_since_admission + 1 >= self.limits.max_waiting_tokens:
             join_reason = "wait_exceeded"
         budget = self.limits.max_batch_prefill_tokens
-        chunk = self.limits.prefill_chunk_tokens
-        if decoding and chunk:  # the step's rows, decode tokens included; some progress always
-            budget = min(budget, max(chunk - len(decoding), chunk // 4))
+        slice_size = budget  # a longer prompt is sliced; while others decode, the slices of
+        if decoding and self.limits.prefill_chunk_tokens:  # all prompts share one slice
+            slice_size = min(budget, self.limits.prefill_chunk_tokens)
+        slices = slice_size
         new_blocks: dict[int, list[int]] = {}
         for seq in decoding:  # oldest first: the newest make room
             if (seq.req_id in self.running
@@ -173,11 +172,11 @@ class Scheduler:
                     new_blocks[seq.req_id] = page
         chunks: dict[int, int] = {}
         for seq in list(self.prefilling.values()):
-            if budget <= 0:
+            if slices <= 0:
                 break
             if seq.req_id not in self.running:
                 continue  # preempted to make room
-            n = min(seq.context_len - seq.num_cached, budget)
+            n = min(seq.context_len - seq.num_cached, slices)
             need = self.blocks.blocks_for(seq.num_cached + n) - len(seq.block_ids)
             pages = self._grow(seq, need, new_blocks)
             if pages is not None:
@@ -185,11 +184,12 @@ class Scheduler:
                     new_blocks[seq.req_id] = pages
                 chunks[seq.req_id] = n
                 budget -= n
+                slices -= n
         # before admission: a sequence preempted above may be admitted again below
         decode_ids = [s.req_id for s in decoding if s.req_id in self.running]
         chunks = {i: n for i, n in chunks.items() if i in self.running}
         new_blocks = {i: p for i, p in new_blocks.items() if i in self.running}
-        admitted = self._admit(budget)
+        admitted = self._admit(budget, slices, slice_size)
         if not admitted and not self.running and not self._to_free:
             return None  # nothing runnable (requests may wait for an adapter)
         plan = StepPlan(Step(self._next_step_id), join_reason=join_reason if admitted else None)
@@ -238,8 +238,9 @@ class Scheduler:
         self.adapters.enqueue(seq)
         self.num_preempted += 1
 
-    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
-        """Sequences that join this step, each with the tokens it computes in it."""
+    def _admit(self, budget: int, slices: int, slice_size: int) -> list[tuple[Sequence, int]]:
+        """Sequences that join this step, each with the tokens it computes in it: a prompt
+        of up to `slice_size` tokens whole, a longer one a slice of the `slices` left."""
         if not self.waiting or budget <= 0:
             return []
         if self.running:
@@ -261,10 +262,11 @@ class Scheduler:
                 continue  # its adapter is still loading; others go ahead
             cached = self._take_prefix(seq)
             n = seq.context_len - seq.num_cached
-            if not whole:
-                n = min(n, budget)
+            sliced = not whole and n > min(budget, slice_size)
+            if sliced:
+                n = min(budget, slices)
             need = self.blocks.blocks_for(seq.num_cached + n) - len(cached)
-            if need + spare + len(admitted) > self.blocks.num_free:
+            if n <= 0 or need + spare + len(admitted) > self.blocks.num_free:
                 self.blocks.free(cached)  # FIFO: the head waits for room
                 seq.block_ids, seq.num_cached = [], 0
                 self.adapters.release(seq)
@@ -272,6 +274,8 @@ class Scheduler:
             seq.adapter_slot = slot
             seq.block_ids = cached + self.blocks.allocate(need)
             budget -= n
+            if sliced:
+                slices -= n
             admitted.append((seq, n))
             self.remove_waiting(seq)
         if admitted:

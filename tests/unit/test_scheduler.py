@@ -252,7 +252,7 @@ def test_plans_say_why_new_sequences_join_a_running_batch():
 
 
 def test_a_long_prompt_is_prefilled_in_slices_while_others_decode():
-    s = make_scheduler(block_size=4, chunk=5, ratio=0.0)  # 5 rows: 1 decoding, 4 of prompt
+    s = make_scheduler(block_size=4, chunk=4, ratio=0.0)
     s.add(make_seq(1, prompt="ab", max_new=20))
     run_step(s, {})
     s.add(make_seq(2, prompt="abcdefghij", max_new=3))  # 10 tokens: slices of 4, 4, 2
@@ -269,15 +269,25 @@ def test_a_long_prompt_is_prefilled_in_slices_while_others_decode():
     assert plan.step.decode_ids == [1, 2]
 
 
-def test_many_decoding_sequences_leave_a_quarter_of_the_rows_to_prompts():
-    s = make_scheduler(block_size=4, chunk=8, ratio=0.0, num_blocks=128)
-    for i in range(1, 11):
-        s.add(make_seq(i, prompt="ab", max_new=50))
+def test_while_others_decode_short_prompts_join_whole_and_long_ones_share_a_slice():
+    s = make_scheduler(block_size=4, chunk=4, ratio=0.0, num_blocks=128)
+    s.add(make_seq(1, prompt="ab", max_new=50))
     run_step(s, {})
-    s.add(make_seq(20, prompt="abcdefghij", max_new=3))
+    s.add(make_seq(2, prompt="abcdefghij", max_new=3))  # long: a slice
+    s.add(make_seq(3, prompt="abcdefghijkl", max_new=3))  # long: no slice left, waits
     plan, _ = run_step(s, {})
-    assert len(plan.step.decode_ids) == 10
-    assert [(n.req_id, n.num_computed) for n in plan.step.new_seqs] == [(20, 2)]
+    assert [(n.req_id, n.num_computed) for n in plan.step.new_seqs] == [(2, 4)]
+    s.add(make_seq(4, prompt="abc", max_new=3))
+    s.add(make_seq(5, prompt="abcd", max_new=3))
+    plan, _ = run_step(s, {})  # 2 goes on; 3 still waits, and the short ones behind it
+    assert plan.step.prefill_chunks == {2: 4} and not plan.step.new_seqs
+    s2 = make_scheduler(block_size=4, chunk=4, ratio=0.0, num_blocks=128)
+    s2.add(make_seq(1, prompt="ab", max_new=50))
+    run_step(s2, {})
+    for i in range(2, 8):  # a burst of short prompts joins in one step
+        s2.add(make_seq(i, prompt="abc", max_new=3))
+    plan, _ = run_step(s2, {})
+    assert [n.num_computed for n in plan.step.new_seqs] == [3] * 6
 
 
 def test_an_idle_engine_prefills_up_to_max_batch_prefill_tokens_at_once():
