@@ -54,6 +54,19 @@ class CheckingWorker:
         return outputs
 
 
+def step(s: Scheduler, worker: CheckingWorker, wanted: dict, done: set) -> bool:
+    """One step planned, run and applied; False when there was nothing to run."""
+    plan = s.schedule()
+    if plan is None:
+        return False
+    outputs = worker.execute(plan.step)
+    for req_id, event in s.update(plan, StepResult(plan.step.step_id, outputs, 0.0)):
+        if isinstance(event, FinishEvent):
+            assert event.generated_tokens == wanted[req_id]
+            done.add(req_id)
+    return True
+
+
 @pytest.mark.parametrize("seed", range(100))
 def test_random_workloads_keep_scheduler_and_worker_in_step(seed):
     rng = random.Random(seed)
@@ -76,22 +89,9 @@ def test_random_workloads_keep_scheduler_and_worker_in_step(seed):
             victim = rng.choice(list(s.running))
             s.abort(victim)
             done.add(victim)
-        plan = s.schedule()
-        if plan is None:
-            continue
-        outputs = worker.execute(plan.step)
-        for req_id, event in s.update(plan, StepResult(plan.step.step_id, outputs, 0.0)):
-            if isinstance(event, FinishEvent):
-                assert event.generated_tokens == wanted[req_id]
-                done.add(req_id)
+        step(s, worker, wanted, done)
         assert s.blocks.num_used + s.blocks.num_free == s.blocks.num_blocks
-    while s.has_work():  # drain: everything finishes
-        plan = s.schedule()
-        if plan is None:
-            break
-        outputs = worker.execute(plan.step)
-        for req_id, event in s.update(plan, StepResult(plan.step.step_id, outputs, 0.0)):
-            if isinstance(event, FinishEvent):
-                done.add(req_id)
+    while s.has_work() and step(s, worker, wanted, done):  # drain: everything finishes
+        pass
     assert done == set(wanted)
     assert s.blocks.num_used == 0
