@@ -142,6 +142,13 @@ def _check_refused_as_one_event(operation, response) -> None:
         assert len(events) == 1 and '"error_type"' in events[0], response.text[:500]
 
 
+def _only_our_headers_mutated(case, headers: dict | None) -> bool:
+    """The case's invalid part is a header the caller sends its own value of (the API key):
+    what reached the server is valid."""
+    data = getattr(getattr(case.meta, "phase", None), "data", None)
+    return getattr(data, "parameter", None) in (headers or {})
+
+
 def fuzz(base_url: str, *, headers: dict | None = None, max_examples: int = 25) -> int:
     """Every operation of the served document, with schema-valid and schema-invalid data:
     no 500, every status and body as documented, schema-invalid data refused. Schema-valid
@@ -167,7 +174,8 @@ def fuzz(base_url: str, *, headers: dict | None = None, max_examples: int = 25) 
                 calls += 1
                 response = case.call_and_validate(base_url=base_url, headers=headers,
                                                   timeout=180, excluded_checks=excluded)
-                if mode is GenerationMode.NEGATIVE and response.status_code == 200:
+                if (mode is GenerationMode.NEGATIVE and response.status_code == 200
+                        and not _only_our_headers_mutated(case, headers)):
                     _check_refused_as_one_event(operation, response)
             run()
     return calls
