@@ -1,0 +1,140 @@
+"""CPU kernels of our own (the *.cpp files here, one library): the fp32 matmul of
+decode-sized batches (panel_gemm.cpp).
+
+It is compiled on the machine that runs it (`-march=native`, against the installed torch),
+once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts
+the library under the environment's prefix; a worker that finds none there builds it into
+its cache directory at start (about 15 s). The file name carries a hash of the source, the
+torch version, the compiler and the CPU's flags, so a library is never loaded on a machine
+or torch it was not built for. Without a C++ compiler, or on a CPU without AVX-512, the
+linears stay on oneDNN (linear.py), which computes the same thing more slowly; the worker
+logs which one runs and why.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+PANEL_COLS = 32  # output columns per panel; the kernel's kCols
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
+
+_state: dict[str, str | None] = {}  # "library": the loaded path; "reason": why none was
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def prefix_dir() -> Path:
+    """Where set-up puts the library: beside the environment's other shared files."""
+    return Path(sys.prefix) / "share" / "loraxd" / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def library_name(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=False).stdout.splitlines()[:1]
+    h = hashlib.sha256()
+    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), repr(FLAGS).encode(),
+                 repr(version).encode(), " ".join(sorted(_cpu_flags())).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return f"loraxd_cpu-{h.hexdigest()[:16]}.so"
+
+
+def build(directory: Path, compiler: str) -> Path:
+    """Compile the library into `directory` (atomically: ranks may build at once)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / library_name(compiler)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
+    os.close(fd)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), "-o", tmp,
+           *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # the service may run as another user than set-up
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def enable(build_dir: str | os.PathLike | None = None) -> str | None:
+    """Load the panel kernel, building it into `build_dir` (default: the prefix) if neither
+    there nor under the prefix. None once loaded, else the reason it is not; the answer
+    of the first call stands for the process."""
+    if "reason" in _state:
+        return _state["reason"]
+    _state["reason"] = reason = _load(Path(build_dir) if build_dir else None)
+    return reason
+
+
+def _load(build_dir: Path | None) -> str | None:
+    if "avx512f" not in _cpu_flags():
+        return "this CPU has no AVX-512, which the panel kernel is written for"
+    compiler = _compiler()
+    if compiler is None:
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build the panel kernel"
+    name = library_name(compiler)
+    dirs = [prefix_dir()] + ([build_dir] if build_dir else [])
+    found = next((d / name for d in dirs if (d / name).exists()), None)
+    try:
+        path = found or build(dirs[-1], compiler)
+        torch.ops.load_library(str(path))
+    except (OSError, BuildError, RuntimeError) as exc:
+        return f"the panel kernel could not be built or loaded: {exc}"
+    _state["library"] = str(path)
+    return None
+
+
+def available() -> bool:
+    return _state.get("library") is not None
+
+
+def library_path() -> str | None:
+    return _state.get("library")
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(panels [P, in, 32], bias [P * 32]) of an fp32 weight [out, in], zero-padded."""
+    out_features, in_features = weight.shape
+    panels = -(-out_features // PANEL_COLS)
+    pad = panels * PANEL_COLS - out_features
+    w = F.pad(weight.float(), (0, 0, 0, pad))
+    packed = w.view(panels, PANEL_COLS, in_features).transpose(1, 2).contiguous()
+    b = torch.zeros(panels * PANEL_COLS) if bias is None else F.pad(bias.float(), (0, pad))
+    return packed, b.contiguous()
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor,
+                 out_features: int) -> torch.Tensor:
+    return torch.ops.loraxd_cpu.panel_mm(x.contiguous(), panels, bias, out_features)
