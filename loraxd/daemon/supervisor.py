@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 import time
@@ -132,7 +133,8 @@ class Supervisor:
             max_adapter_bytes=c.adapters.max_adapter_bytes,
             master_addr=c.model.master_addr, master_port=port,
             log_level=current_level(), json_output=c.server.json_output,
-            watermark_gamma=c.worker.watermark_gamma, watermark_delta=c.worker.watermark_delta))
+            watermark_gamma=c.worker.watermark_gamma, watermark_delta=c.worker.watermark_delta,
+            kernel_dir=os.path.join(c.paths.cache_dir, "kernels")))
 
     async def start(self) -> Ready:
         """Spawn every rank and wait for their Ready while checking they stay alive."""

@@ -178,11 +178,22 @@ def _device(options: WorkerOptions, rank: int):
     return torch.device("cuda", rank)
 
 
+def _enable_cpu_kernels(rank: int, options: WorkerOptions) -> None:
+    from loraxd.worker import cpu_kernels
+    reason = cpu_kernels.enable(options.kernel_dir)
+    if reason is None:
+        log.info("rank %d: CPU kernels from %s", rank, cpu_kernels.library_path())
+    elif options.dtype == "float32" and options.quantize is None:
+        log.warning("rank %d: fp32 linears on oneDNN, slower: %s", rank, reason)
+
+
 def _load(args: argparse.Namespace, options: WorkerOptions):
     """Join the group and load this rank's shard: (runner, tp)."""
     from loraxd.worker.distributed import init_tensor_parallel
     from loraxd.worker.runner import KvSizing, ModelRunner
     device = _device(options, args.rank)
+    if device.type == "cpu":
+        _enable_cpu_kernels(args.rank, options)
     tp = init_tensor_parallel(args.rank, args.world_size, device,
                               master_addr=options.master_addr, master_port=options.master_port,
                               timeout_s=options.collective_timeout_s)

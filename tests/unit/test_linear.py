@@ -22,7 +22,7 @@ def test_packed_agrees_with_f_linear_fp32(num_tokens, with_bias):
     weight = torch.randn(384, 160, generator=g)
     bias = torch.randn(384, generator=g) if with_bias else None
     x = torch.randn(num_tokens, 160, generator=g)
-    kernel = DenseKernel(weight, bias)
+    kernel = DenseKernel(weight, bias, allow_panel=False)
     if packed_ops_available():
         assert kernel.packed is not None and kernel.weight is None
     with torch.inference_mode():
@@ -119,7 +119,7 @@ def test_the_packed_op_sees_only_bucketed_row_counts(monkeypatch):
     monkeypatch.setattr(linear, "packed_linear", spy)
     gen = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
-    kernel = linear.DenseKernel(weight, bias)
+    kernel = linear.DenseKernel(weight, bias, allow_panel=False)
     assert kernel.packed is not None
     for rows in (1, 3, 9, 100, 129, 513, 1300):
         x = torch.randn(rows, 32, generator=gen)

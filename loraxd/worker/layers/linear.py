@@ -53,7 +53,8 @@ class DenseKernel:
     """y = x @ weight.T + bias, the one place that picks how a matmul runs."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 batch_hint: int = DEFAULT_BATCH_HINT, allow_packed: bool = True):
+                 batch_hint: int = DEFAULT_BATCH_HINT, allow_packed: bool = True,
+                 allow_panel: bool = True):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = bias
@@ -61,7 +62,8 @@ class DenseKernel:
         self.packed: torch.Tensor | None = None
         self.panels: tuple[torch.Tensor, torch.Tensor] | None = None  # (panels, padded bias)
         on_cpu = allow_packed and weight.device.type == "cpu"
-        if on_cpu and weight.dtype == torch.float32 and cpu_kernels.enable() is None:
+        if on_cpu and allow_panel and weight.dtype == torch.float32 \
+                and cpu_kernels.enable() is None:
             self.panels = cpu_kernels.pack(weight, bias)
             self.weight = None
         elif on_cpu and weight.dtype in PACKED_DTYPES and packed_ops_available():
