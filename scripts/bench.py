@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=sorted(roofline.ITEMSIZE))
+    p.add_argument("--precisions", default="", help="loraxd again with these weights, as "
+                   "more systems of the run, comma-separated: bfloat16, int8-weight-only, "
+                   "int8-weight-only+bfloat16")
     p.add_argument("--llama-server", help="the llama-server binary (default: $LLAMA_SERVER, "
                    "else on PATH)")
     p.add_argument("--gguf-convert", metavar="DIR", help="the llama.cpp tree with "
@@ -80,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.loads, args.rounds = workloads.QUICK_LOADS, 1
     args.systems = [s.strip() for s in args.systems.split(",")]
+    try:
+        from scripts.benchkit.systems.loraxd_daemon import Precision
+        args.precision_systems = [Precision(s.strip()) for s in args.precisions.split(",")
+                                  if s.strip()]
+    except ValueError as exc:
+        p.error(str(exc))
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; known: {SYSTEMS}")
@@ -184,8 +193,10 @@ def main(argv=None) -> None:
     machine = report.machine_info(args.threads, workload)
     roof = measure_roofline(ctx, args.load_list, args.bandwidth_repeats)
     results, skipped, probes = {}, {}, {}
-    for name in [s for s in SYSTEMS if s in args.systems]:
-        module = system_module(name)
+    modules = [system_module(s) for s in SYSTEMS if s in args.systems]
+    modules[1:1] = args.precision_systems  # right after loraxd itself
+    for module in modules:
+        name = module.NAME
         info = machine["systems"].setdefault(module.NAME, {})
         try:
             results[module.NAME] = run_system(module, ctx, args.load_list, args.new_tokens,

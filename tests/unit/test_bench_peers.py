@@ -228,3 +228,13 @@ class _Short:
 
     def body(self, prompt, adapter, new_tokens):
         return {"prompt": prompt, "max_tokens": new_tokens - 1}
+
+
+def test_precisions_become_more_loraxd_systems_of_the_run():
+    args = bench.parse_args(["--precisions", "bfloat16, int8-weight-only+bfloat16"])
+    bf16, both = args.precision_systems
+    assert (bf16.NAME, bf16.dtype, bf16.extra) == ("loraxd bfloat16", "bfloat16", ())
+    assert (both.dtype, both.extra) == ("bfloat16", ("--quantize", "int8-weight-only"))
+    assert bench.parse_args([]).precision_systems == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precisions", "bfloat16+float32"])

@@ -27,12 +27,33 @@ class LoraxdSystem:
         return {**base_body(prompt, new_tokens), "model": model}
 
 
+class Precision:
+    """loraxd again with other weights, as one more system of the same run: `spec` is a
+    dtype, `int8-weight-only`, or both joined by `+` (`int8-weight-only+bfloat16`)."""
+    RESTART_PER_STREAMS = False
+
+    def __init__(self, spec: str):
+        parts = spec.split("+")
+        quantize = [p for p in parts if p.startswith("int8")]
+        dtypes = [p for p in parts if not p.startswith("int8")]
+        if len(quantize) > 1 or len(dtypes) > 1 or not parts:
+            raise ValueError(f"precision {spec!r}: at most one dtype and one int8 method")
+        self.NAME = f"loraxd {spec}"
+        self.dtype = dtypes[0] if dtypes else None
+        self.extra = ("--quantize", quantize[0]) if quantize else ()
+
+    def serve(self, ctx: BenchContext, max_streams: int):
+        return serve(ctx, max_streams, self.extra, dtype=self.dtype)
+
+
 @contextlib.contextmanager
-def serve(ctx: BenchContext, max_streams: int, extra: tuple[str, ...] = ()):
+def serve(ctx: BenchContext, max_streams: int, extra: tuple[str, ...] = (),
+          dtype: str | None = None):
     """One daemon for every load (its batch grows to `max_streams` on its own); `extra`:
-    more command-line options."""
+    more command-line options; `dtype`: other than the run's."""
     model_dir, adapter_root, adapter_names = ctx.model_dir, ctx.adapter_root, ctx.adapter_names
-    threads, dtype, work_dir = ctx.threads, ctx.dtype, ctx.work_dir
+    threads, work_dir = ctx.threads, ctx.work_dir
+    dtype = dtype or ctx.dtype
     port = free_port()
     cmd = [sys.executable, "-m", "loraxd.daemon.main", "--model-id", str(model_dir),
            "--port", str(port), "--runtime-dir", str(work_dir / "loraxd-run"),
@@ -41,7 +62,8 @@ def serve(ctx: BenchContext, max_streams: int, extra: tuple[str, ...] = ()):
            "--local-adapter-dir", str(adapter_root), "--adapter-source", "local",
            "--max-active-adapters", str(max(1, len(adapter_names))), *extra]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    server = ServerProcess(NAME, cmd, work_dir / "loraxd.log", env=env)
+    log_name = "-".join(["loraxd", dtype, *extra[1:]]) + ".log"
+    server = ServerProcess(NAME, cmd, work_dir / log_name, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         server.wait_ready(url + "/health", timeout=300)
