@@ -43,7 +43,8 @@ def make_step(lens, group, head_dim, block_size, seed=0):
     # scores of a few units, so soft-capping at 2 changes them
     qkv = 3 * torch.randn(rows, (heads + 2 * KV_HEADS) * head_dim, generator=gen)
     ctx = StepContext(
-        input_ids=torch.zeros(rows, dtype=torch.long), positions=torch.zeros(rows, dtype=torch.long),
+        input_ids=torch.zeros(rows, dtype=torch.long),
+        positions=torch.zeros(rows, dtype=torch.long),
         slot_mapping=torch.zeros(rows, dtype=torch.long), token_slots=torch.full((rows,), -1),
         req_ids=list(range(1 + len(lens))), seq_slots=[-1] * (1 + len(lens)),
         query_lens=[PREFILL_ROWS] + [1] * len(lens), seq_lens=[PREFILL_ROWS] + list(lens),
@@ -141,6 +142,9 @@ def test_refuses_what_would_read_outside_the_cache():
                                                            0.125, 0, 0.0)
 
     call(table, ctx.decode_lens)
+    empty = torch.ops.loraxd_cpu.paged_decode_attention(q[:0], cache.data[0], table[:0],
+                                                        ctx.decode_lens[:0], 16, 0.125, 0, 0.0)
+    assert empty.shape == (0, KV_HEADS * 64)
     bad_page = table.clone()
     bad_page[1, 1] = cache.num_blocks + 1
     with pytest.raises(RuntimeError, match="outside the cache"):
