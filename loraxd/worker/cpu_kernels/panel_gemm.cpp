@@ -85,7 +85,7 @@ at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& panels, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY(loraxd_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(loraxd_cpu, m) {
   m.def("panel_mm(Tensor x, Tensor panels, Tensor bias, int n) -> Tensor");
 }
 

@@ -4,9 +4,10 @@ A step's tokens are flat: first each prefill sequence's prompt (rows
 `[prefill_starts[i], prefill_starts[i] + query_lens[i])`), then one row per decode sequence.
 Each layer writes the step's K/V to the cache (one index op), runs causal SDPA per prefill
 sequence, and one batched SDPA for all decode sequences over their pages gathered into
-`[B, max_len]`. A prefill that starts at the beginning of its context attends to its own
-rows; one that follows cached tokens (a prefix-cache hit, a prompt's later slice) attends
-to its pages, the step's K/V included.
+`[B, max_len]` (an fp32 cache on CPU: our kernel reads the pages in place instead). A
+prefill that starts at the beginning of its context attends to its own rows; one that
+follows cached tokens (a prefix-cache hit, a prompt's later slice) attends to its pages,
+the step's K/V included.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from loraxd.worker.cpu_kernels import attention as cpu_attention
 from loraxd.worker.kv_cache import PagedKVCache
 from loraxd.worker.layers.rotary import apply_rotary
 
@@ -202,6 +204,11 @@ class PagedAttention:
                 ) -> torch.Tensor:
         num_decode, max_len, d = ctx.num_decode, ctx.decode_max_len, self.head_dim
         q = qkv[ctx.num_prefill_tokens:, :self.q_size]
+        cache = kv_cache.data[self.layer_idx]
+        if cpu_attention.usable(cache):  # reads the pages in place: no gather, no mask
+            return cpu_attention.paged_decode(q, cache, ctx.decode_blocks, ctx.decode_lens,
+                                              kv_cache.block_size, self.scale,
+                                              self.sliding_window, self.softcap)
         pages = kv_cache.gather_blocks(self.layer_idx, ctx.decode_blocks)
         pages = pages.view(num_decode, max_len, 2, self.num_kv_heads, d)
         k = pages[:, :, 0].transpose(1, 2)  # [B, kv_heads, max_len, d]

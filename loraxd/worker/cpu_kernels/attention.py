@@ -1,0 +1,24 @@
+"""Decode attention read straight from the paged KV cache (paged_attention.cpp), for fp32
+caches on CPU: no page gather, no mask, one pass per (sequence, KV head)."""
+from __future__ import annotations
+
+import torch
+
+from loraxd.worker import cpu_kernels
+
+
+def usable(cache: torch.Tensor) -> bool:
+    """The kernel covers this layer's cache: fp32 on CPU, and the library is loaded."""
+    return (cache.dtype == torch.float32 and cache.device.type == "cpu"
+            and cpu_kernels.enable() is None)
+
+
+def paged_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
+                 lens: torch.Tensor, block_size: int, scale: float,
+                 window: int | None, softcap: float | None) -> torch.Tensor:
+    """q [B, heads * d] (rows contiguous, any row stride: a view of the step's qkv);
+    cache [slots, 2, kv_heads, d]; blocks [B * max_blocks] page ids; lens [B] context
+    lengths including the new token -> [B, heads * d]."""
+    table = blocks.view(q.shape[0], -1)
+    return torch.ops.loraxd_cpu.paged_decode_attention(
+        q, cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
