@@ -8,7 +8,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +39,11 @@ def main() -> None:
     slots = [-1] * args.batch
     if args.adapters:
         runner.enable_lora(args.batch)
-        with tempfile.TemporaryDirectory() as tmp:
-            from scripts.bench import make_adapters
-            names = make_adapters(model_dir, Path(tmp), args.batch, args.rank)
-            for slot, name in enumerate(names):
-                runner.load_adapter(slot, str(Path(tmp) / name))
+        from scripts.benchkit import artifacts
+        root = artifacts.make_adapters(model_dir, artifacts.default_cache_dir(), args.batch,
+                                       args.rank)
+        for slot, name in enumerate(artifacts.adapter_names(args.batch, args.rank)):
+            runner.load_adapter(slot, str(root / name))
         slots = list(range(args.batch))
 
     rng = random.Random(0)
