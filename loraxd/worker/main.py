@@ -184,7 +184,8 @@ def _enable_cpu_kernels(rank: int, options: WorkerOptions) -> None:
     if reason is None:
         log.info("rank %d: CPU kernels from %s", rank, cpu_kernels.library_path())
     elif options.dtype == "float32" and options.quantize is None:
-        log.warning("rank %d: fp32 linears on oneDNN, slower: %s", rank, reason)
+        log.warning("rank %d: fp32 linears on oneDNN and attention on SDPA, slower: %s",
+                    rank, reason)
 
 
 def _load(args: argparse.Namespace, options: WorkerOptions):

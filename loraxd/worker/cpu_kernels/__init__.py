@@ -1,5 +1,6 @@
-"""CPU kernels of our own (the *.cpp files here, one library): the fp32 matmul of
-decode-sized batches (panel_gemm.cpp).
+"""CPU kernels of our own (the *.cpp files here, one library), both fp32: the matmul of
+decode-sized batches (panel_gemm.cpp) and decode attention over the paged KV cache
+(paged_attention.cpp, wrapped by attention.py).
 
 It is compiled on the machine that runs it (`-march=native`, against the installed torch),
 once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts
@@ -7,8 +8,8 @@ the library under the environment's prefix; a worker that finds none there build
 its cache directory at start (about 15 s). The file name carries a hash of the source, the
 torch version, the compiler and the CPU's flags, so a library is never loaded on a machine
 or torch it was not built for. Without a C++ compiler, or on a CPU without AVX-512, the
-linears stay on oneDNN (linear.py), which computes the same thing more slowly; the worker
-logs which one runs and why.
+linears stay on oneDNN (linear.py) and attention on SDPA over gathered pages, which compute
+the same thing more slowly; the worker logs which runs and why.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def build(directory: Path, compiler: str) -> Path:
 
 
 def enable(build_dir: str | os.PathLike | None = None) -> str | None:
-    """Load the panel kernel, building it into `build_dir` (default: the prefix) if neither
+    """Load the CPU kernels, building it into `build_dir` (default: the prefix) if neither
     there nor under the prefix. None once loaded, else the reason it is not; the answer
     of the first call stands for the process."""
     if "reason" in _state:
@@ -100,10 +101,10 @@ def enable(build_dir: str | os.PathLike | None = None) -> str | None:
 
 def _load(build_dir: Path | None) -> str | None:
     if "avx512f" not in _cpu_flags():
-        return "this CPU has no AVX-512, which the panel kernel is written for"
+        return "this CPU has no AVX-512, which the CPU kernels are written for"
     compiler = _compiler()
     if compiler is None:
-        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build the panel kernel"
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build the CPU kernels"
     name = library_name(compiler)
     dirs = [prefix_dir()] + ([build_dir] if build_dir else [])
     found = next((d / name for d in dirs if (d / name).exists()), None)
@@ -111,7 +112,7 @@ def _load(build_dir: Path | None) -> str | None:
         path = found or build(dirs[-1], compiler)
         torch.ops.load_library(str(path))
     except (OSError, BuildError, RuntimeError) as exc:
-        return f"the panel kernel could not be built or loaded: {exc}"
+        return f"the CPU kernels could not be built or loaded: {exc}"
     _state["library"] = str(path)
     return None
 
