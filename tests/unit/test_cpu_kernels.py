@@ -59,7 +59,7 @@ def test_a_row_does_not_depend_on_its_batch():
     """Each output is one k-ordered sum, so the rows of any batch are bit-identical to the
     same rows alone: a sequence's tokens do not change with who shares its step."""
     g = torch.Generator().manual_seed(2)
-    kernel = DenseKernel(torch.randn(500, 576, generator=g))
+    kernel = DenseKernel(torch.randn(500, 576, generator=g), torch.randn(500, generator=g))
     x = torch.randn(40, 576, generator=g)
     full = kernel(x)
     for lo, hi in ((0, 1), (3, 4), (5, 13), (8, 40)):
@@ -113,3 +113,34 @@ def test_the_library_name_follows_source_torch_and_cpu(monkeypatch, tmp_path):
     assert cpu_kernels.library_name(compiler) != name
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert cpu_kernels.library_name(compiler) != name
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", [(1, 16), (33, 48), (960, 576), (70, 1536)])
+@pytest.mark.parametrize("rows", [1, 8, 9, 33, 300])
+def test_int8_panels_agree_with_the_dequantized_weight(out_features, in_features, rows):
+    from loraxd.worker.layers.quantized import quantize_per_channel
+    g = torch.Generator().manual_seed(out_features + rows)
+    q, scales = quantize_per_channel(torch.randn(out_features, in_features, generator=g))
+    bias = torch.randn(out_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    panels = cpu_kernels.pack_int8(q, scales, bias)
+    assert panels[0].dtype == torch.int8
+    assert torch.equal(cpu_kernels.unpanel(panels[0], out_features), q)
+    y = cpu_kernels.panel_linear_int8(x, *panels, out_features)
+    reference = x @ (q.float() * scales.float()[:, None]).T + bias
+    assert rel_err(y, reference) < 1e-5
+    assert torch.equal(y[rows // 2:rows // 2 + 1],
+                       cpu_kernels.panel_linear_int8(x[rows // 2:rows // 2 + 1], *panels,
+                                                     out_features))
+
+
+@needs_kernel
+def test_int8_panels_refuse_fp32_panels_and_bad_scales():
+    from loraxd.worker.layers.quantized import quantize_per_channel
+    q, scales = quantize_per_channel(torch.randn(40, 16))
+    panels, s, b = cpu_kernels.pack_int8(q, scales, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        cpu_kernels.panel_linear_int8(torch.randn(2, 16), panels.float(), s, b, 40)
+    with pytest.raises(RuntimeError, match="scales"):
+        cpu_kernels.panel_linear_int8(torch.randn(2, 16), panels, s[:32], b, 40)

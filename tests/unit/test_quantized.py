@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from loraxd.config.tree import QUANTIZE_METHODS as CONFIG_METHODS  # noqa: E402
+from loraxd.worker import cpu_kernels  # noqa: E402
 from loraxd.worker.layers import quantized  # noqa: E402
 from loraxd.worker.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from loraxd.worker.layers.quantized import (GEMV_ROWS, Int8WeightOnlyKernel,  # noqa: E402
@@ -37,11 +38,13 @@ def test_per_channel_quantization_is_symmetric_and_within_half_a_step():
 
 @pytest.mark.parametrize("rows", [1, 3, 8, GEMV_ROWS, GEMV_ROWS + 1, 37, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_agrees_with_the_dequantized_reference(rows, dtype):
+@pytest.mark.parametrize("allow_panel", [True, False])  # our kernel where built, else torch's
+def test_kernel_agrees_with_the_dequantized_reference(rows, dtype, allow_panel):
     g = torch.Generator().manual_seed(rows)
     weight = (torch.randn(96, 160, generator=g) * 0.05).to(dtype)
     bias = torch.randn(96, generator=g).to(dtype)
-    kernel = Int8WeightOnlyKernel(weight, bias)
+    kernel = Int8WeightOnlyKernel(weight, bias, allow_panel=allow_panel)
+    assert (kernel.panels is not None) == (allow_panel and cpu_kernels.available())
     assert kernel.weight is None and kernel.num_bytes == 96 * 160 + 96 * 2 + 96 * bias.itemsize
     x = torch.randn(rows, 160, generator=g).to(dtype)
     with torch.inference_mode():

@@ -125,17 +125,45 @@ def library_path() -> str | None:
     return _state.get("library")
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(panels [P, in, 32], bias [P * 32]) of an fp32 weight [out, in], zero-padded."""
+def _padded(v: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """A per-column fp32 vector (zeros for None) padded to whole panels."""
+    cols = -(-out_features // PANEL_COLS) * PANEL_COLS
+    if v is None:
+        return torch.zeros(cols)
+    return F.pad(v.float(), (0, cols - out_features)).contiguous()
+
+
+def panels_of(weight: torch.Tensor) -> torch.Tensor:
+    """[P, in, 32] panels of a weight [out, in] (fp32 or int8), zero-padded."""
     out_features, in_features = weight.shape
     panels = -(-out_features // PANEL_COLS)
-    pad = panels * PANEL_COLS - out_features
-    w = F.pad(weight.float(), (0, 0, 0, pad))
-    packed = w.view(panels, PANEL_COLS, in_features).transpose(1, 2).contiguous()
-    b = torch.zeros(panels * PANEL_COLS) if bias is None else F.pad(bias.float(), (0, pad))
-    return packed, b.contiguous()
+    w = F.pad(weight, (0, 0, 0, panels * PANEL_COLS - out_features))
+    return w.view(panels, PANEL_COLS, in_features).transpose(1, 2).contiguous()
+
+
+def unpanel(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The weight [out, in] that `panels_of` packed."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(panels [P, in, 32], bias [P * 32]) of an fp32 weight [out, in]."""
+    return panels_of(weight.float()), _padded(bias, weight.shape[0])
+
+
+def pack_int8(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 panels, fp32 scales, fp32 bias) of w = scales[:, None] * q."""
+    out_features = q.shape[0]
+    return panels_of(q), _padded(scales, out_features), _padded(bias, out_features)
 
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor,
                  out_features: int) -> torch.Tensor:
     return torch.ops.loraxd_cpu.panel_mm(x.contiguous(), panels, bias, out_features)
+
+
+def panel_linear_int8(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor,
+                      bias: torch.Tensor, out_features: int) -> torch.Tensor:
+    return torch.ops.loraxd_cpu.panel_mm_int8(x.contiguous(), panels, scales, bias,
+                                              out_features)

@@ -8,7 +8,12 @@ matmuls, slower than fp32, and a setting meant to speed things up must not slow 
 (w ≈ scale[n] * q[n, k], q in [-127, 127]); activations keep the model dtype between layers.
 The product runs on bf16 inputs with fp32 accumulation, whatever the model dtype (an fp32
 model's linear inputs are rounded to bf16 at the kernel, its outputs are fp32 again):
-* up to `GEMV_ROWS` rows (decode), `aten._weight_int8pack_mm`, which reads the int8 weight
+* on a CPU with our kernels (loraxd.worker.cpu_kernels), int8 panels at any row count:
+  each int8 weight is read once per call and widened in registers, the scales multiply
+  the fp32 sums; the bf16-rounded input is widened to fp32 first, so it is the same
+  arithmetic as below up to the order of the sums, and a row's numbers never depend on
+  its batch;
+* otherwise, up to `GEMV_ROWS` rows (decode), `aten._weight_int8pack_mm`, which reads the int8 weight
   and applies the scales itself: half the bytes of a bf16 weight, a quarter of fp32;
 * more rows (prefill), the weight dequantized to fp32 for one fp32 matmul: that kernel
   re-reads the weight once per 4 rows, so beyond a few dozen rows a conversion is cheaper.
@@ -24,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from loraxd.worker import cpu_kernels
 
 INT8_WEIGHT_ONLY = "int8-weight-only"
 QUANTIZE_METHODS = (INT8_WEIGHT_ONLY,)
@@ -102,7 +109,7 @@ class Int8WeightOnlyKernel:
     """y = x @ W^T + bias with W held as int8 + per-output-channel scales (see above)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 amax: torch.Tensor | None = None):
+                 amax: torch.Tensor | None = None, *, allow_panel: bool = True):
         self.out_features, self.in_features = weight.shape
         if weight.device.type != "cpu":
             raise ValueError(f"{INT8_WEIGHT_ONLY} is built for CPUs only, not "
@@ -111,20 +118,35 @@ class Int8WeightOnlyKernel:
             raise ValueError(f"{INT8_WEIGHT_ONLY} needs input widths that are multiples of "
                              f"{K_MULTIPLE}; a linear of this model has {self.in_features}")
         self.dtype = weight.dtype  # of the output: the model dtype
-        self.qweight, self.scales = quantize_per_channel(weight, amax)
+        q, self.scales = quantize_per_channel(weight, amax)
         self.bias = bias
         self.weight = None  # no dense weight is kept
+        self.panels = None  # (int8 panels, fp32 scales, fp32 bias) for our kernel
+        self._qweight: torch.Tensor | None = q
+        if allow_panel and cpu_kernels.enable() is None:
+            self.panels = cpu_kernels.pack_int8(q, self.scales, bias)
+            self._qweight = None  # one copy of the weight: the panels
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The int8 weight [out, in] (unpacked from the panels when they hold it)."""
+        if self._qweight is not None:
+            return self._qweight
+        return cpu_kernels.unpanel(self.panels[0], self.out_features)
 
     @property
     def num_bytes(self) -> int:
-        tensors = [t for t in (self.qweight, self.scales, self.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.out_features * (self.in_features + self.scales.element_size()) + bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             flat = self(x.reshape(-1, self.in_features))
             return flat.reshape(*x.shape[:-1], self.out_features)
         x = x.to(torch.bfloat16)
+        if self.panels is not None:
+            y = cpu_kernels.panel_linear_int8(x.float(), *self.panels, self.out_features)
+            return y.bfloat16().to(self.dtype)
         if not x.is_contiguous() or x.data_ptr() % _ALIGN:  # the kernel loads rows aligned
             x = x.clone(memory_format=torch.contiguous_format)
         if x.shape[0] <= GEMV_ROWS:
