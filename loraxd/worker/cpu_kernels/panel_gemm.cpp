@@ -9,6 +9,8 @@
 // The same tile runs int8 panels (int8 weight-only quantization): each row of 32 int8
 // weights is widened to fp32 in registers, the sums are fp32, and the per-column scales
 // multiply the sums once at the end (w = scale[n] * q[n][k]): a quarter of fp32's bytes.
+#include <immintrin.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,7 +22,6 @@
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
-typedef int8_t v16i8 __attribute__((vector_size(16)));
 constexpr int64_t kCols = 32;      // a panel's width: two vectors
 constexpr int64_t kRowTile = 8;    // rows of x per pass over a panel: 16 accumulators
 constexpr int64_t kAheadBytes = 4096;  // prefetch distance in the panel's stream
@@ -32,12 +33,14 @@ inline void load_row(const float* row, v16& w0, v16& w1) {
   w0 = load(row);
   w1 = load(row + 16);
 }
+inline v16 widen(const int8_t* p) {  // sign-extend then convert: GCC's generic vector
+  // conversion from int8 lanes to float lanes comes out as 16 scalar conversions
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<v16>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+}
 inline void load_row(const int8_t* row, v16& w0, v16& w1) {
-  v16i8 a, b;
-  std::memcpy(&a, row, sizeof a);
-  std::memcpy(&b, row + 16, sizeof b);
-  w0 = __builtin_convertvector(a, v16);
-  w1 = __builtin_convertvector(b, v16);
+  w0 = widen(row);
+  w1 = widen(row + 16);
 }
 
 template <typename W, int Rows>
