@@ -117,10 +117,9 @@ class Worker:
         self.sock.send(encode(reply), copy=False)
 
     def on_step(self, step: Step):
+        # every step goes to the runner, even one with no new or decoding sequence: it may
+        # carry a prompt's next slice, pages to zero, sequences to forget
         start = time.perf_counter()
-        if not step.new_seqs and not step.decode_ids:  # only forgets finished sequences
-            self.runner.forget(step.finished_ids)
-            return StepResult(step.step_id, [], 0.0)
         from loraxd.worker.runner import StepRejected
         try:
             results = self.runner.execute(step)
@@ -129,7 +128,8 @@ class Worker:
                 raise GroupBroken(f"step {step.step_id} failed on rank {self.rank}: "
                                   f"{type(exc).__name__}: {exc}") from exc
             log.exception("step %d failed", step.step_id)
-            ids = [s.req_id for s in step.new_seqs] + list(step.decode_ids)
+            ids = ([s.req_id for s in step.new_seqs] + list(step.prefill_chunks)
+                   + list(step.decode_ids))
             self.runner.forget(ids)
             return StepFailed(step.step_id, ids, f"{type(exc).__name__}: {exc}")
         outputs = [r for r in results if isinstance(r, SeqOutput)]

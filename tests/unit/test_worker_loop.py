@@ -77,3 +77,38 @@ def test_a_log_level_applies_from_the_next_step(sockets, caplog):
     assert len(debug) == 1 and debug[0].startswith("step 1: 1 prefilled, 0 decoded, 0 failed")
     assert any("rejecting an undecodable frame" in r.getMessage() for r in caplog.records)
     assert logging.getLogger().level == logging.DEBUG  # the last good level stays
+
+
+class RecordingRunner(FakeRunner):
+    def __init__(self, fail: bool = False):
+        self.steps, self.forgotten, self.fail = [], [], fail
+
+    def execute(self, step: Step):
+        self.steps.append(step.step_id)
+        if self.fail:
+            raise ValueError("boom")
+        return [SeqOutput(i, 5, -0.5) for i in step.prefill_chunks]
+
+    def forget(self, ids):
+        self.forgotten += list(ids)
+
+
+def test_a_step_of_only_a_prompt_slice_or_pages_to_zero_reaches_the_runner():
+    """No new and no decoding sequence, yet work: the next slice of a prompt (its last one
+    samples a token), or a failed sequence's pages to zero. A worker that took such a step
+    for a mere `forget` left the prompt unfinished while the scheduler moved on to decode
+    it ("request N is not decoding here")."""
+    runner = RecordingRunner()
+    worker = Worker(runner, None, 0, None)
+    result = worker.on_step(Step(3, prefill_chunks={7: 16}))
+    assert runner.steps == [3] and [o.req_id for o in result.outputs] == [7]
+    worker.on_step(Step(4, finished_ids=[7], clear_blocks=[2, 5]))
+    assert runner.steps == [3, 4]
+
+
+def test_a_failed_step_names_its_sliced_prompts_too():
+    runner = RecordingRunner(fail=True)
+    failed = Worker(runner, None, 0, None).on_step(
+        Step(5, new_seqs=[NewSeq(1, [1, 2], [0], SamplingParams())], decode_ids=[2],
+             prefill_chunks={3: 8}))
+    assert sorted(failed.req_ids) == [1, 2, 3] and sorted(runner.forgotten) == [1, 2, 3]
