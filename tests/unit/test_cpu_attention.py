@@ -153,3 +153,45 @@ def test_refuses_what_would_read_outside_the_cache():
         call(table, torch.tensor([5, 33]))
     with pytest.raises(RuntimeError, match="length 0"):
         call(table, torch.tensor([0, 20]))
+
+
+def prefill_after_past(n, past, group, head_dim, block_size, window, softcap, kernel,
+                       monkeypatch, seed=0):
+    """One prompt slice of `n` rows after `past` cached tokens, all on shuffled pages."""
+    gen = torch.Generator().manual_seed(seed)
+    count = -(-(past + n) // block_size)
+    cache = PagedKVCache(1, count + 3, block_size, KV_HEADS, head_dim, dtype=torch.float32,
+                         device="cpu")
+    cache.data[0] = torch.randn(cache.data[0].shape, generator=gen)
+    pages = torch.randperm(count + 3, generator=gen)[:count]
+    heads = group * KV_HEADS
+    qkv = 3 * torch.randn(n, (heads + 2 * KV_HEADS) * head_dim, generator=gen)
+    ctx = StepContext(
+        input_ids=torch.zeros(n, dtype=torch.long), positions=torch.zeros(n, dtype=torch.long),
+        slot_mapping=torch.zeros(n, dtype=torch.long), token_slots=torch.full((n,), -1),
+        req_ids=[1], seq_slots=[-1], query_lens=[n], seq_lens=[past + n], num_prefill_seqs=1,
+        num_prefill_tokens=n, prefill_starts=[0], decode_blocks=None, decode_lens=None,
+        decode_max_len=0, logits_idx=torch.zeros(1, dtype=torch.long), sample_idx=None,
+        dtype=torch.float32, prefill_past=[past], prefill_pages=[pages])
+    layer = PagedAttention(0, heads, KV_HEADS, head_dim, scale=head_dim ** -0.5,
+                           sliding_window=window, softcap=softcap)
+    with monkeypatch.context() as patch:
+        if kernel:
+            patch.setattr(cache, "gather_blocks", _no_gather)
+        else:
+            patch.setattr(cpu_attention, "usable", lambda _cache: False)
+        return layer._prefill(qkv, ctx, 0, cache)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n, past, block_size", [(1, 5, 16), (32, 1500, 16), (7, 16, 16),
+                                                 (13, 40, 1), (16, 1, 4)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_prompt_slice_after_cached_tokens_matches_torch(n, past, block_size, group,
+                                                          variant, monkeypatch):
+    window, softcap = VARIANTS[variant]
+    args = (n, past, group, 64, block_size, window, softcap)
+    got = prefill_after_past(*args, True, monkeypatch)
+    want = prefill_after_past(*args, False, monkeypatch)
+    assert got.shape == want.shape == (n, group * KV_HEADS * 64)
+    assert rel_err(got, want) < 1e-5

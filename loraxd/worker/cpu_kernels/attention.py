@@ -22,3 +22,16 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
     table = blocks.view(q.shape[0], -1)
     return torch.ops.loraxd_cpu.paged_decode_attention(
         q, cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
+
+
+def paged_prefill(q: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor, past: int,
+                  block_size: int, scale: float, window: int | None,
+                  softcap: float | None) -> torch.Tensor:
+    """A prompt's slice after `past` cached tokens, its own K/V already in `pages`: row i
+    (position past + i) attends like a decode token with past + i + 1 tokens, over the
+    sequence's one page table (a stride-0 view, not n copies) -> [n, heads * d]."""
+    n = q.shape[0]
+    table = pages[None].expand(n, -1)
+    lens = torch.arange(past + 1, past + n + 1, dtype=torch.long)
+    return torch.ops.loraxd_cpu.paged_decode_attention(
+        q, cache, table, lens, block_size, scale, window or 0, softcap or 0.0)

@@ -189,6 +189,12 @@ class PagedAttention:
         d = self.head_dim
         q = rows[:, :self.q_size].view(n, self.num_heads, d).transpose(0, 1)
         if ctx.has_past and ctx.prefill_past[seq]:
+            cache = kv_cache.data[self.layer_idx]
+            if cpu_attention.usable(cache):  # the pages where they lie, as for decode
+                return cpu_attention.paged_prefill(
+                    rows[:, :self.q_size], cache, ctx.prefill_pages[seq],
+                    ctx.prefill_past[seq], kv_cache.block_size, self.scale,
+                    self.sliding_window, self.softcap)
             pages = kv_cache.gather_blocks(self.layer_idx, ctx.prefill_pages[seq])
             k, v = pages[:, 0].transpose(0, 1), pages[:, 1].transpose(0, 1)
             mask = ctx.past_mask(seq, pages.shape[0], self.sliding_window)
