@@ -89,9 +89,9 @@ def test_other_dtypes_and_opt_outs_keep_the_torch_paths():
 
 
 def test_no_compiler_and_no_avx512_are_reasons(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2"})
     assert "AVX-512" in cpu_kernels._load(tmp_path)
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f"})
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert "no C++ compiler" in cpu_kernels._load(tmp_path)
     assert not any(tmp_path.iterdir())
@@ -104,7 +104,7 @@ def test_the_library_name_follows_source_torch_and_cpu(monkeypatch, tmp_path):
         pytest.skip("no C++ compiler")
     name = cpu_kernels.library_name(compiler)
     assert name == cpu_kernels.library_name(compiler)
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f"})
     assert cpu_kernels.library_name(compiler) != name
     monkeypatch.undo()
     edited = tmp_path / "panel_gemm.cpp"

@@ -40,15 +40,18 @@ def prefix_dir() -> Path:
     return Path(sys.prefix) / "share" / "loraxd" / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU feature flags the kernel reports (x86 `flags`, Arm `Features`); None when
+    it reports none (not Linux)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
 
 
 def _compiler() -> str | None:
@@ -60,7 +63,7 @@ def library_name(compiler: str) -> str:
                              check=False).stdout.splitlines()[:1]
     h = hashlib.sha256()
     for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), repr(FLAGS).encode(),
-                 repr(version).encode(), " ".join(sorted(_cpu_flags())).encode()):
+                 repr(version).encode(), " ".join(sorted(cpu_flags() or ())).encode()):
         h.update(part)
         h.update(b"\0")
     return f"loraxd_cpu-{h.hexdigest()[:16]}.so"
@@ -100,7 +103,7 @@ def enable(build_dir: str | os.PathLike | None = None) -> str | None:
 
 
 def _load(build_dir: Path | None) -> str | None:
-    if "avx512f" not in _cpu_flags():
+    if "avx512f" not in (cpu_flags() or ()):
         return "this CPU has no AVX-512, which the CPU kernels are written for"
     compiler = _compiler()
     if compiler is None:

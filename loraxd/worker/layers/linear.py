@@ -90,6 +90,9 @@ class DenseKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        if x.dim() != 2:
+            flat = self(x.reshape(-1, self.in_features))
+            return flat.reshape(*x.shape[:-1], self.out_features)
         if self.panels is not None:
             return self._panel(x)
         if self.packed is not None:
@@ -98,17 +101,10 @@ class DenseKernel:
 
     def _panel(self, x: torch.Tensor) -> torch.Tensor:
         panels, bias = self.panels
-        if x.dim() != 2:
-            flat = cpu_kernels.panel_linear(x.reshape(-1, self.in_features), panels, bias,
-                                            self.out_features)
-            return flat.reshape(*x.shape[:-1], self.out_features)
         return cpu_kernels.panel_linear(x, panels, bias, self.out_features)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if x.dim() != 2:
-            flat = self._packed(x.reshape(-1, self.in_features))
-            return flat.reshape(*x.shape[:-1], self.out_features)
         if rows == 0:
             return x.new_empty(0, self.out_features)
         if rows > ROW_BUCKETS[-1]:

@@ -25,32 +25,18 @@ Scales are rounded to bf16 before quantizing, so the kernel's bf16 scales are ex
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from loraxd.worker import cpu_kernels
+from loraxd.worker.cpu_kernels import cpu_flags
 
 INT8_WEIGHT_ONLY = "int8-weight-only"
 QUANTIZE_METHODS = (INT8_WEIGHT_ONLY,)
 GEMV_ROWS = 32  # rows up to which the int8 kernel beats dequantize-then-matmul (see README)
 K_MULTIPLE = 16  # the int8 kernel steps through K 16 values at a time, aligned
 _ALIGN = 64
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
-    """The CPU feature flags the kernel reports (x86 `flags`, Arm `Features`); None when
-    it reports none (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
 
 
 def cpu_bf16_problem(flags: set[str] | None = None, machine: str | None = None) -> str | None:

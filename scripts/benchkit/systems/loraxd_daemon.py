@@ -36,7 +36,7 @@ class Precision:
         parts = spec.split("+")
         quantize = [p for p in parts if p.startswith("int8")]
         dtypes = [p for p in parts if not p.startswith("int8")]
-        if len(quantize) > 1 or len(dtypes) > 1 or not parts:
+        if len(quantize) > 1 or len(dtypes) > 1:
             raise ValueError(f"precision {spec!r}: at most one dtype and one int8 method")
         self.NAME = f"loraxd {spec}"
         self.dtype = dtypes[0] if dtypes else None
