@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxd.worker.distributed import TensorParallel
-from loraxd.worker.layers.linear import DenseKernel
+from loraxd.worker.layers.linear import make_kernel
 
 
 class VocabParallelEmbedding:
@@ -50,10 +50,12 @@ class VocabParallelEmbedding:
 class ParallelLMHead:
     """logits = hidden @ W^T over this rank's vocabulary rows, gathered on rank 0."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, tp: TensorParallel):
-        """`weight`: this rank's [rows_per_rank, hidden] (the embedding's when tied)."""
+    def __init__(self, weight: torch.Tensor, vocab_size: int, tp: TensorParallel, *,
+                 quantize: str | None = None):
+        """`weight`: this rank's [rows_per_rank, hidden] (the embedding's when tied; the
+        embedding keeps its dense rows when the head is quantized)."""
         self.vocab_size, self.tp = vocab_size, tp
-        self.kernel = DenseKernel(weight)
+        self.kernel = make_kernel(weight, None, quantize=quantize)
 
     @property
     def num_bytes(self) -> int:

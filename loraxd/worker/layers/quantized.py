@@ -6,14 +6,13 @@ matmuls, slower than fp32, and a setting meant to speed things up must not slow 
 
 `Int8WeightOnlyKernel`: the weight is quantized once, at load, symmetric per output channel
 (w ≈ scale[n] * q[n, k], q in [-127, 127]); activations keep the model dtype between layers.
-The product runs on bf16 inputs with fp32 accumulation, whatever the model dtype (an fp32
-model's linear inputs are rounded to bf16 at the kernel, its outputs are fp32 again):
-* on a CPU with our kernels (loraxd.worker.cpu_kernels), int8 panels at any row count:
+* On a CPU with our kernels (loraxd.worker.cpu_kernels), int8 panels at any row count:
   each int8 weight is read once per call and widened in registers, the scales multiply
-  the fp32 sums; the bf16-rounded input is widened to fp32 first, so it is the same
-  arithmetic as below up to the order of the sums, and a row's numbers never depend on
-  its batch;
-* otherwise, up to `GEMV_ROWS` rows (decode), `aten._weight_int8pack_mm`, which reads the int8 weight
+  the fp32 sums of the fp32 input (an fp32 model's activations are not rounded), and one
+  kernel for every row count means a row's numbers never depend on its batch.
+Without them the product runs on bf16 inputs with fp32 accumulation, whatever the model
+dtype (an fp32 model's linear inputs are rounded to bf16, its outputs are fp32 again):
+* up to `GEMV_ROWS` rows (decode), `aten._weight_int8pack_mm`, which reads the int8 weight
   and applies the scales itself: half the bytes of a bf16 weight, a quarter of fp32;
 * more rows (prefill), the weight dequantized to fp32 for one fp32 matmul: that kernel
   re-reads the weight once per 4 rows, so beyond a few dozen rows a conversion is cheaper.
@@ -129,10 +128,10 @@ class Int8WeightOnlyKernel:
         if x.dim() != 2:
             flat = self(x.reshape(-1, self.in_features))
             return flat.reshape(*x.shape[:-1], self.out_features)
-        x = x.to(torch.bfloat16)
         if self.panels is not None:
             y = cpu_kernels.panel_linear_int8(x.float(), *self.panels, self.out_features)
-            return y.bfloat16().to(self.dtype)
+            return y.to(self.dtype)
+        x = x.to(torch.bfloat16)
         if not x.is_contiguous() or x.data_ptr() % _ALIGN:  # the kernel loads rows aligned
             x = x.clone(memory_format=torch.contiguous_format)
         if x.shape[0] <= GEMV_ROWS:

@@ -131,9 +131,8 @@ class CausalLM:
     """The whole model, or with `tp` over N ranks this rank's shard of it (see
     models/sharding.py and layers/embedding.py for what each rank holds).
     `attention_kernels`: see PagedAttention (None: the torch path). `quantize`: how the
-    decoder layers' linears hold their weights (see layers/quantized.py); the embedding and
-    the LM head stay in `dtype`: quantized, the LM head was no faster at 8 rows (measured,
-    see README) and its error lands on the logits."""
+    linears and the LM head hold their weights (see layers/quantized.py); the embedding
+    stays in `dtype` (a lookup reads a few rows: nothing to gain)."""
 
     def __init__(self, arch: ModelArch, *, dtype: torch.dtype, device: str | torch.device,
                  tp: TensorParallel | None = None, attention_kernels=None,
@@ -229,7 +228,8 @@ class CausalLM:
             for linear in layer.linears():
                 linear.finalize(quantize=self.quantize)
         head = self.embed_tokens if self.arch.tie_word_embeddings else self.lm_head_weight
-        self.lm_head = ParallelLMHead(head.weight, self.arch.vocab_size, self.tp)
+        self.lm_head = ParallelLMHead(head.weight, self.arch.vocab_size, self.tp,
+                                      quantize=self.quantize)
         self.lm_head_weight = None
 
     def weight_bytes(self) -> int:
