@@ -109,15 +109,18 @@ def default_model_dir() -> Path:
 
 def measure_roofline(ctx: BenchContext, loads: list, repeats: int) -> dict:
     bandwidth = roofline.read_bandwidth(ctx.threads, repeats)
+    flops = roofline.matmul_flops(ctx.threads, ctx.dtype)
     weights = roofline.weight_bytes(ctx.model_dir, ctx.dtype)
     per_adapter = (roofline.adapter_bytes(ctx.adapter_dirs()[0], ctx.dtype)
                    if ctx.adapter_names else 0)
     return {"bandwidth_gb_s": bandwidth / 1e9, "bandwidth_repeats": repeats,
+            "matmul_gflop_s": flops / 1e9,
             "weight_bytes": weights, "adapter_bytes": per_adapter,
             "kv_bytes_per_token": roofline.kv_bytes_per_token(
                 artifacts.model_config(ctx.model_dir), ctx.dtype),
             "loads": {load.key: roofline.roofline(bandwidth, weights, load.streams,
-                                                  load.adapters, per_adapter)
+                                                  load.adapters, per_adapter, flops,
+                                                  roofline.ITEMSIZE[ctx.dtype])
                       for load in loads}}
 
 

@@ -88,11 +88,19 @@ def render(doc: dict) -> str:
              f"{roof['bandwidth_repeats']}): {roof['bandwidth_gb_s']:.1f} GB/s; weights "
              f"{roof['weight_bytes'] / 1e6:.1f} MB, each adapter "
              f"{roof['adapter_bytes'] / 1e6:.1f} MB, KV cache "
-             f"{roof['kv_bytes_per_token'] / 1e3:.1f} kB per token (not in the roofline)", ""]
+             f"{roof['kv_bytes_per_token'] / 1e3:.1f} kB per token (not in the roofline)"]
+    if "matmul_gflop_s" in roof:
+        lines.append(f"matmul peak ({m['threads']} threads, torch, n=1536): "
+                     f"{roof['matmul_gflop_s']:.0f} GFLOP/s")
+    lines.append("")
     names = doc["load_names"]
-    lines += _table(["load", "bytes per step", "max steps/s", "max tok/s"], [
-        [names[k], f"{r['step_bytes'] / 1e6:.0f} MB", _num(r["max_steps_s"]),
-         _num(r["max_tok_s"], 0)] for k, r in roof["loads"].items()])
+    lines += _table(["load", "bytes per step", "memory: max tok/s", "compute: max tok/s",
+                     "max tok/s (bound)"], [
+        [names[k], f"{r['step_bytes'] / 1e6:.0f} MB", _num(r.get("memory_tok_s",
+                                                                  r["max_tok_s"]), 0),
+         _num(r["compute_tok_s"], 0) if "compute_tok_s" in r else "-",
+         f"{_num(r['max_tok_s'], 0)} ({r.get('bound', 'memory')})"]
+        for k, r in roof["loads"].items()])
     rows = []
     for key in doc["loads"]:
         for system, by_load in doc["results"].items():

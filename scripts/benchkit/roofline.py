@@ -1,6 +1,11 @@
-"""The memory roofline: a decode step reads every weight once, so read bandwidth over the
-bytes read per step bounds the steps per second, and the batch size times that bounds
-tokens per second. With adapters, each distinct adapter in the batch is read too."""
+"""The roofline of a decode step, the lower of two bounds:
+- memory: a step reads every weight once, so read bandwidth over the bytes read per step
+  bounds the steps per second, and the batch size times that bounds tokens per second; with
+  adapters, each distinct adapter in the batch is read too;
+- compute: every token multiplies by every weight once (2 FLOPs each, its adapter's
+  included), so the machine's matmul FLOP/s over the FLOPs per token bound tokens per
+  second. Small batches are memory-bound; on a few CPU cores 32 streams already are not.
+Attention's reads and FLOPs (a few % at these context lengths) are left out of both."""
 from __future__ import annotations
 
 import json
@@ -27,6 +32,26 @@ def read_bandwidth(threads: int, repeats: int = 10) -> float:
             x.sum()
             best = min(best, time.perf_counter() - t0)
         return _BANDWIDTH_BYTES / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def matmul_flops(threads: int, dtype: str, repeats: int = 5, n: int = 1536) -> float:
+    """FLOP/s of torch's matmul of two n x n matrices in `dtype` with `threads` threads, best
+    of `repeats`: the peak that tuned library kernels reach on this machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n).to(getattr(torch, dtype))
+        b = torch.randn(n, n).to(a.dtype)
+        a @ b  # warm the library's kernels and the thread pool
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n ** 3 / best
     finally:
         torch.set_num_threads(before)
 
@@ -67,11 +92,21 @@ def kv_bytes_per_token(config: dict, dtype: str) -> int:
 
 
 def roofline(bandwidth: float, base_bytes: int, batch: int, adapters: int = 0,
-             bytes_per_adapter: int = 0) -> dict:
+             bytes_per_adapter: int = 0, flops: float | None = None, itemsize: int = 4
+             ) -> dict:
     """The bound for one load: `adapters` distinct adapters spread over `batch` streams
-    (at most `batch` of them are in one step)."""
+    (at most `batch` of them are in one step); `flops`: the machine's matmul FLOP/s (None:
+    the memory bound alone); `itemsize`: bytes per weight, to count them from the bytes."""
     distinct = min(adapters, batch)
     step_bytes = base_bytes + distinct * bytes_per_adapter
     steps_s = bandwidth / step_bytes
-    return {"step_bytes": step_bytes, "distinct_adapters": distinct,
-            "max_steps_s": steps_s, "max_tok_s": batch * steps_s}
+    row = {"step_bytes": step_bytes, "distinct_adapters": distinct,
+           "memory_tok_s": batch * steps_s, "max_tok_s": batch * steps_s, "bound": "memory"}
+    if flops:
+        per_token = 2 * (base_bytes + (bytes_per_adapter if adapters else 0)) / itemsize
+        row["flops_per_token"] = per_token
+        row["compute_tok_s"] = flops / per_token
+        if row["compute_tok_s"] < row["max_tok_s"]:
+            row.update(max_tok_s=row["compute_tok_s"], bound="compute")
+    row["max_steps_s"] = row["max_tok_s"] / batch
+    return row

@@ -97,6 +97,22 @@ def test_roofline_counts_the_distinct_adapters_of_a_step():
         "step_bytes"] == 140  # only 4 streams: at most 4 of the 8 adapters in a step
 
 
+def test_roofline_is_the_lower_of_the_memory_and_the_compute_bound():
+    # 538 MB of fp32 weights: 134.5 M weights, 269 MFLOP per token; 150 GFLOP/s: 558 tok/s
+    small = roofline.roofline(21e9, 538_000_000, batch=8, flops=150e9)
+    assert small["bound"] == "memory" and small["max_tok_s"] == pytest.approx(8 * 21e9 / 538e6)
+    assert small["compute_tok_s"] == pytest.approx(150e9 / 269e6)
+    big = roofline.roofline(21e9, 538_000_000, batch=32, flops=150e9)
+    assert big["bound"] == "compute" and big["max_tok_s"] == pytest.approx(150e9 / 269e6)
+    assert big["max_steps_s"] == pytest.approx(big["max_tok_s"] / 32)
+    # a token's adapter adds its own FLOPs; bf16 weights are 2 bytes each
+    mixed = roofline.roofline(21e9, 538_000_000, batch=64, adapters=8,
+                              bytes_per_adapter=19_500_000, flops=150e9)
+    assert mixed["flops_per_token"] == pytest.approx(2 * (538e6 + 19.5e6) / 4)
+    half = roofline.roofline(21e9, 269_000_000, batch=64, flops=150e9, itemsize=2)
+    assert half["flops_per_token"] == pytest.approx(269e6)
+
+
 def test_weight_bytes_read_from_safetensors_headers(tmp_path):
     save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, tmp_path / "model-1.safetensors")
     save_file({"c": torch.zeros(2, 2, dtype=torch.bfloat16)}, tmp_path / "model-2.safetensors")
