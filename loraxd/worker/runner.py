@@ -197,6 +197,10 @@ class ModelRunner:
                 prefill += [self._slice(self._running(req_id, prefilling=True), n)
                             for req_id, n in step.prefill_chunks.items()]
                 decode = [self._decoding(req_id) for req_id in step.decode_ids]
+                if self.lora_pool is not None:  # each adapter's rows together: its LoRA
+                    # runs on one contiguous slice (results go by request id)
+                    prefill.sort(key=lambda work: work.state.adapter_slot)
+                    decode.sort(key=lambda state: state.adapter_slot)
             except (KeyError, ValueError) as exc:
                 raise StepRejected(exc.args[0] if exc.args else str(exc)) from exc
             if not prefill and not decode:

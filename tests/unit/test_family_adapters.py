@@ -100,3 +100,14 @@ def test_mixed_batch_with_base_and_another_adapter_matches_peft(family):
     got = _run(runner, requests, {11: 0, 12: 1}, seed=4)
     for req_id, name in ((10, "base"), (11, "a"), (12, "b")):
         _check(got[req_id], expected[name], name)
+
+
+def test_adapters_out_of_slot_order_in_a_batch_match_peft(family):
+    """The runner regroups a step's rows by adapter: every result still reaches its own
+    request."""
+    runner, prompts, expected = family
+    requests = [(20, prompts["b"], 0, NEW_TOKENS), (21, prompts["base"], 0, NEW_TOKENS),
+                (22, prompts["a"], 0, NEW_TOKENS), (23, prompts["b"], 1, NEW_TOKENS)]
+    got = _run(runner, requests, {20: 1, 22: 0, 23: 1}, seed=6)
+    for req_id, name in ((20, "b"), (21, "base"), (22, "a"), (23, "b")):
+        _check(got[req_id], expected[name], name)
