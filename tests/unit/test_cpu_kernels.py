@@ -26,7 +26,7 @@ def rel_err(a, b) -> float:
 @needs_kernel
 @pytest.mark.parametrize("out_features,in_features", [(1, 1), (31, 17), (32, 64), (33, 576),
                                                       (960, 576), (576, 1536), (3000, 7)])
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 130])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_panel_agrees_with_f_linear(out_features, in_features, rows, with_bias):
     g = torch.Generator().manual_seed(out_features * 1000 + rows)
@@ -59,11 +59,13 @@ def test_a_row_does_not_depend_on_its_batch():
     """Each output is one k-ordered sum, so the rows of any batch are bit-identical to the
     same rows alone: a sequence's tokens do not change with who shares its step."""
     g = torch.Generator().manual_seed(2)
-    kernel = DenseKernel(torch.randn(500, 576, generator=g), torch.randn(500, generator=g))
-    x = torch.randn(40, 576, generator=g)
-    full = kernel(x)
-    for lo, hi in ((0, 1), (3, 4), (5, 13), (8, 40)):
-        assert torch.equal(full[lo:hi], kernel(x[lo:hi].clone()))
+    for in_features in (576, 1536, 77):  # K blocks of the many-row path: whole and partial
+        kernel = DenseKernel(torch.randn(500, in_features, generator=g),
+                             torch.randn(500, generator=g))
+        x = torch.randn(150, in_features, generator=g)  # row chunks of 64: 3
+        full = kernel(x)
+        for lo, hi in ((0, 1), (3, 4), (5, 13), (8, 40), (60, 130), (149, 150)):
+            assert torch.equal(full[lo:hi], kernel(x[lo:hi].clone()))
 
 
 @needs_kernel

@@ -19,12 +19,18 @@
 #include <cstring>
 #include <type_traits>
 
+#ifndef LORAXD_BLOCK_K
+#define LORAXD_BLOCK_K 128
+#endif
+
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kCols = 32;      // a panel's width: two vectors
 constexpr int64_t kRowTile = 8;    // rows of x per pass over a panel: 16 accumulators
 constexpr int64_t kAheadBytes = 4096;  // prefetch distance in the panel's stream
+constexpr int64_t kBlockK = LORAXD_BLOCK_K;    // K steps per block when rows > kRowTile
+constexpr int64_t kChunkRows = 64;  // rows of x whose tiles share a pass over each block
 
 inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 
@@ -43,24 +49,42 @@ inline void load_row(const int8_t* row, v16& w0, v16& w1) {
   w1 = widen(row + 16);
 }
 
+// Rows of x (at most kRowTile) against K-range [k0, k0 + kn) of one panel. `acc` holds the
+// partial sums between K blocks ([Rows][32]): `first` starts them at zero, `last` writes
+// y instead. Storing and reloading fp32 partial sums is exact, so each output is the same
+// k-ordered chain of FMAs however the call is blocked. Each step prefetches `pf_lines`
+// lines at pf + k * pf_stride (null: none).
 template <typename W, int Rows>
-void tile(const float* __restrict x, int64_t K, const W* __restrict panel,
-          const float* __restrict scale, const float* __restrict bias, float* __restrict y,
-          int64_t ldy, int64_t cols) {
+void tile(const float* __restrict x, int64_t ldx, int64_t kn, const W* __restrict panel,
+          float* __restrict acc, bool first, bool last, const float* __restrict scale,
+          const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols,
+          const char* pf, int64_t pf_stride, int pf_lines) {
   v16 lo[Rows], hi[Rows];
-  for (int m = 0; m < Rows; ++m) { lo[m] = v16{}; hi[m] = v16{}; }
-  for (int64_t k = 0; k < K; ++k) {
+  for (int m = 0; m < Rows; ++m) {
+    lo[m] = first ? v16{} : load(acc + m * kCols);
+    hi[m] = first ? v16{} : load(acc + m * kCols + 16);
+  }
+  for (int64_t k = 0; k < kn; ++k) {
     const W* row = panel + k * kCols;
-    const char* ahead = reinterpret_cast<const char*>(row) + kAheadBytes;
-    __builtin_prefetch(ahead, 0, 3);
-    if constexpr (sizeof(W) * kCols > 64) __builtin_prefetch(ahead + 64, 0, 3);
+    if (pf_lines > 0) {
+      const char* ahead = pf + k * pf_stride;
+      __builtin_prefetch(ahead, 0, 3);
+      if (pf_lines > 1) __builtin_prefetch(ahead + 64, 0, 3);
+    }
     v16 w0, w1;
     load_row(row, w0, w1);
     for (int m = 0; m < Rows; ++m) {
-      const float xv = x[m * K + k];
+      const float xv = x[m * ldx + k];
       lo[m] += xv * w0;
       hi[m] += xv * w1;
     }
+  }
+  if (!last) {
+    for (int m = 0; m < Rows; ++m) {
+      std::memcpy(acc + m * kCols, &lo[m], sizeof lo[m]);
+      std::memcpy(acc + m * kCols + 16, &hi[m], sizeof hi[m]);
+    }
+    return;
   }
   const v16 b0 = load(bias), b1 = load(bias + 16);
   v16 s0 = v16{} + 1.0f, s1 = s0;
@@ -80,12 +104,48 @@ void tile(const float* __restrict x, int64_t K, const W* __restrict panel,
 }
 
 template <typename W>
-using TileFn = void (*)(const float*, int64_t, const W*, const float*, const float*, float*,
-                        int64_t, int64_t);
+using TileFn = void (*)(const float*, int64_t, int64_t, const W*, float*, bool, bool,
+                        const float*, const float*, float*, int64_t, int64_t, const char*,
+                        int64_t, int);
 template <typename W>
 constexpr TileFn<W> kTiles[kRowTile + 1] = {nullptr, tile<W, 1>, tile<W, 2>, tile<W, 3>,
                                             tile<W, 4>, tile<W, 5>, tile<W, 6>, tile<W, 7>,
                                             tile<W, 8>};
+
+// One panel against every row. Up to kRowTile rows: one pass, prefetching kAheadBytes
+// ahead in the stream (a memory-bound read). More rows: the panel's first row tile alone
+// would wait on memory while the others run from cache, so the panel is walked in K
+// blocks, every row tile of a chunk of kChunkRows rows over each block in turn, and each
+// tile prefetches its share of the next block: the read of the weight overlaps the
+// arithmetic of all the rows.
+template <typename W>
+void panel_rows(const float* x, int64_t M, int64_t K, const W* panel, const float* scale,
+                const float* bias, float* y, int64_t n, int64_t cols) {
+  constexpr int64_t row_bytes = kCols * sizeof(W);
+  if (M <= kRowTile) {
+    kTiles<W>[M](x, K, K, panel, nullptr, true, true, scale, bias, y, n, cols,
+                 reinterpret_cast<const char*>(panel) + kAheadBytes, row_bytes,
+                 row_bytes > 64 ? 2 : 1);
+    return;
+  }
+  alignas(64) float acc[kChunkRows * kCols];
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+    const int64_t mc = std::min(kChunkRows, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+      const int64_t kn = std::min(kBlockK, K - k0);
+      // the next block: this panel's, or past its end the next panel's first one
+      const char* next = reinterpret_cast<const char*>(panel + (k0 + kn) * kCols);
+      const int64_t next_bytes = kBlockK * row_bytes;
+      for (int64_t m = 0, t = 0; m < mc; m += kRowTile, ++t) {
+        const int64_t rows = std::min(kRowTile, mc - m);
+        const int64_t share = t * kn * 64;  // one line per step of this tile
+        kTiles<W>[rows](x + (m0 + m) * K + k0, K, kn, panel + k0 * kCols, acc + m * kCols,
+                        k0 == 0, k0 + kn == K, scale, bias, y + (m0 + m) * n, n, cols,
+                        next + share, 64, share < next_bytes ? 1 : 0);
+      }
+    }
+  }
+}
 
 template <typename W>
 at::Tensor run(const at::Tensor& x, const at::Tensor& panels, const float* scale,
@@ -102,19 +162,15 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& panels, const float* scale
   TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
               bias.size(0) == P * kCols, "panel_mm: bias must be float32 [P * 32]");
   at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   const W* pp = static_cast<const W*>(panels.data_ptr());
   const float* bp = bias.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
     for (int64_t p = first; p < last; ++p) {
-      const int64_t cols = std::min(kCols, n - p * kCols);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int64_t rows = std::min(kRowTile, M - m0);
-        kTiles<W>[rows](xp + m0 * K, K, pp + p * K * kCols,
-                        scale ? scale + p * kCols : nullptr, bp + p * kCols,
-                        yp + m0 * n + p * kCols, n, cols);
-      }
+      panel_rows<W>(xp, M, K, pp + p * K * kCols, scale ? scale + p * kCols : nullptr,
+                    bp + p * kCols, yp + p * kCols, n, std::min(kCols, n - p * kCols));
     }
   });
   return y;
