@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxd.worker.cpu_kernels import attention as cpu_attention
+from loraxd.worker.cpu_kernels import small_ops
 from loraxd.worker.kv_cache import PagedKVCache
 from loraxd.worker.layers.rotary import apply_rotary
 
@@ -156,18 +157,12 @@ class PagedAttention:
                 ) -> torch.Tensor:
         """qkv [num_tokens, q|k|v] (rotated here, in place) -> [num_tokens, num_heads*head_dim]."""
         num_tokens = qkv.shape[0]
-        qk = qkv[:, :self.q_size + self.kv_size]
         if self.qk_norms is not None:
             q_norm, k_norm = self.qk_norms
-            for norm, cols in ((q_norm, slice(0, self.q_size)),
-                               (k_norm, slice(self.q_size, self.q_size + self.kv_size))):
-                part = qkv[:, cols]
-                part.copy_(norm.forward(part.view(num_tokens, -1, self.head_dim))[0]
-                           .view(num_tokens, -1))
-        cos, sin = ctx.rope[self.rope_key]
-        apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
-        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
-        kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
+            q_norm.norm_(qkv[:, :self.q_size].view(num_tokens, -1, self.head_dim))
+            k_norm.norm_(qkv[:, self.q_size:self.q_size + self.kv_size]
+                         .view(num_tokens, -1, self.head_dim))
+        self._rotate_and_cache(qkv, ctx, kv_cache)
         if self.kernels is not None and not ctx.has_past:  # its prefill reads no pages
             return self.kernels.forward(self, qkv, ctx, kv_cache)
         if ctx.num_prefill_seqs == 0:
@@ -180,6 +175,26 @@ class PagedAttention:
         if ctx.num_decode:
             out[ctx.num_prefill_tokens:] = self._decode(qkv, ctx, kv_cache)
         return out
+
+    def _rotate_and_cache(self, qkv: torch.Tensor, ctx: StepContext,
+                          kv_cache: PagedKVCache) -> None:
+        """Rotate q and k in place, then write the step's K/V to the cache: one call on a
+        CPU (small_ops), where the cache's dtype is qkv's."""
+        num_tokens = qkv.shape[0]
+        cos, sin = ctx.rope[self.rope_key]
+        if small_ops.covers(qkv) and cos.dtype == qkv.dtype:
+            cache = kv_cache.data[self.layer_idx]
+            same = cache.dtype == qkv.dtype and cache.device == qkv.device
+            small_ops.rotary_(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                              cache if same else None, ctx.slot_mapping if same else None)
+            if same:
+                return
+        else:
+            qk = qkv[:, :self.q_size + self.kv_size]
+            apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
+                         cos, sin)
+        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
+        kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
 
     def _prefill(self, qkv: torch.Tensor, ctx: StepContext, seq: int,
                  kv_cache: PagedKVCache) -> torch.Tensor:
