@@ -183,7 +183,7 @@ class PagedAttention:
         num_tokens = qkv.shape[0]
         cos, sin = ctx.rope[self.rope_key]
         if small_ops.covers(qkv) and cos.dtype == qkv.dtype:
-            cache = kv_cache.data[self.layer_idx]
+            cache = kv_cache.layers[self.layer_idx]
             same = cache.dtype == qkv.dtype and cache.device == qkv.device
             small_ops.rotary_(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
                               cache if same else None, ctx.slot_mapping if same else None)
@@ -204,7 +204,7 @@ class PagedAttention:
         d = self.head_dim
         q = rows[:, :self.q_size].view(n, self.num_heads, d).transpose(0, 1)
         if ctx.has_past and ctx.prefill_past[seq]:
-            cache = kv_cache.data[self.layer_idx]
+            cache = kv_cache.layers[self.layer_idx]
             if cpu_attention.usable(cache):  # the pages where they lie, as for decode
                 return cpu_attention.paged_prefill(
                     rows[:, :self.q_size], cache, ctx.prefill_pages[seq],
@@ -225,7 +225,7 @@ class PagedAttention:
                 ) -> torch.Tensor:
         num_decode, max_len, d = ctx.num_decode, ctx.decode_max_len, self.head_dim
         q = qkv[ctx.num_prefill_tokens:, :self.q_size]
-        cache = kv_cache.data[self.layer_idx]
+        cache = kv_cache.layers[self.layer_idx]
         if cpu_attention.usable(cache):  # reads the pages in place: no gather, no mask
             return cpu_attention.paged_decode(q, cache, ctx.decode_blocks, ctx.decode_lens,
                                               kv_cache.block_size, self.scale,
