@@ -159,9 +159,9 @@ class PagedAttention:
         num_tokens = qkv.shape[0]
         if self.qk_norms is not None:
             q_norm, k_norm = self.qk_norms
-            q_norm.norm_(qkv[:, :self.q_size].view(num_tokens, -1, self.head_dim))
+            q_norm.norm_(qkv[:, :self.q_size].view(num_tokens, self.num_heads, self.head_dim))
             k_norm.norm_(qkv[:, self.q_size:self.q_size + self.kv_size]
-                         .view(num_tokens, -1, self.head_dim))
+                         .view(num_tokens, self.num_kv_heads, self.head_dim))
         self._rotate_and_cache(qkv, ctx, kv_cache)
         if self.kernels is not None and not ctx.has_past:  # its prefill reads no pages
             return self.kernels.forward(self, qkv, ctx, kv_cache)
