@@ -26,6 +26,9 @@ class PagedKVCache:
         # position still multiplies its V by 0, and 0 * NaN is NaN)
         self.data = torch.zeros(num_layers, (num_blocks + 1) * block_size, 2, num_kv_heads,
                                 head_dim, dtype=dtype, device=device)
+        # each layer's [slots, 2, kv_heads, head_dim] view, made once: indexing `data` per
+        # layer and step is a dispatched op each time
+        self.layers = self.data.unbind(0)
         # reused by every layer's gather: a fresh 1-2 MB tensor per layer would cost page
         # faults (glibc maps large blocks anew) that take longer than the copy itself
         self._gather_buf = torch.zeros(0, block_size, 2, num_kv_heads, head_dim, dtype=dtype,
@@ -40,7 +43,7 @@ class PagedKVCache:
 
     def write(self, layer_idx: int, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """kv [num_tokens, 2, kv_heads, head_dim] into the slots of slot_mapping [num_tokens]."""
-        self.data[layer_idx].index_copy_(0, slot_mapping, kv)
+        self.layers[layer_idx].index_copy_(0, slot_mapping, kv)
 
     def gather_blocks(self, layer_idx: int, block_ids: torch.Tensor) -> torch.Tensor:
         """[len(block_ids) * block_size, 2, kv_heads, head_dim]: the K/V of whole pages, in
@@ -50,7 +53,7 @@ class PagedKVCache:
         if n > self._gather_buf.shape[0]:
             shape = (max(n, 2 * self._gather_buf.shape[0]),) + self._gather_buf.shape[1:]
             self._gather_buf = self._gather_buf.new_zeros(shape)
-        pages = self.data[layer_idx].view(self.num_blocks + 1, -1)  # [pages, page numel]
+        pages = self.layers[layer_idx].view(self.num_blocks + 1, -1)  # [pages, page numel]
         out = self._gather_buf[:n].view(n, -1)
         torch.index_select(pages, 0, block_ids, out=out)
         return self._gather_buf[:n].view(n * self.block_size, *self.data.shape[2:])

@@ -67,7 +67,8 @@ def make_step(device, dtype, heads, kv_heads, head_dim, block_size, seed=0):
 def attend(kernels, step, heads, kv_heads, head_dim, window, softcap):
     qkv, ctx, cache = step
     qkv, cache_copy = qkv.clone(), PagedKVCache.__new__(PagedKVCache)
-    cache_copy.__dict__.update(cache.__dict__, data=cache.data.clone())
+    data = cache.data.clone()
+    cache_copy.__dict__.update(cache.__dict__, data=data, layers=data.unbind(0))
     layer = PagedAttention(0, heads, kv_heads, head_dim, scale=head_dim ** -0.5,
                            sliding_window=window, softcap=softcap, kernels=kernels)
     ctx = StepContext(**{f: getattr(ctx, f) for f in ctx.__dataclass_fields__

@@ -1,6 +1,8 @@
-"""CPU kernels of our own (the *.cpp files here, one library), both fp32: the matmul of
-decode-sized batches (panel_gemm.cpp) and decode attention over the paged KV cache
-(paged_attention.cpp, wrapped by attention.py).
+"""CPU kernels of our own (the *.cpp files here, one library): the fp32 matmul of
+decode-sized batches (panel_gemm.cpp, fp32 or int8 panels), fp32 decode attention over the
+paged KV cache (paged_attention.cpp, wrapped by attention.py), and the small per-layer ops
+in fp32 and bf16 (small_ops.cpp, wrapped by small_ops.py): residual add + RMSNorm, the
+per-head q/k norms in place, silu(gate) * up, rotary of q and k with the K/V cache write.
 
 It is compiled on the machine that runs it (`-march=native`, against the installed torch),
 once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts

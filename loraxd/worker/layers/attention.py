@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxd.worker.cpu_kernels import attention as cpu_attention
+from loraxd.worker.cpu_kernels import small_ops
 from loraxd.worker.kv_cache import PagedKVCache
 from loraxd.worker.layers.rotary import apply_rotary
 
@@ -156,18 +157,12 @@ class PagedAttention:
                 ) -> torch.Tensor:
         """qkv [num_tokens, q|k|v] (rotated here, in place) -> [num_tokens, num_heads*head_dim]."""
         num_tokens = qkv.shape[0]
-        qk = qkv[:, :self.q_size + self.kv_size]
         if self.qk_norms is not None:
             q_norm, k_norm = self.qk_norms
-            for norm, cols in ((q_norm, slice(0, self.q_size)),
-                               (k_norm, slice(self.q_size, self.q_size + self.kv_size))):
-                part = qkv[:, cols]
-                part.copy_(norm.forward(part.view(num_tokens, -1, self.head_dim))[0]
-                           .view(num_tokens, -1))
-        cos, sin = ctx.rope[self.rope_key]
-        apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
-        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
-        kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
+            q_norm.norm_(qkv[:, :self.q_size].view(num_tokens, self.num_heads, self.head_dim))
+            k_norm.norm_(qkv[:, self.q_size:self.q_size + self.kv_size]
+                         .view(num_tokens, self.num_kv_heads, self.head_dim))
+        self._rotate_and_cache(qkv, ctx, kv_cache)
         if self.kernels is not None and not ctx.has_past:  # its prefill reads no pages
             return self.kernels.forward(self, qkv, ctx, kv_cache)
         if ctx.num_prefill_seqs == 0:
@@ -181,6 +176,26 @@ class PagedAttention:
             out[ctx.num_prefill_tokens:] = self._decode(qkv, ctx, kv_cache)
         return out
 
+    def _rotate_and_cache(self, qkv: torch.Tensor, ctx: StepContext,
+                          kv_cache: PagedKVCache) -> None:
+        """Rotate q and k in place, then write the step's K/V to the cache: one call on a
+        CPU (small_ops), where the cache's dtype is qkv's."""
+        num_tokens = qkv.shape[0]
+        cos, sin = ctx.rope[self.rope_key]
+        if small_ops.covers(qkv) and cos.dtype == qkv.dtype:
+            cache = kv_cache.layers[self.layer_idx]
+            same = cache.dtype == qkv.dtype and cache.device == qkv.device
+            small_ops.rotary_(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                              cache if same else None, ctx.slot_mapping if same else None)
+            if same:
+                return
+        else:
+            qk = qkv[:, :self.q_size + self.kv_size]
+            apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
+                         cos, sin)
+        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
+        kv_cache.write(self.layer_idx, kv, ctx.slot_mapping)
+
     def _prefill(self, qkv: torch.Tensor, ctx: StepContext, seq: int,
                  kv_cache: PagedKVCache) -> torch.Tensor:
         start = ctx.prefill_starts[seq]
@@ -189,7 +204,7 @@ class PagedAttention:
         d = self.head_dim
         q = rows[:, :self.q_size].view(n, self.num_heads, d).transpose(0, 1)
         if ctx.has_past and ctx.prefill_past[seq]:
-            cache = kv_cache.data[self.layer_idx]
+            cache = kv_cache.layers[self.layer_idx]
             if cpu_attention.usable(cache):  # the pages where they lie, as for decode
                 return cpu_attention.paged_prefill(
                     rows[:, :self.q_size], cache, ctx.prefill_pages[seq],
@@ -210,7 +225,7 @@ class PagedAttention:
                 ) -> torch.Tensor:
         num_decode, max_len, d = ctx.num_decode, ctx.decode_max_len, self.head_dim
         q = qkv[ctx.num_prefill_tokens:, :self.q_size]
-        cache = kv_cache.data[self.layer_idx]
+        cache = kv_cache.layers[self.layer_idx]
         if cpu_attention.usable(cache):  # reads the pages in place: no gather, no mask
             return cpu_attention.paged_decode(q, cache, ctx.decode_blocks, ctx.decode_lens,
                                               kv_cache.block_size, self.scale,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from loraxd.worker.cpu_kernels import small_ops
+
 
 class RMSNorm:
     """`offset` 0: Llama's norm, `weight * norm(x).to(dtype)`. `offset` 1: Gemma's, whose
@@ -30,7 +32,13 @@ class RMSNorm:
         gives, which on a CPU is a composite of about ten ops, copies included): measured
         ~0.5 ms faster per decode step of the 30-layer default model. Any leading shape:
         the norm runs over the last dimension (q/k norms pass [tokens, heads, head_dim]).
+        On a CPU the fused op of small_ops does it in one call (the variance a double sum,
+        so fp32 results may differ from these in the last bits).
         """
+        if small_ops.covers(x) and x.dim() in (2, 3) and (residual is None or (
+                x.dim() == 2 and residual.shape == x.shape and residual.dtype == x.dtype
+                and residual.stride(-1) == 1)):
+            return small_ops.rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual  # [num_tokens, hidden]
         x32 = x if x.dtype == torch.float32 else x.float()
@@ -42,3 +50,10 @@ class RMSNorm:
         if normed.dtype != x.dtype:
             normed = normed.to(x.dtype)
         return self.weight * normed, x
+
+    def norm_(self, x: torch.Tensor) -> None:
+        """x = norm(x) in place (a view: the q/k norms write into qkv)."""
+        if small_ops.covers(x) and x.dim() in (2, 3):
+            small_ops.rms_norm_(x, self.weight, self.eps)
+        else:
+            x.copy_(self.forward(x)[0])

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from loraxd.worker.cpu_kernels import small_ops
 from loraxd.worker.distributed import TensorParallel
 from loraxd.worker.kv_cache import PagedKVCache
 from loraxd.worker.layers.attention import PagedAttention, StepContext
@@ -29,6 +30,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+def gated_activation(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor,
+                     i: int) -> torch.Tensor:
+    """act(gate) * up of gate_up [num_tokens, gate|up] (each i wide): silu on a CPU in one
+    call of small_ops (no slices, no second pass), every other case in torch."""
+    if act is F.silu and gate_up.shape[1] == 2 * i and small_ops.covers(gate_up):
+        return small_ops.silu_mul(gate_up)
+    return act(gate_up[:, :i]).mul_(gate_up[:, i:])
 
 
 class DecoderLayer:
@@ -94,7 +104,7 @@ class DecoderLayer:
             hidden, residual = norms["post_attention_layernorm"].forward(hidden, residual)
         gate_up = self.gate_up_proj.forward(hidden, ctx)  # [num_tokens, gate|up]
         i = self.intermediate_per_rank
-        hidden = self.act(gate_up[:, :i]).mul_(gate_up[:, i:])
+        hidden = gated_activation(self.act, gate_up, i)
         hidden = self.down_proj.forward(hidden, ctx)
         if self.sandwich:
             hidden, _ = norms["post_feedforward_layernorm"].forward(hidden)
