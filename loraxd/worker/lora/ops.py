@@ -36,6 +36,7 @@ from typing import Protocol
 import torch
 
 from loraxd.worker.device_copy import to_device
+from loraxd.worker.lora import cpu_bgmv
 
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -184,10 +185,15 @@ class TorchLoraStep:
 
     storage: LoraStorage
     bags: dict[str, list[_BagLayout | None]] = field(default_factory=dict)  # group -> per layer
+    plans: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)  # cpu_bgmv's
     segments: list[_Segment] = field(default_factory=list)
 
     def apply(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         store = self.storage.stores[layer_idx][group]
+        if self.plans:
+            plan = self.plans[group][layer_idx]
+            if plan is not None:
+                cpu_bgmv.apply(plan, store, self.storage.specs[group], x, y)
         layout = self.bags[group][layer_idx] if self.bags else None
         if layout is not None:
             _apply_bags(layout, store, self.storage.specs[group], x, y)
@@ -262,16 +268,20 @@ class CachedStepOp:
 
 
 class TorchLoraOp(CachedStepOp):
-    """Pure-torch LoraOp.
+    """LoraOp of torch ops, and of our CPU kernel where it is loaded.
 
-    An adapter with at least `gemm_min_tokens` tokens in the step goes through the GEMM path;
-    the others share the embedding-bag path when there are at least `min_bag_adapters` of
-    them (its fixed cost is that of about three GEMM-path adapters), else the GEMM path too.
+    An adapter with at least `gemm_min_tokens` tokens in the step goes through the GEMM path.
+    The others go to the CPU kernel (cpu_bgmv.py) when `cpu_kernel` allows it and the pool
+    suits it (CPU, fp32 or bf16, library loaded; None: whenever it does), else they share
+    the embedding-bag path when there are at least `min_bag_adapters` of them (its fixed
+    cost is that of about three GEMM-path adapters), else the GEMM path too.
     """
 
-    def __init__(self, gemm_min_tokens: int = 8, min_bag_adapters: int = 3) -> None:
+    def __init__(self, gemm_min_tokens: int = 8, min_bag_adapters: int = 3,
+                 cpu_kernel: bool | None = None) -> None:
         self.gemm_min_tokens = gemm_min_tokens
         self.min_bag_adapters = min_bag_adapters
+        self.cpu_kernel = cpu_kernel
 
     def _build(self, storage: LoraStorage, slots: list[int]) -> TorchLoraStep | None:
         positions: dict[int, list[int]] = {}
@@ -284,7 +294,10 @@ class TorchLoraOp(CachedStepOp):
             raise IndexError(f"token slot {max(positions)} >= num_slots {storage.num_slots}")
         ctx = TorchLoraStep(storage)
         bag_slots = [s for s, pos in positions.items() if len(pos) < self.gemm_min_tokens]
-        if len(bag_slots) < self.min_bag_adapters:
+        kernel = self.cpu_kernel is not False and bool(bag_slots) and cpu_bgmv.usable(storage)
+        if self.cpu_kernel and not kernel and bag_slots:
+            raise RuntimeError("cpu_kernel=True, but the CPU LoRA kernel does not cover this pool")
+        if len(bag_slots) < self.min_bag_adapters and not kernel:
             bag_slots = []
         for slot, pos in sorted(positions.items()):
             if slot in bag_slots:
@@ -298,7 +311,10 @@ class TorchLoraOp(CachedStepOp):
         if bag_slots:
             in_bags = set(bag_slots)
             bag_tokens = [(t, s) for t, s in enumerate(slots) if s in in_bags]
-            ctx.bags = _build_bags(storage, sorted(bag_slots), bag_tokens, len(slots))
+            if kernel:
+                ctx.plans = cpu_bgmv.build_plans(storage, sorted(bag_slots), bag_tokens)
+            else:
+                ctx.bags = _build_bags(storage, sorted(bag_slots), bag_tokens, len(slots))
         return ctx
 
 
