@@ -37,8 +37,7 @@ constexpr int64_t kMaxChunks = 8;  // a token's A rows are summed in up to this 
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kMaxModules = 4;
 constexpr int64_t kMaxRank = 1024;  // a module's h lives on the stack
-constexpr int64_t kMinWorkPerThread = 1 << 14;  // multiply-adds a thread should get per fork
-constexpr int64_t kAheadBytes = 2048;  // prefetch distance in A's stream
+constexpr int64_t kMinWorkPerThread = 1 << 15;  // multiply-adds a thread should get per fork
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline __mmask16 first(int64_t n) {
@@ -80,16 +79,13 @@ void shrink(const S* __restrict x, const S* __restrict a, int64_t ld, int64_t ro
             int64_t width, float* __restrict h) {
   // rows per step, each into sums of its own, so that narrow h still has enough independent
   // multiply-adds in flight to hide their latency
-  constexpr int U = NV <= 2 ? 4 : NV <= 5 ? 2 : 1;
+  constexpr int U = NV == 1 ? 8 : NV == 2 ? 4 : NV == 3 ? 3 : NV <= 7 ? 2 : 1;
   v16 acc[U][NV];
   for (int u = 0; u < U; ++u)
     for (int v = 0; v < NV; ++v) acc[u][v] = v16{};
   const __mmask16 tail = first(width - (NV - 1) * kLanes);
-  const int64_t step_bytes = U * ld * int64_t(sizeof(S));
   int64_t i = 0;
   for (; i + U <= rows; i += U) {
-    const char* ahead = reinterpret_cast<const char*>(a + i * ld) + kAheadBytes;
-    for (int64_t o = 0; o < step_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 0);
     for (int u = 0; u < U; ++u) {
       const S* row = a + (i + u) * ld;
       const v16 xs = v16{} + static_cast<float>(x[i + u]);
@@ -178,8 +174,7 @@ struct Shares {
     }
   }
   template <typename F>
-  void run(F&& fn) const {
-    const int64_t n = parts();
+  void run(F&& fn, int64_t n) const {
     if (n == 1) {
       visit(0, 1, fn);
       return;
@@ -243,10 +238,8 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, at::Tens
   const S* ap = static_cast<const S*>(a.data_ptr());
   S* yp = static_cast<S*>(y.data_ptr());
 
-  Shares shrink_work;
-  for (const Token& tk : tokens) shrink_work.add(chunks, div_up(in, chunks) * tk.stride);
-  shrink_work.run([&](size_t s, int64_t c0, int64_t c1) {
-    const Token& tk = tokens[s];
+  // token k's chunks [c0, c1) of its shrink, into its partial sums
+  auto shrink_chunks = [&](const Token& tk, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = in * c / chunks, i1 = in * (c + 1) / chunks;
       const S* xr = xp + tk.t * ldx + i0;
@@ -257,21 +250,11 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, at::Tens
                                                tk.partial + c * tk.stride + k0);
       }
     }
-  });
-
-  struct Piece { const Token* tk; int64_t j; };
-  std::vector<Piece> pieces;
-  Shares expand_work;
-  for (const Token& tk : tokens)
-    for (int64_t j = 0; j < nm; ++j)
-      if (tk.r[j] > 0) {
-        pieces.push_back({&tk, j});
-        // a unit: 16 columns, r multiply-adds each, and their y read and written
-        expand_work.add(div_up(b[j].size(1), kLanes), (tk.r[j] + 2) * kLanes);
-      }
-  expand_work.run([&](size_t s, int64_t u0, int64_t u1) {
-    const Token& tk = *pieces[s].tk;
-    const int64_t j = pieces[s].j, r = tk.r[j], out = b[j].size(1);
+  };
+  // module j of token tk, its columns [16 u0, 16 u1): its h (the chunks' sums, in order),
+  // then 256 columns at a time
+  auto expand_units = [&](const Token& tk, int64_t j, int64_t u0, int64_t u1) {
+    const int64_t r = tk.r[j], out = b[j].size(1);
     float h[kMaxRank];
     for (int64_t k = 0; k < r; ++k) {
       float sum = 0.f;
@@ -285,7 +268,44 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, at::Tens
       const int64_t cols = std::min<int64_t>(kExpandVecs * kLanes, end - c);
       kExpands<S>[div_up(cols, kLanes) - 1](h, bj + c, out, r, cols, yj + c);
     }
-  });
+  };
+  auto whole_token = [&](const Token& tk) {
+    shrink_chunks(tk, 0, chunks);
+    for (int64_t j = 0; j < nm; ++j)
+      if (tk.r[j] > 0) expand_units(tk, j, 0, div_up(b[j].size(1), kLanes));
+  };
+
+  // Costs in multiply-adds: a shrink chunk, and 16 columns of an expand (with their y)
+  const int64_t chunk_rows = div_up(in, chunks);
+  Shares shrink_work, expand_work, token_work;
+  struct Piece { const Token* tk; int64_t j; };
+  std::vector<Piece> pieces;
+  for (const Token& tk : tokens) {
+    int64_t cost = chunks * chunk_rows * tk.stride;
+    shrink_work.add(chunks, chunk_rows * tk.stride);
+    for (int64_t j = 0; j < nm; ++j)
+      if (tk.r[j] > 0) {
+        const int64_t units = div_up(b[j].size(1), kLanes), w = (tk.r[j] + 2) * kLanes;
+        pieces.push_back({&tk, j});
+        expand_work.add(units, w);
+        cost += units * w;
+      }
+    token_work.add(1, cost);
+  }
+  const int64_t parts = token_work.parts();
+  if (parts == 1) {
+    for (const Token& tk : tokens) whole_token(tk);
+  } else if (n >= 2 * parts) {
+    // enough tokens to share out whole: one fork, and each token's h stays in its thread
+    token_work.run([&](size_t s, int64_t, int64_t) { whole_token(tokens[s]); }, parts);
+  } else {  // a few tokens: their chunks, then their columns, over every thread
+    shrink_work.run([&](size_t s, int64_t c0, int64_t c1) {
+      shrink_chunks(tokens[s], c0, c1);
+    }, parts);
+    expand_work.run([&](size_t s, int64_t u0, int64_t u1) {
+      expand_units(*pieces[s].tk, pieces[s].j, u0, u1);
+    }, parts);
+  }
 }
 
 void lora_bgmv(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
