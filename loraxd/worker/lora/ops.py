@@ -5,23 +5,29 @@ adds `B_{slot(t), m} (A_{slot(t), m} x[t])` into the columns of `y` that belong 
 every token t and every module m of the group its adapter targets. Modules of a group share x,
 so one shrink serves them all (A's of q, k and v stacked along the rank: `A_cat`).
 
-`TorchLoraOp` (pure torch) sends each adapter of a step down one of two paths, decided once
-per step in `step()` and shared by every layer:
+`TorchLoraOp` sends each adapter of a step down one of these paths, decided once per step in
+`step()` and shared by every layer:
 
-* embedding bags (decode: several adapters with a few tokens each): one op for the shrink and
-  one per module for the expand, for all of these adapters at once, reading only their own
-  rows. Shrink: a slot's `A_cat^T [in, r_tot]` is a table of `in` rows of width r_tot; token
-  t's bag sums those rows weighted by `x[t, i]`, which is `A_cat x[t]`. Expand: the rows of
-  the slot's `B^T [r, out]` weighted by that `h` sum to `B h`. Adapters of other r_tot get
-  their own shrink op; any ranks, any target subsets, no padding read.
-* GEMMs (an adapter with many tokens, or only one or two adapters): `x @ A_cat^T`, then one
-  addmm per module on the adapter's slot views, straight into views of `y` when its tokens
-  are contiguous.
+* the CPU kernel (decode: adapters with a few tokens each, pool on the CPU in fp32 or bf16,
+  our kernels loaded; cpu_bgmv.py, cpu_kernels/lora_bgmv.cpp): one call per (layer, group)
+  for all of these tokens, each token's `A_cat^T` and `B^T` rows read once where the pool
+  keeps them, shrink and expand summed in registers, threads sharing the tokens (or, for
+  a few tokens, their rows and columns). Any ranks, any target subsets, no padding read.
+* embedding bags (the same tokens where the kernel is not loaded, the pool is elsewhere, or
+  in another dtype): one op for the shrink and one per module for the expand, for all of
+  these adapters at once, reading only their own rows. Shrink: a slot's `A_cat^T [in, r_tot]`
+  is a table of `in` rows of width r_tot; token t's bag sums those rows weighted by
+  `x[t, i]`, which is `A_cat x[t]`. Expand: the rows of the slot's `B^T [r, out]` weighted by
+  that `h` sum to `B h`. Adapters of other r_tot get their own shrink op.
+* GEMMs (an adapter with many tokens, e.g. a prefill; without the kernel also when only one
+  or two adapters have few tokens): `x @ A_cat^T`, then one addmm per module on the
+  adapter's slot views, straight into views of `y` when its tokens are contiguous.
 
 Measured on SmolLM2-135M shapes, 2 cores (tests/unit/test_lora_bench.py): 8 decode tokens on 8
-different rank-16 adapters take about half the time of the best alternative (all slots
-stacked + mask, oneDNN-prepacked), which also grows with the pool size where this does not;
-one adapter for all tokens and prefill runs are the GEMM path's.
+different rank-16 adapters take the bag path about half the time of the best alternative (all
+slots stacked + mask, oneDNN-prepacked), which also grows with the pool size where this does
+not; the kernel reads the same bytes with one call instead of about three and no index glue.
+One adapter for all tokens and prefill runs are the GEMM path's.
 
 On CUDA the Triton kernels (triton_op.py, SGMV/BGMV style) are another `LoraOp` with the
 same `step(...) -> LoraStepContext`; this one is their reference and fallback.
