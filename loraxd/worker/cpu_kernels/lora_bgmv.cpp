@@ -8,10 +8,12 @@
 //   shrink: h = A_cat x[t], the rows of A_cat^T weighted by x[t, i] summed in registers
 //           (r_tot up to 192 in one pass), over fixed chunks of the `in` rows;
 //   expand: per module, 256 columns of y at a time, the r rows of B^T weighted by h.
-// Work is shared between threads by its multiply-adds, in chunks of rows (shrink) and runs of
-// 16 columns (expand), so 1 token or 40 on any ranks keep every thread busy. The chunks are
-// fixed by `in` alone and their partial sums are added in chunk order, so a token's result
-// does not depend on the step's other tokens or on the thread count.
+// Threads share the work by its multiply-adds: whole tokens (one fork per call) when there
+// are at least two per thread, else the tokens' row chunks, then their runs of 16 columns (two
+// forks), so that 1 to 3 tokens keep every thread busy too. The chunks are fixed by `in`
+// alone and their partial sums are added in chunk order, so a token's result does not depend
+// on the step's other tokens or on the thread count. The streams are left to the hardware
+// prefetcher: software prefetches ahead in A measured slower.
 #include <immintrin.h>
 
 #include <ATen/ATen.h>
