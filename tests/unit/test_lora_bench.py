@@ -131,9 +131,12 @@ def run_cases(model, num_slots, steps, rank=16, report=print):
     for slot, adapter in enumerate(pool_adapters):
         pool.load(slot, adapter)
     spread = [i + 8 * (i % (num_slots // 8)) for i in range(8)]  # adapter i's slot in the step
-    ops = {"chosen: TorchLoraOp() (bags if >= 3 adapters of < 8 tokens)": {},
-           "embedding-bag for every adapter": dict(gemm_min_tokens=1 << 30, min_bag_adapters=1),
-           "loop over distinct adapters (GEMM pair per module)": dict(gemm_min_tokens=1)}
+    ops = {"chosen: TorchLoraOp() (CPU kernel, else bags, for adapters of < 8 tokens)": {},
+           "embedding-bag for every adapter": dict(gemm_min_tokens=1 << 30, min_bag_adapters=1,
+                                                   cpu_kernel=False),
+           "embedding-bag where the kernel would run (no kernel)": dict(cpu_kernel=False),
+           "loop over distinct adapters (GEMM pair per module)": dict(gemm_min_tokens=1,
+                                                                      cpu_kernel=False)}
     cases = {"8 decode tokens, 8 different adapters": list(range(8)),
              "8 decode tokens, one adapter": [3] * 8,
              "prefill 8 x 30 tokens, 8 adapters": [s for s in range(8) for _ in range(30)]}

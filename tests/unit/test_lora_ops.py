@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from loraxd.worker import cpu_kernels
 from loraxd.worker.lora import (
     GROUP_MODULES, AdapterIncompatible, LoraAdapter, LoraSlotPool, TorchLoraOp,
 )
@@ -16,10 +17,19 @@ SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": 
 NUM_LAYERS = 3
 NUM_SLOTS = 6
 
-# op settings that force each path: bags only, GEMM only, the default mix
-OPS = {"bags": dict(gemm_min_tokens=1 << 30, min_bag_adapters=1),
-       "gemm": dict(gemm_min_tokens=1),
+# op settings that force each path: bags only, GEMM only, the CPU kernel (where it is
+# loaded) for every adapter, the default mix (the kernel's few-token adapters where loaded)
+OPS = {"bags": dict(gemm_min_tokens=1 << 30, min_bag_adapters=1, cpu_kernel=False),
+       "gemm": dict(gemm_min_tokens=1, cpu_kernel=False),
+       "kernel": dict(gemm_min_tokens=1 << 30, cpu_kernel=True),
        "default": {}}
+
+
+@pytest.fixture(params=list(OPS))
+def op(request):
+    if request.param == "kernel" and cpu_kernels.enable() is not None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.enable()}")
+    return request.param
 
 
 def random_adapter(ranks, layers=range(NUM_LAYERS), seed=0) -> LoraAdapter:
@@ -86,7 +96,6 @@ def check_step(pool, choice, atol=1e-5):
                                        msg=lambda m: f"layer {layer_idx} {group}: {m}")
 
 
-@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("choice", [
     [0],
     [4] * 10,
@@ -100,7 +109,6 @@ def test_apply_matches_dense_reference(op, choice):
     check_step(make_pool(**OPS[op]), choice)
 
 
-@pytest.mark.parametrize("op", OPS)
 def test_random_batches(op):
     pool, rng = make_pool(**OPS[op]), random.Random(0)
     for _ in range(15):
@@ -116,7 +124,6 @@ def test_all_base_tokens_give_none():
     assert pool.step_context(torch.tensor([], dtype=torch.long)) is None
 
 
-@pytest.mark.parametrize("op", OPS)
 def test_reload_replaces_adapter(op):
     pool = make_pool(**OPS[op])
     choice = [0, 1, 3, 4, 0]
@@ -156,8 +163,8 @@ def test_refuses_rank_above_max_and_bad_slot():
         pool.step_context(torch.tensor([0, 2]))
 
 
-def test_bfloat16_pool():
-    pool = make_pool(dtype=torch.bfloat16)
+def test_bfloat16_pool(op):
+    pool = make_pool(dtype=torch.bfloat16, **OPS[op])
     token_slots = torch.tensor([SLOT_OF[c] for c in (0, 4, 3)])
     x = torch.randn(3, 64)
     y = torch.zeros(3, 64 + 32 + 32)

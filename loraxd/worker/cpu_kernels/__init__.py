@@ -1,8 +1,10 @@
-"""CPU kernels of our own (the *.cpp files here, one library): the fp32 matmul of
-decode-sized batches (panel_gemm.cpp, fp32 or int8 panels), fp32 decode attention over the
-paged KV cache (paged_attention.cpp, wrapped by attention.py), and the small per-layer ops
-in fp32 and bf16 (small_ops.cpp, wrapped by small_ops.py): residual add + RMSNorm, the
-per-head q/k norms in place, silu(gate) * up, rotary of q and k with the K/V cache write.
+"""CPU kernels of our own (the *.cpp files here, one library): the fp32 (and int8-weight)
+matmul of decode-sized batches (panel_gemm.cpp), fp32 decode attention over the paged KV
+cache (paged_attention.cpp, wrapped by attention.py), the small per-layer ops in fp32 and
+bf16 (small_ops.cpp, wrapped by small_ops.py: residual add + RMSNorm, the per-head q/k norms
+in place, silu(gate) * up, rotary of q and k with the K/V cache write), and batched
+heterogeneous LoRA for decode tokens, fp32 or bf16, over the slot pool's layout
+(lora_bgmv.cpp, wrapped by loraxd/worker/lora/cpu_bgmv.py).
 
 It is compiled on the machine that runs it (`-march=native`, against the installed torch),
 once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts
@@ -10,8 +12,9 @@ the library under the environment's prefix; a worker that finds none there build
 its cache directory at start (about 15 s). The file name carries a hash of the source, the
 torch version, the compiler and the CPU's flags, so a library is never loaded on a machine
 or torch it was not built for. Without a C++ compiler, or on a CPU without AVX-512, the
-linears stay on oneDNN (linear.py) and attention on SDPA over gathered pages, which compute
-the same thing more slowly; the worker logs which runs and why.
+linears stay on oneDNN (linear.py), attention on SDPA over gathered pages and LoRA on
+embedding bags (lora/ops.py), which compute the same thing more slowly; the worker logs
+which runs and why.
 """
 from __future__ import annotations
 

@@ -5,23 +5,29 @@ adds `B_{slot(t), m} (A_{slot(t), m} x[t])` into the columns of `y` that belong 
 every token t and every module m of the group its adapter targets. Modules of a group share x,
 so one shrink serves them all (A's of q, k and v stacked along the rank: `A_cat`).
 
-`TorchLoraOp` (pure torch) sends each adapter of a step down one of two paths, decided once
-per step in `step()` and shared by every layer:
+`TorchLoraOp` sends each adapter of a step down one of these paths, decided once per step in
+`step()` and shared by every layer:
 
-* embedding bags (decode: several adapters with a few tokens each): one op for the shrink and
-  one per module for the expand, for all of these adapters at once, reading only their own
-  rows. Shrink: a slot's `A_cat^T [in, r_tot]` is a table of `in` rows of width r_tot; token
-  t's bag sums those rows weighted by `x[t, i]`, which is `A_cat x[t]`. Expand: the rows of
-  the slot's `B^T [r, out]` weighted by that `h` sum to `B h`. Adapters of other r_tot get
-  their own shrink op; any ranks, any target subsets, no padding read.
-* GEMMs (an adapter with many tokens, or only one or two adapters): `x @ A_cat^T`, then one
-  addmm per module on the adapter's slot views, straight into views of `y` when its tokens
-  are contiguous.
+* the CPU kernel (decode: adapters with a few tokens each, pool on the CPU in fp32 or bf16,
+  our kernels loaded; cpu_bgmv.py, cpu_kernels/lora_bgmv.cpp): one call per (layer, group)
+  for all of these tokens, each token's `A_cat^T` and `B^T` rows read once where the pool
+  keeps them, shrink and expand summed in registers, threads sharing the tokens (or, for
+  a few tokens, their rows and columns). Any ranks, any target subsets, no padding read.
+* embedding bags (the same tokens where the kernel is not loaded, the pool is elsewhere, or
+  in another dtype): one op for the shrink and one per module for the expand, for all of
+  these adapters at once, reading only their own rows. Shrink: a slot's `A_cat^T [in, r_tot]`
+  is a table of `in` rows of width r_tot; token t's bag sums those rows weighted by
+  `x[t, i]`, which is `A_cat x[t]`. Expand: the rows of the slot's `B^T [r, out]` weighted by
+  that `h` sum to `B h`. Adapters of other r_tot get their own shrink op.
+* GEMMs (an adapter with many tokens, e.g. a prefill; without the kernel also when only one
+  or two adapters have few tokens): `x @ A_cat^T`, then one addmm per module on the
+  adapter's slot views, straight into views of `y` when its tokens are contiguous.
 
 Measured on SmolLM2-135M shapes, 2 cores (tests/unit/test_lora_bench.py): 8 decode tokens on 8
-different rank-16 adapters take about half the time of the best alternative (all slots
-stacked + mask, oneDNN-prepacked), which also grows with the pool size where this does not;
-one adapter for all tokens and prefill runs are the GEMM path's.
+different rank-16 adapters take the bag path about half the time of the best alternative (all
+slots stacked + mask, oneDNN-prepacked), which also grows with the pool size where this does
+not; the kernel reads the same bytes with one call instead of about three and no index glue.
+One adapter for all tokens and prefill runs are the GEMM path's.
 
 On CUDA the Triton kernels (triton_op.py, SGMV/BGMV style) are another `LoraOp` with the
 same `step(...) -> LoraStepContext`; this one is their reference and fallback.
@@ -36,6 +42,7 @@ from typing import Protocol
 import torch
 
 from loraxd.worker.device_copy import to_device
+from loraxd.worker.lora import cpu_bgmv
 
 GROUP_MODULES: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -184,10 +191,15 @@ class TorchLoraStep:
 
     storage: LoraStorage
     bags: dict[str, list[_BagLayout | None]] = field(default_factory=dict)  # group -> per layer
+    plans: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)  # cpu_bgmv's
     segments: list[_Segment] = field(default_factory=list)
 
     def apply(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         store = self.storage.stores[layer_idx][group]
+        if self.plans:
+            plan = self.plans[group][layer_idx]
+            if plan is not None:
+                cpu_bgmv.apply(plan, store, self.storage.specs[group], x, y)
         layout = self.bags[group][layer_idx] if self.bags else None
         if layout is not None:
             _apply_bags(layout, store, self.storage.specs[group], x, y)
@@ -262,16 +274,20 @@ class CachedStepOp:
 
 
 class TorchLoraOp(CachedStepOp):
-    """Pure-torch LoraOp.
+    """LoraOp of torch ops, and of our CPU kernel where it is loaded.
 
-    An adapter with at least `gemm_min_tokens` tokens in the step goes through the GEMM path;
-    the others share the embedding-bag path when there are at least `min_bag_adapters` of
-    them (its fixed cost is that of about three GEMM-path adapters), else the GEMM path too.
+    An adapter with at least `gemm_min_tokens` tokens in the step goes through the GEMM path.
+    The others go to the CPU kernel (cpu_bgmv.py) when `cpu_kernel` allows it and the pool
+    suits it (CPU, fp32 or bf16, library loaded; None: whenever it does), else they share
+    the embedding-bag path when there are at least `min_bag_adapters` of them (its fixed
+    cost is that of about three GEMM-path adapters), else the GEMM path too.
     """
 
-    def __init__(self, gemm_min_tokens: int = 8, min_bag_adapters: int = 3) -> None:
+    def __init__(self, gemm_min_tokens: int = 8, min_bag_adapters: int = 3,
+                 cpu_kernel: bool | None = None) -> None:
         self.gemm_min_tokens = gemm_min_tokens
         self.min_bag_adapters = min_bag_adapters
+        self.cpu_kernel = cpu_kernel
 
     def _build(self, storage: LoraStorage, slots: list[int]) -> TorchLoraStep | None:
         positions: dict[int, list[int]] = {}
@@ -284,7 +300,10 @@ class TorchLoraOp(CachedStepOp):
             raise IndexError(f"token slot {max(positions)} >= num_slots {storage.num_slots}")
         ctx = TorchLoraStep(storage)
         bag_slots = [s for s, pos in positions.items() if len(pos) < self.gemm_min_tokens]
-        if len(bag_slots) < self.min_bag_adapters:
+        kernel = self.cpu_kernel is not False and bool(bag_slots) and cpu_bgmv.usable(storage)
+        if self.cpu_kernel and not kernel and bag_slots:
+            raise RuntimeError("cpu_kernel=True, but the CPU LoRA kernel does not cover this pool")
+        if len(bag_slots) < self.min_bag_adapters and not kernel:
             bag_slots = []
         for slot, pos in sorted(positions.items()):
             if slot in bag_slots:
@@ -298,7 +317,10 @@ class TorchLoraOp(CachedStepOp):
         if bag_slots:
             in_bags = set(bag_slots)
             bag_tokens = [(t, s) for t, s in enumerate(slots) if s in in_bags]
-            ctx.bags = _build_bags(storage, sorted(bag_slots), bag_tokens, len(slots))
+            if kernel:
+                ctx.plans = cpu_bgmv.build_plans(storage, sorted(bag_slots), bag_tokens)
+            else:
+                ctx.bags = _build_bags(storage, sorted(bag_slots), bag_tokens, len(slots))
         return ctx
 
 
