@@ -132,7 +132,10 @@ def test_a_mixed_batch_gives_each_sequence_its_tokens_alone(model, mode):
     for req_id, name in ((10, "base"), (11, "a"), (12, "b")):
         assert [o.token_id for o in got[req_id]] == [o.token_id for o in alone[name]], name
         # batched rows may take another kernel (more rows): bf16 rounding apart, the same
-        assert _top(got[req_id]) == pytest.approx(_top(alone[name]), abs=0.05), name
+        # (bf16 activations: an adapter's logprobs moved by up to ~0.08 with its batch, the
+        # LoRA kernel's and the embedding bags' path alike; fp32 activations: exactly equal)
+        tolerance = 0.1 if "bfloat16" in mode[0] else 1e-6
+        assert _top(got[req_id]) == pytest.approx(_top(alone[name]), abs=tolerance), name
 
 
 @pytest.mark.parametrize("dtype, quantize", [("bfloat16", None), ("float32", INT8)])
