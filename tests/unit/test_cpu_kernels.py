@@ -113,6 +113,11 @@ def test_the_library_name_follows_source_torch_and_cpu(monkeypatch, tmp_path):
     edited.write_text(Path(cpu_kernels.SOURCES[0]).read_text() + "\n// edited\n")
     monkeypatch.setattr(cpu_kernels, "SOURCES", (edited,))
     assert cpu_kernels.library_name(compiler) != name
+    monkeypatch.undo()
+    header = tmp_path / "vec_math.h"  # an edited header the sources include
+    header.write_text(Path(cpu_kernels.HEADERS[0]).read_text() + "\n// edited\n")
+    monkeypatch.setattr(cpu_kernels, "HEADERS", (header,))
+    assert cpu_kernels.library_name(compiler) != name
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert cpu_kernels.library_name(compiler) != name
 

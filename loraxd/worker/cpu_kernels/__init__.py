@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # in the name's hash too
 PANEL_COLS = 32  # output columns per panel; the kernel's kCols
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -67,7 +68,7 @@ def library_name(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
     h = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), repr(FLAGS).encode(),
+    for part in (*(s.read_bytes() for s in SOURCES + HEADERS), torch.__version__.encode(), repr(FLAGS).encode(),
                  repr(version).encode(), " ".join(sorted(cpu_flags() or ())).encode()):
         h.update(part)
         h.update(b"\0")

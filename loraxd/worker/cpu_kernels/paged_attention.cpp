@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -20,17 +22,18 @@
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+using loraxd_vec::exp_nonpositive;
+using loraxd_vec::splat;
+using loraxd_vec::v16;
+using loraxd_vec::vi16;
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;  // also the positions of a tile: one vector of scores
 // multiply-adds a thread should get before a fork pays: below this a call runs on one
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 
 inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
 
 inline float hsum(v16 v) {
   const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -72,25 +75,6 @@ inline v16 transpose_sum(const v16* a) {
                                  27, 29, 31);
 }
 
-// e^x for x <= 0 (a score minus the row's maximum), within about 1 ulp: x = k ln2 + r with
-// |r| <= ln2 / 2, e^r by its degree-6 minimax polynomial, 2^k put in the exponent bits.
-// Below -87 (e^x < 2e-38, nothing next to the maximum's 1) it returns e^-87. NaN stays NaN.
-inline v16 exp_nonpositive(v16 x) {
-  const v16 lo = splat(-87.f);
-  x = x < lo ? lo : x;
-  const v16 shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 k = (x * 1.44269504088896341f + shifter) - shifter;
-  const v16 r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const vi16 bits = (__builtin_convertvector(k, vi16) + 127) << 23;
-  return p * (v16)bits;  // a cast between vector types keeps the bits
-}
 
 struct Shape {
   int64_t kv_heads, group, head_dim, page, slot_stride, max_blocks;

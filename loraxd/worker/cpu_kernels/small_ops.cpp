@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,10 +24,12 @@
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+using loraxd_vec::exp_nonpositive;
+using loraxd_vec::splat;
+using loraxd_vec::v16;
+using loraxd_vec::vi16;
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef uint32_t vu16 __attribute__((vector_size(64)));
 typedef uint16_t vh16 __attribute__((vector_size(32)));
 using bf16 = c10::BFloat16;
@@ -36,7 +40,6 @@ constexpr int64_t kLanes = 16;
 // a fork can wait milliseconds for the other thread to get a core.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
-inline v16 splat(float x) { return v16{} + x; }
 // A value the compiler must materialize: no multiply-add contracts across it.
 inline v16 kept(v16 x) { asm("" : "+v"(x)); return x; }
 inline float kept(float x) { asm("" : "+v"(x)); return x; }
@@ -207,24 +210,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 
 // ---- silu(gate) * up ----------------------------------------------------------------------
 
-// e^x for x <= 0 within about 1 ulp (x = k ln2 + r, |r| <= ln2 / 2, e^r by its degree-6
-// minimax polynomial, 2^k put in the exponent bits); below -87 it gives e^-87. NaN stays NaN.
-inline v16 exp_nonpositive(v16 x) {
-  const v16 lo = splat(-87.f);
-  x = x < lo ? lo : x;
-  const v16 shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 k = (x * 1.44269504088896341f + shifter) - shifter;
-  const v16 r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const vi16 bits = (__builtin_convertvector(k, vi16) + 127) << 23;
-  return p * (v16)bits;
-}
 
 // x * sigmoid(x) from e = e^-|x| (never overflows): x / (1 + e) for x >= 0, else
 // x * e / (1 + e).
