@@ -4,7 +4,7 @@ which reads each token's A and B once, where the pool keeps them.
 
 A plan is an int64 tensor [n, 2 + modules]: per token with an adapter that targets the group
 in that layer, (token, slot, rank of each module of the group; 0: untargeted), built once per
-step and shared by the layers whose ranks are the same.
+step and shared by the layers whose ranks are the same (ops._by_layer_ranks).
 """
 from __future__ import annotations
 
@@ -22,24 +22,12 @@ def usable(storage) -> bool:
             and cpu_kernels.enable() is None)
 
 
-def build_plans(storage, slots: list[int], tokens: list[tuple[int, int]]
-                ) -> dict[str, list[torch.Tensor | None]]:
-    """group -> per layer plan (None: no token's adapter targets the group there);
-    `tokens`: (token, slot) of the tokens the kernel serves."""
-    plans = {}
-    for name in storage.specs:
-        per_slot = {s: storage.ranks[s][name] for s in slots}
-        cache: dict[tuple, torch.Tensor | None] = {}
-        per_layer = []
-        for layer_idx in range(storage.num_layers):
-            ranks = tuple(per_slot[s][layer_idx] for s in slots)
-            if ranks not in cache:
-                of_slot = dict(zip(slots, ranks))
-                rows = [(t, s, *of_slot[s]) for t, s in tokens if sum(of_slot[s])]
-                cache[ranks] = torch.tensor(rows, dtype=torch.long) if rows else None
-            per_layer.append(cache[ranks])
-        plans[name] = per_layer
-    return plans
+def plan(ranks: dict[int, tuple[int, ...]], tokens: list[tuple[int, int]]
+         ) -> torch.Tensor | None:
+    """One layer's plan for a group, `ranks`: each slot's module ranks there; `tokens`:
+    (token, slot) of the tokens the kernel serves. None: no token's adapter targets it."""
+    rows = [(t, s, *ranks[s]) for t, s in tokens if sum(ranks[s])]
+    return torch.tensor(rows, dtype=torch.long) if rows else None
 
 
 def apply(plan: torch.Tensor, store, spec, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -318,32 +318,31 @@ class TorchLoraOp(CachedStepOp):
             in_bags = set(bag_slots)
             bag_tokens = [(t, s) for t, s in enumerate(slots) if s in in_bags]
             if kernel:
-                ctx.plans = cpu_bgmv.build_plans(storage, sorted(bag_slots), bag_tokens)
+                ctx.plans = _by_layer_ranks(storage, sorted(bag_slots),
+                                            lambda spec, ranks: cpu_bgmv.plan(ranks, bag_tokens))
             else:
-                ctx.bags = _build_bags(storage, sorted(bag_slots), bag_tokens, len(slots))
+                ctx.bags = _by_layer_ranks(storage, sorted(bag_slots), lambda spec, ranks:
+                                           _build_layout(storage, spec, ranks, bag_tokens,
+                                                         len(slots)))
         return ctx
 
 
-def _build_bags(storage: LoraStorage, bag_slots, bag_tokens, num_tokens):
-    """group -> per layer layout; layers with the same ranks share one layout."""
-    bags = {}
+def _by_layer_ranks(storage: LoraStorage, slots, build) -> dict[str, list]:
+    """group -> per layer `build(spec, {slot: its ranks there})`; layers where the slots
+    have the same ranks share one result (a plan is built once per step, not per layer)."""
+    out = {}
     for name, spec in storage.specs.items():
-        per_slot = {s: storage.ranks[s][name] for s in bag_slots}
-        if all(len(set(seq)) == 1 for seq in per_slot.values()):  # same ranks in every layer
-            ranks = {s: seq[0] for s, seq in per_slot.items()}
-            layout = _build_layout(storage, spec, ranks, bag_tokens, num_tokens)
-            bags[name] = [layout] * storage.num_layers
-            continue
-        layouts: dict[tuple, _BagLayout | None] = {}
+        per_slot = {s: storage.ranks[s][name] for s in slots}
+        built: dict[tuple, object] = {}
         per_layer = []
         for layer_idx in range(storage.num_layers):
             ranks = {s: seq[layer_idx] for s, seq in per_slot.items()}
             key = tuple(ranks.values())
-            if key not in layouts:
-                layouts[key] = _build_layout(storage, spec, ranks, bag_tokens, num_tokens)
-            per_layer.append(layouts[key])
-        bags[name] = per_layer
-    return bags
+            if key not in built:
+                built[key] = build(spec, ranks)
+            per_layer.append(built[key])
+        out[name] = per_layer
+    return out
 
 
 def _build_layout(storage, spec: GroupSpec, ranks, bag_tokens, num_tokens) -> _BagLayout | None:
