@@ -48,12 +48,16 @@ class WriteWatch:
         self.stalled_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    async def guard(self, write: Coroutine[Any, Any, None]) -> None:
+    async def guard(self, write: Coroutine[Any, Any, None], num_bytes: int) -> None:
+        """Runs `write` of `num_bytes` (its framing not counted) under the watch."""
         try:
             self._check()
         except StalledClient:
             write.close()  # never started
             raise
+        # What the queue holds once the write is in, if the client takes nothing meanwhile:
+        # a write that waits on full buffers and then ends has seen the client take bytes.
+        self.queued += num_bytes
         # No task per write (tokens are many): a timer looks at the queue while the write
         # waits, and ends the wait through the timeout once the client has stalled.
         loop = asyncio.get_running_loop()
@@ -66,7 +70,7 @@ class WriteWatch:
                     self._timer.cancel()
         except TimeoutError:
             self._drop()
-        self.queued = self._queued()  # what this write left queued: the mark to go below
+        self._observe()  # took bytes during the write? the queue is the next mark
 
     def _tick(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout) -> None:
         try:
@@ -79,15 +83,20 @@ class WriteWatch:
     def _check(self, drop: bool = True) -> None:
         """Raises StalledClient (after dropping the client, when `drop`) once it has taken
         nothing for timeout_s."""
+        self._observe()
+        if (self.stalled_since is not None
+                and time.monotonic() - self.stalled_since >= self.timeout_s):
+            if drop:
+                self._drop()
+            raise StalledClient(f"client took nothing for {self.timeout_s:g} s")
+
+    def _observe(self) -> None:
+        """Notes whether the client took bytes since the queue was last looked at."""
         queued = self._queued()
         if queued == 0 or queued < self.queued:
             self.stalled_since = None  # the client took bytes: it is reading
         elif self.stalled_since is None:
             self.stalled_since = time.monotonic()
-        elif time.monotonic() - self.stalled_since >= self.timeout_s:
-            if drop:
-                self._drop()
-            raise StalledClient(f"client took nothing for {self.timeout_s:g} s")
         self.queued = queued
 
     def _queued(self) -> int:
@@ -108,12 +117,12 @@ class EventStream(web.StreamResponse):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.watch is None:
             return await super().write(data)
-        await self.watch.guard(super().write(data))
+        await self.watch.guard(super().write(data), len(data))
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self.watch is None:
             return await super().write_eof(data)
-        await self.watch.guard(super().write_eof(data))
+        await self.watch.guard(super().write_eof(data), len(data))
 
 
 def _shrink_send_buffer(transport: Any) -> None:

@@ -97,21 +97,27 @@ async def test_a_client_that_stops_reading_is_dropped(served, path, body):
 
 
 async def test_a_slow_but_reading_client_is_not_dropped(served):
+    """It takes a token's 4 kB every 5 ms, slower than the engine writes them, so the
+    server's buffers stay full and its writes wait on the client for the whole stream,
+    which lasts twice the timeout and more. The timeout is still far above the pauses a
+    loaded machine puts between two reads: only a client that stops would meet it."""
     engine = CountingEngine()
-    port = await served(engine, stream_write_timeout_s=0.5)
+    port = await served(engine, stream_write_timeout_s=1.0)
     sock = tiny_client(port)
     sock.sendall(request_bytes("/generate_stream", {"inputs": PROMPT,
-                                                    "parameters": {"max_new_tokens": 100}}))
+                                                    "parameters": {"max_new_tokens": 400}}))
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     received = b""
-    async with asyncio.timeout(20):
+    start = time.monotonic()
+    async with asyncio.timeout(30):
         while not received.endswith(b"0\r\n\r\n"):  # the last chunk of the response
-            chunk = await loop.sock_recv(sock, 1024)
+            chunk = await loop.sock_recv(sock, 4096)
             assert chunk, "closed early"
             received += chunk
-            await asyncio.sleep(0.001)  # slower than the engine, but reading
-    assert engine.num_tokens == 100 and b'"generated_text":"xxx' in received
+            await asyncio.sleep(0.005)
+    assert time.monotonic() - start > 2.0
+    assert engine.num_tokens == 400 and b'"generated_text":"xxx' in received
     sock.close()
 
 
