@@ -4,7 +4,8 @@ cache (paged_attention.cpp, wrapped by attention.py), the small per-layer ops in
 bf16 (small_ops.cpp, wrapped by small_ops.py: residual add + RMSNorm, the per-head q/k norms
 in place, silu(gate) * up, rotary of q and k with the K/V cache write), and batched
 heterogeneous LoRA for decode tokens, fp32 or bf16, over the slot pool's layout
-(lora_bgmv.cpp, wrapped by loraxd/worker/lora/cpu_bgmv.py).
+(lora_bgmv.cpp, wrapped by loraxd/worker/lora/cpu_bgmv.py), and the sampler's argmax with
+logsumexp (greedy_pick.cpp).
 
 It is compiled on the machine that runs it (`-march=native`, against the installed torch),
 once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts

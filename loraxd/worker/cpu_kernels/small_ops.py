@@ -1,6 +1,7 @@
 """The small per-layer ops of small_ops.cpp: residual add + RMSNorm, silu(gate) * up, and
 rotary with the K/V cache write, one call each where the torch code runs several ops (at
-decode sizes their dispatch, not their arithmetic, is the cost). The layers call them when
+decode sizes their dispatch, not their arithmetic, is the cost); and the sampler's argmax
+with logsumexp over a step's logits (greedy_pick.cpp). The layers call them when
 `covers` says so and keep their torch code otherwise (other devices and dtypes, no library,
 `ENABLED` off)."""
 from __future__ import annotations
@@ -47,3 +48,12 @@ def rotary_(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: to
     RotaryEmbedding.tables gives them); with `cache` [slots, 2, kv_heads, head_dim] of
     qkv's dtype, then write each token's k|v to its slot in `slots` [tokens]."""
     torch.ops.loraxd_cpu.rotary_(qkv, heads, kv_heads, head_dim, cos, sin, cache, slots)
+
+
+def argmax_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [rows], logsumexp [rows, 1]) of scores [rows, vocab], as torch's argmax and
+    logsumexp give them (the sum within a few ulps)."""
+    if covers(scores) and scores.dtype == torch.float32 and scores.dim() == 2:
+        index, _, lse = torch.ops.loraxd_cpu.greedy_pick(scores)
+        return index, lse[:, None]
+    return scores.argmax(-1), torch.logsumexp(scores, -1, keepdim=True)

@@ -4,7 +4,7 @@ Work is vectorised over the batch; the one per-sequence loop is the draw of the 
 rows. Each draw is seeded from the request's seed and the draw's index in its sequence, so a
 seed gives the same tokens whatever batch the sequence shares, and a sequence resumed on a
 new worker draws exactly what the old one would have. When every sequence is greedy without penalties, a
-fast path does an argmax and a logsumexp and nothing else.
+fast path does an argmax and a logsumexp and nothing else (on CPU one kernel call of both).
 
 Semantics (transformers / OpenAI / LoRAX):
 - the watermark (loraxd.worker.layers.watermark) biases the raw logits first, as LoRAX does;
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraxd.protocol.worker import SamplingParams
+from loraxd.worker.cpu_kernels.small_ops import argmax_logsumexp
 from loraxd.worker.layers.grammar import SeqGrammar
 from loraxd.worker.layers.watermark import Watermark
 
@@ -95,10 +96,9 @@ def sample(logits: torch.Tensor, seqs: list[SeqSampling]) -> SampleOutput:
     """logits [num_seqs, vocab] (fp32) -> one token per sequence, or why it has none."""
     fast = all(s.fast for s in seqs)
     scores = logits if fast else _penalised_scores(logits, seqs)
-    lse = torch.logsumexp(scores, -1, keepdim=True)  # [num_seqs, 1]
+    tokens, lse = argmax_logsumexp(scores)  # the greedy rows' choice; lse [num_seqs, 1]
     # NaN or +inf anywhere in a row, or no finite score left, makes its lse non-finite
     unusable = ~torch.isfinite(lse[:, 0])
-    tokens = scores.argmax(-1)  # the greedy rows' choice
     sampled = [] if fast else [i for i, s in enumerate(seqs) if s.is_sampled()]
     undrawable = _draw(scores, seqs, sampled, tokens) if sampled else []
     chosen = (scores.gather(1, tokens[:, None]) - lse)[:, 0]
