@@ -146,6 +146,44 @@ def test_a_token_does_not_depend_on_its_batch_or_threads():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_alone_equals_it_in_a_group_of_its_slot(dtype):
+    """Tokens of one slot share their A loads in groups of up to 4: every group size, for
+    every group of modules (shrinks of 1 to 6 vectors), gives each token what it gets alone."""
+    kernel_pool, _, _ = make_pools(dtype=dtype, seed=7)
+    for group in GROUP_MODULES:
+        for n in (2, 3, 4, 5, 9):
+            x, y = inputs(n, group, n, dtype)
+            slots = [2] * n
+            together = y.clone()
+            ctx = kernel_pool.step_context(torch.tensor(slots))
+            for layer_idx in range(NUM_LAYERS):
+                ctx.apply(layer_idx, group, x, together)
+            for t in range(n):
+                alone = y[t:t + 1].clone()
+                ctx = kernel_pool.step_context(torch.tensor([2]))
+                for layer_idx in range(NUM_LAYERS):
+                    ctx.apply(layer_idx, group, x[t:t + 1], alone)
+                assert torch.equal(together[t:t + 1], alone), (group, n, t)
+
+
+@needs_kernel
+def test_adapters_go_to_the_gemm_path_from_32_tokens_with_the_kernel():
+    """The default threshold: 31 tokens of one adapter still in the kernel's plans, 32 on the
+    GEMM path; 8 without the kernel (the bags)."""
+    pool = LoraSlotPool(4, SHAPES, NUM_LAYERS, max_rank=MAX_RANK)
+    rng = random.Random(8)
+    for slot in range(4):
+        pool.load(slot, random_adapter(rng, slot))
+    for n, gemm in ((31, False), (32, True)):
+        ctx = pool.step_context(torch.tensor([0] * n + [1, 2, 3]))
+        assert bool(ctx.segments) == gemm and ctx.plans
+    pool.op = TorchLoraOp(cpu_kernel=False)
+    ctx = pool.step_context(torch.tensor([0] * 8 + [1, 2, 3]))
+    assert ctx.segments and ctx.bags
+
+
+@needs_kernel
 def test_bfloat16():
     kernel_pool, bag_pool, adapters = make_pools(dtype=torch.bfloat16, seed=4)
     slots = [0, 3, -1, 3, 8, 9, 1]

@@ -10,7 +10,7 @@ logsumexp (greedy_pick.cpp).
 It is compiled on the machine that runs it (`-march=native`, against the installed torch),
 once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts
 the library under the environment's prefix; a worker that finds none there builds it into
-its cache directory at start (about 15 s). The file name carries a hash of the source, the
+its cache directory at start (about 45 s on two cores: one compiler per source). The file name carries a hash of the source, the
 torch version, the compiler and the CPU's flags, so a library is never loaded on a machine
 or torch it was not built for. Without a C++ compiler, or on a CPU without AVX-512, the
 linears stay on oneDNN (linear.py), attention on SDPA over gathered pages and LoRA on
@@ -77,25 +77,31 @@ def library_name(compiler: str) -> str:
 
 
 def build(directory: Path, compiler: str) -> Path:
-    """Compile the library into `directory` (atomically: ranks may build at once)."""
+    """Compile the library into `directory` (atomically: ranks may build at once), one
+    compiler per source at once, then link."""
     from torch.utils.cpp_extension import include_paths, library_paths
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / library_name(compiler)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-    os.close(fd)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), "-o", tmp,
-           *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    compile_flags = [f for f in FLAGS if f != "-shared"]
+    with tempfile.TemporaryDirectory(dir=directory) as work:
+        objects = [Path(work) / f"{src.stem}.o" for src in SOURCES]
+        jobs = [subprocess.Popen([compiler, *compile_flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                                  *(f"-I{p}" for p in include_paths()), "-c", str(src),
+                                  "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+                for src, obj in zip(SOURCES, objects)]
+        errors = [job.communicate()[1] for job in jobs]
+        failed = [e for job, e in zip(jobs, errors) if job.returncode != 0]
+        if failed:
+            raise BuildError(f"{compiler} failed: {failed[0].strip()[-2000:]}")
+        tmp = Path(work) / "library.so"
+        done = subprocess.run([compiler, *FLAGS, *map(str, objects), "-o", str(tmp),
+                               *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"],
+                              capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise BuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+            raise BuildError(f"{compiler} failed to link: {done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)  # the service may run as another user than set-up
         os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

@@ -4,16 +4,19 @@
 //
 // The pool's layout (lora/slots.py) is read where it lies: slot s's `A_cat^T [in, r_tot]`
 // (the modules' A's stacked along the rank) row-major at a[s], and module m's `B^T [r, out]`
-// in rows s * max_rank .. + r of b[m]. Each token's A and B are read once, as streams:
+// in rows s * max_rank .. + r of b[m]. The tokens of one slot go in groups of up to
+// kMaxGroup, and each group reads its A and B once, as streams (B from cache after its first
+// token):
 //   shrink: h = A_cat x[t], the rows of A_cat^T weighted by x[t, i] summed in registers
 //           (r_tot up to 192 in one pass), over fixed chunks of the `in` rows;
 //   expand: per module, 256 columns of y at a time, the r rows of B^T weighted by h.
-// Threads share the work by its multiply-adds: whole tokens (one fork per call) when there
-// are at least two per thread, else the tokens' row chunks, then their runs of 16 columns (two
-// forks), so that 1 to 3 tokens keep every thread busy too. The chunks are fixed by `in`
-// alone and their partial sums are added in chunk order, so a token's result does not depend
-// on the step's other tokens or on the thread count. The streams are left to the hardware
-// prefetcher: software prefetches ahead in A measured slower.
+// Threads share the work by its multiply-adds: whole groups (one fork per call) when there
+// are at least two per thread, else the groups' row chunks, then their runs of 16 columns
+// (two forks), so that 1 to 3 groups keep every thread busy too. Every token's sums are made
+// in the same order whatever its group (a group only shares the loads of A), the chunks are
+// fixed by `in` alone and their partial sums are added in chunk order, so a token's result
+// does not depend on the step's other tokens or on the thread count. The streams are left to
+// the hardware prefetcher: software prefetches ahead in A measured slower.
 #include <immintrin.h>
 
 #include <ATen/ATen.h>
@@ -38,6 +41,8 @@ constexpr int kExpandVecs = 16;  // y columns an expand pass keeps in registers:
 constexpr int64_t kMaxChunks = 8;  // a token's A rows are summed in up to this many chunks
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kMaxModules = 4;
+constexpr int kMaxGroup = 4;  // tokens of one slot that share their A and B loads
+constexpr int kShrinkRegisters = 28;  // of the 32 vector registers, for a shrink's sums
 constexpr int64_t kMaxRank = 1024;  // a module's h lives on the stack
 constexpr int64_t kMinWorkPerThread = 1 << 15;  // multiply-adds a thread should get per fork
 
@@ -74,38 +79,51 @@ inline void store(bf16* p, v16 v, __mmask16 m) {  // rounded to nearest even, as
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 
-// h[c] = sum over i < rows of x[i] * a[i * ld + c], for c < width (NV = width / 16 rounded
-// up); h is written in whole vectors (zeros past width).
-template <typename S, int NV>
-void shrink(const S* __restrict x, const S* __restrict a, int64_t ld, int64_t rows,
-            int64_t width, float* __restrict h) {
-  // rows per step, each into sums of its own, so that narrow h still has enough independent
-  // multiply-adds in flight to hide their latency
-  constexpr int U = NV == 1 ? 8 : NV == 2 ? 4 : NV == 3 ? 3 : NV <= 7 ? 2 : 1;
-  v16 acc[U][NV];
-  for (int u = 0; u < U; ++u)
-    for (int v = 0; v < NV; ++v) acc[u][v] = v16{};
+// Rows a shrink pass over nv vectors steps by, each into sums of its own, so that narrow h
+// still has enough independent multiply-adds in flight to hide their latency (a function of
+// nv alone: a token's sums are the same in any group).
+constexpr int shrink_unroll(int nv) {
+  return nv == 1 ? 8 : nv == 2 ? 4 : nv == 3 ? 3 : nv <= 7 ? 2 : 1;
+}
+
+// h_g[c] = sum over i < rows of x_g[i] * a[i * ld + c], for c < width (NV = width / 16
+// rounded up) and each of the G tokens g; h_g is written in whole vectors (zeros past width).
+template <typename S, int NV, int G>
+void shrink(const S* const* x, const S* __restrict a, int64_t ld, int64_t rows, int64_t width,
+            float* const* h) {
+  constexpr int U = shrink_unroll(NV);
+  v16 acc[G][U][NV];
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < NV; ++v) acc[g][u][v] = v16{};
   const __mmask16 tail = first(width - (NV - 1) * kLanes);
   int64_t i = 0;
   for (; i + U <= rows; i += U) {
     for (int u = 0; u < U; ++u) {
       const S* row = a + (i + u) * ld;
-      const v16 xs = v16{} + static_cast<float>(x[i + u]);
-      for (int v = 0; v < NV; ++v)
-        acc[u][v] = fma(xs, load(row + v * kLanes, v == NV - 1 ? tail : 0xFFFF), acc[u][v]);
+      v16 w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = load(row + v * kLanes, v == NV - 1 ? tail : 0xFFFF);
+      for (int g = 0; g < G; ++g) {
+        const v16 xs = v16{} + static_cast<float>(x[g][i + u]);
+        for (int v = 0; v < NV; ++v) acc[g][u][v] = fma(xs, w[v], acc[g][u][v]);
+      }
     }
   }
   for (; i < rows; ++i) {
     const S* row = a + i * ld;
-    const v16 xs = v16{} + static_cast<float>(x[i]);
-    for (int v = 0; v < NV; ++v)
-      acc[0][v] = fma(xs, load(row + v * kLanes, v == NV - 1 ? tail : 0xFFFF), acc[0][v]);
+    v16 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = load(row + v * kLanes, v == NV - 1 ? tail : 0xFFFF);
+    for (int g = 0; g < G; ++g) {
+      const v16 xs = v16{} + static_cast<float>(x[g][i]);
+      for (int v = 0; v < NV; ++v) acc[g][0][v] = fma(xs, w[v], acc[g][0][v]);
+    }
   }
-  for (int v = 0; v < NV; ++v) {
-    v16 sum = acc[0][v];
-    for (int u = 1; u < U; ++u) sum += acc[u][v];
-    store(h + v * kLanes, sum, 0xFFFF);
-  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) {
+      v16 sum = acc[g][0][v];
+      for (int u = 1; u < U; ++u) sum += acc[g][u][v];
+      store(h[g] + v * kLanes, sum, 0xFFFF);
+    }
 }
 
 // y[c] += sum over k < r of h[k] * b[k * ld + c], for c < cols (NV = cols / 16 rounded up):
@@ -129,21 +147,26 @@ void expand(const float* __restrict h, const S* __restrict b, int64_t ld, int64_
 }
 
 template <typename S>
-using ShrinkFn = void (*)(const S*, const S*, int64_t, int64_t, int64_t, float*);
+using ShrinkFn = void (*)(const S* const*, const S*, int64_t, int64_t, int64_t, float* const*);
 template <typename S>
 using ExpandFn = void (*)(const float*, const S*, int64_t, int64_t, int64_t, S*);
 
-template <typename S, int... N>
+template <typename S, int G, int... N>
 constexpr auto shrinks(std::integer_sequence<int, N...>) {
-  return std::array<ShrinkFn<S>, sizeof...(N)>{shrink<S, N + 1>...};
+  return std::array<ShrinkFn<S>, sizeof...(N)>{shrink<S, N + 1, G>...};
+}
+template <typename S, int... G>
+constexpr auto shrink_table(std::integer_sequence<int, G...>) {
+  return std::array<std::array<ShrinkFn<S>, kShrinkVecs>, sizeof...(G)>{
+      shrinks<S, G + 1>(std::make_integer_sequence<int, kShrinkVecs>{})...};
 }
 template <typename S, int... N>
 constexpr auto expands(std::integer_sequence<int, N...>) {
   return std::array<ExpandFn<S>, sizeof...(N)>{expand<S, N + 1>...};
 }
+template <typename S>  // [G - 1][NV - 1]: the pass of G tokens over NV vectors of columns
+const auto kShrinks = shrink_table<S>(std::make_integer_sequence<int, kMaxGroup>{});
 template <typename S>  // [NV - 1]: the pass for NV vectors of columns
-const auto kShrinks = shrinks<S>(std::make_integer_sequence<int, kShrinkVecs>{});
-template <typename S>
 const auto kExpands = expands<S>(std::make_integer_sequence<int, kExpandVecs>{});
 
 // Work split by cost: segment s has `units[s]` units of `weight[s]` multiply-adds each; share
@@ -193,6 +216,41 @@ struct Token {
   float* partial;  // [chunks][stride]
 };
 
+// Tokens of one slot (hence of the same ranks), up to kMaxGroup, that share their loads.
+struct Group {
+  const Token* tk[kMaxGroup];
+  int g;
+};
+
+// The plan's tokens by slot, each slot's split into groups as even as kMaxGroup allows.
+std::vector<Group> group_by_slot(const std::vector<Token>& tokens, int64_t nm) {
+  std::vector<const Token*> order;
+  for (const Token& tk : tokens) order.push_back(&tk);
+  std::stable_sort(order.begin(), order.end(),
+                   [](const Token* p, const Token* q) { return p->slot < q->slot; });
+  std::vector<Group> groups;
+  for (size_t i = 0; i < order.size();) {
+    size_t e = i + 1;
+    while (e < order.size() && order[e]->slot == order[i]->slot &&
+           std::equal(order[e]->r, order[e]->r + nm, order[i]->r))
+      ++e;
+    const int64_t n = int64_t(e - i), parts = div_up(n, kMaxGroup);
+    for (int64_t p = 0; p < parts; ++p) {
+      Group gr{};
+      const int64_t lo = n * p / parts, hi = n * (p + 1) / parts;
+      for (int64_t k = lo; k < hi; ++k) gr.tk[gr.g++] = order[i + k];
+      groups.push_back(gr);
+    }
+    i = e;
+  }
+  return groups;
+}
+
+// Tokens a shrink pass over nv vectors takes at once: their sums stay in registers.
+inline int shrink_group(int nv) {
+  return std::max(1, std::min(kMaxGroup, kShrinkRegisters / (shrink_unroll(nv) * nv)));
+}
+
 template <typename S>
 void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, at::TensorList b,
          const at::Tensor& plan, at::IntArrayRef col_starts) {
@@ -235,77 +293,94 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, at::Tens
     tk.partial = partials.get() + floats * chunks;
     floats += tk.stride;
   }
+  const std::vector<Group> groups = group_by_slot(tokens, nm);
 
   const S* xp = static_cast<const S*>(x.data_ptr());
   const S* ap = static_cast<const S*>(a.data_ptr());
   S* yp = static_cast<S*>(y.data_ptr());
 
-  // token k's chunks [c0, c1) of its shrink, into its partial sums
-  auto shrink_chunks = [&](const Token& tk, int64_t c0, int64_t c1) {
+  // a group's chunks [c0, c1) of its shrink, into its tokens' partial sums
+  auto shrink_chunks = [&](const Group& gr, int64_t c0, int64_t c1) {
+    const Token& lead = *gr.tk[0];
+    const S* xs[kMaxGroup];
+    float* hs[kMaxGroup];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = in * c / chunks, i1 = in * (c + 1) / chunks;
-      const S* xr = xp + tk.t * ldx + i0;
-      const S* ar = ap + tk.slot * lda + i0 * tk.r_tot;
-      for (int64_t k0 = 0; k0 < tk.r_tot; k0 += kShrinkVecs * kLanes) {
-        const int64_t width = std::min<int64_t>(kShrinkVecs * kLanes, tk.r_tot - k0);
-        kShrinks<S>[div_up(width, kLanes) - 1](xr, ar + k0, tk.r_tot, i1 - i0, width,
-                                               tk.partial + c * tk.stride + k0);
+      const S* ar = ap + lead.slot * lda + i0 * lead.r_tot;
+      for (int64_t k0 = 0; k0 < lead.r_tot; k0 += kShrinkVecs * kLanes) {
+        const int64_t width = std::min<int64_t>(kShrinkVecs * kLanes, lead.r_tot - k0);
+        const int nv = int(div_up(width, kLanes));
+        const int most = shrink_group(nv);
+        for (int g0 = 0; g0 < gr.g; g0 += most) {
+          const int g = std::min(most, gr.g - g0);
+          for (int k = 0; k < g; ++k) {
+            xs[k] = xp + gr.tk[g0 + k]->t * ldx + i0;
+            hs[k] = gr.tk[g0 + k]->partial + c * lead.stride + k0;
+          }
+          kShrinks<S>[g - 1][nv - 1](xs, ar + k0, lead.r_tot, i1 - i0, width, hs);
+        }
       }
     }
   };
-  // module j of token tk, its columns [16 u0, 16 u1): its h (the chunks' sums, in order),
-  // then 256 columns at a time
-  auto expand_units = [&](const Token& tk, int64_t j, int64_t u0, int64_t u1) {
-    const int64_t r = tk.r[j], out = b[j].size(1);
-    float h[kMaxRank];
-    for (int64_t k = 0; k < r; ++k) {
-      float sum = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) sum += tk.partial[c * tk.stride + tk.h0[j] + k];
-      h[k] = sum;
-    }
-    const S* bj = static_cast<const S*>(b[j].data_ptr()) + tk.slot * max_rank * out;
-    S* yj = yp + tk.t * ldy + col_starts[j];
+  // module j of a group, its columns [16 u0, 16 u1): each token's h (the chunks' sums, in
+  // order), then 256 columns at a time (B, read by the group's first token, is in cache for
+  // the others: sharing its loads too measured no faster)
+  auto expand_units = [&](const Group& gr, int64_t j, int64_t u0, int64_t u1) {
+    const Token& lead = *gr.tk[0];
+    const int64_t r = lead.r[j], out = b[j].size(1);
+    const S* bj = static_cast<const S*>(b[j].data_ptr()) + lead.slot * max_rank * out;
     const int64_t end = std::min(u1 * kLanes, out);
-    for (int64_t c = u0 * kLanes; c < end; c += kExpandVecs * kLanes) {
-      const int64_t cols = std::min<int64_t>(kExpandVecs * kLanes, end - c);
-      kExpands<S>[div_up(cols, kLanes) - 1](h, bj + c, out, r, cols, yj + c);
+    float h[kMaxRank];
+    for (int g = 0; g < gr.g; ++g) {
+      const Token& tk = *gr.tk[g];
+      for (int64_t k = 0; k < r; ++k) {
+        float sum = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) sum += tk.partial[c * tk.stride + tk.h0[j] + k];
+        h[k] = sum;
+      }
+      S* yj = yp + tk.t * ldy + col_starts[j];
+      for (int64_t c = u0 * kLanes; c < end; c += kExpandVecs * kLanes) {
+        const int64_t cols = std::min<int64_t>(kExpandVecs * kLanes, end - c);
+        kExpands<S>[div_up(cols, kLanes) - 1](h, bj + c, out, r, cols, yj + c);
+      }
     }
   };
-  auto whole_token = [&](const Token& tk) {
-    shrink_chunks(tk, 0, chunks);
+  auto whole_group = [&](const Group& gr) {
+    shrink_chunks(gr, 0, chunks);
     for (int64_t j = 0; j < nm; ++j)
-      if (tk.r[j] > 0) expand_units(tk, j, 0, div_up(b[j].size(1), kLanes));
+      if (gr.tk[0]->r[j] > 0) expand_units(gr, j, 0, div_up(b[j].size(1), kLanes));
   };
 
   // Costs in multiply-adds: a shrink chunk, and 16 columns of an expand (with their y)
   const int64_t chunk_rows = div_up(in, chunks);
-  Shares shrink_work, expand_work, token_work;
-  struct Piece { const Token* tk; int64_t j; };
+  Shares shrink_work, expand_work, group_work;
+  struct Piece { const Group* gr; int64_t j; };
   std::vector<Piece> pieces;
-  for (const Token& tk : tokens) {
-    int64_t cost = chunks * chunk_rows * tk.stride;
-    shrink_work.add(chunks, chunk_rows * tk.stride);
+  for (const Group& gr : groups) {
+    const Token& lead = *gr.tk[0];
+    int64_t cost = chunks * chunk_rows * lead.stride * gr.g;
+    shrink_work.add(chunks, chunk_rows * lead.stride * gr.g);
     for (int64_t j = 0; j < nm; ++j)
-      if (tk.r[j] > 0) {
-        const int64_t units = div_up(b[j].size(1), kLanes), w = (tk.r[j] + 2) * kLanes;
-        pieces.push_back({&tk, j});
+      if (lead.r[j] > 0) {
+        const int64_t units = div_up(b[j].size(1), kLanes), w = (lead.r[j] + 2) * kLanes * gr.g;
+        pieces.push_back({&gr, j});
         expand_work.add(units, w);
         cost += units * w;
       }
-    token_work.add(1, cost);
+    group_work.add(1, cost);
   }
-  const int64_t parts = token_work.parts();
+  const int64_t parts = group_work.parts(), n_groups = int64_t(groups.size());
   if (parts == 1) {
-    for (const Token& tk : tokens) whole_token(tk);
-  } else if (n >= 2 * parts) {
-    // enough tokens to share out whole: one fork, and each token's h stays in its thread
-    token_work.run([&](size_t s, int64_t, int64_t) { whole_token(tokens[s]); }, parts);
-  } else {  // a few tokens: their chunks, then their columns, over every thread
+    for (const Group& gr : groups) whole_group(gr);
+  } else if (n_groups >= 2 * parts) {
+    // enough groups to share out whole: one fork, and each token's h stays in its thread
+    group_work.run([&](size_t s, int64_t, int64_t) { whole_group(groups[s]); }, parts);
+  } else {  // a few groups: their chunks, then their columns, over every thread
     shrink_work.run([&](size_t s, int64_t c0, int64_t c1) {
-      shrink_chunks(tokens[s], c0, c1);
+      shrink_chunks(groups[s], c0, c1);
     }, parts);
     expand_work.run([&](size_t s, int64_t u0, int64_t u1) {
-      expand_units(*pieces[s].tk, pieces[s].j, u0, u1);
+      expand_units(*pieces[s].gr, pieces[s].j, u0, u1);
     }, parts);
   }
 }
