@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--constrained-streams", type=int, default=8)
     p.add_argument("--kv", action="store_true",
                    help="only the prefix-cache and prompt-slice experiments on loraxd")
-    p.add_argument("--chunk-sizes", default="64,0",
-                   help="--kv: prefill_chunk_tokens values to compare (default: %(default)s)")
+    p.add_argument("--chunk-sizes", default="32,8,0",
+                   help="--kv: prefill_chunk_tokens values to compare: the daemon's default, "
+                        "a finer one, slicing off (default: %(default)s)")
     args = p.parse_args(argv)
     if args.quick:
         args.loads, args.rounds = workloads.QUICK_LOADS, 1
