@@ -200,7 +200,7 @@ class SchedulerConfig:
                                        _POSITIVE_INT, reload=True, lorax=True)
     block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)
     prefill_chunk_tokens: int = _setting(
-        32, "while sequences decode, prompts longer than this share this many tokens a step: "
+        16, "while sequences decode, prompts longer than this share this many tokens a step: "
         "a long prompt is prefilled in slices between their tokens (0: in one step)",
         _NON_NEGATIVE, reload=True)
     prefix_caching: bool = _setting(True, "keep full KV pages for later requests whose "

@@ -123,7 +123,7 @@ async def test_every_live_setting_reaches_its_reader():
         scheduler={"max_concurrent_requests": 7, "max_best_of": 1, "max_stop_sequences": 2,
                    "max_input_length": 100, "max_total_tokens": 200,
                    "max_batch_prefill_tokens": 300, "waiting_served_ratio": 0.5,
-                   "max_waiting_tokens": 5, "prefill_chunk_tokens": 16},
+                   "max_waiting_tokens": 5, "prefill_chunk_tokens": 48},
         adapters={"adapter_source": "local", "adapter_cycle_time_s": 9.0,
                   "local_adapter_dirs": ("/srv/adapters",),
                   "preloaded_adapter_ids": ("keep", "new"), "adapter_fetch_timeout_s": 30.0},
