@@ -80,12 +80,22 @@ def build(machine: dict, roof: dict, results: dict, skipped: dict, loads: list,
                                 if peer != reference and reference in probes}}
 
 
+def _samples(roof: dict) -> str:
+    """How the bandwidth was sampled, where it was more than once."""
+    samples = roof.get("bandwidth_samples_gb_s", [])
+    if len(samples) < 2:
+        return ""
+    return (", the better of the run's start and end: "
+            + " and ".join(f"{b:.1f}" for b in samples) + " GB/s")
+
+
 def render(doc: dict) -> str:
     m, roof = doc["machine"], doc["roofline"]
     lines = [f"machine: {m['cpu']} ({' '.join(m.get('cpu_features', []))}), {m['cpus']} CPUs; "
              f"{m['threads']} threads per system; {m['workload']}",
              f"read bandwidth ({m['threads']} threads, x.sum() over 256 MiB, best of "
-             f"{roof['bandwidth_repeats']}): {roof['bandwidth_gb_s']:.1f} GB/s; weights "
+             f"{roof['bandwidth_repeats']}{_samples(roof)}): {roof['bandwidth_gb_s']:.1f} GB/s; "
+             f"weights "
              f"{roof['weight_bytes'] / 1e6:.1f} MB, each adapter "
              f"{roof['adapter_bytes'] / 1e6:.1f} MB, KV cache "
              f"{roof['kv_bytes_per_token'] / 1e3:.1f} kB per token (not in the roofline)"]

@@ -206,6 +206,22 @@ def test_report_shares_of_roofline_and_ratios():
     assert report.cpu_features(cpuinfo) == ["avx2", "fma", "avx512f", "amx_bf16"]
 
 
+def test_the_roofline_takes_the_better_sample_of_the_machine(tmp_path, monkeypatch):
+    """Sampled at the run's start and end: a slow moment at one of them (a shared machine)
+    must not lower the roofline below what the systems reach."""
+    monkeypatch.setattr(roofline, "weight_bytes", lambda *a: 500_000_000)
+    monkeypatch.setattr(roofline, "kv_bytes_per_token", lambda *a: 46080)
+    monkeypatch.setattr(bench.artifacts, "model_config", lambda *a: {})
+    ctx = type("Ctx", (), {"model_dir": tmp_path, "dtype": "float32", "adapter_names": []})()
+    roof = bench.measure_roofline(ctx, [Load(8, 0)], 10, [(16e9, 250e9), (24e9, 240e9)])
+    assert roof["bandwidth_gb_s"] == 24.0 and roof["matmul_gflop_s"] == 250.0
+    assert roof["loads"]["8:base"]["memory_tok_s"] == pytest.approx(24e9 / 500e6 * 8)
+    assert roof["bandwidth_samples_gb_s"] == [16.0, 24.0]
+    doc = report.build(report.machine_info(2, "w"), roof, {}, {}, [Load(8, 0)], {})
+    assert "the better of the run's start and end: 16.0 and 24.0 GB/s): 24.0 GB/s" in \
+        report.render(doc)
+
+
 async def test_a_round_over_a_server_that_closes_each_connection(unused_tcp_port):
     """llama-server's way: every stream's connection closed after `[DONE]`."""
     async def completions(request):
