@@ -281,11 +281,8 @@ class TorchLoraOp(CachedStepOp):
     suits it (CPU, fp32 or bf16, library loaded; None: whenever it does), else they share
     the embedding-bag path when there are at least `min_bag_adapters` of them (its fixed
     cost is that of about three GEMM-path adapters), else the GEMM path too.
-
-    `gemm_min_tokens` None: 32 where the kernel runs, else 8. A GEMM-path adapter costs a
-    few torch ops per (layer, group), ~35 µs on two cores; the kernel ~2 µs per token, its
-    A read once per four tokens (rank 16, 8 adapters x 8 tokens: 33 ms of GEMMs a step
-    against 16 ms; 32 tokens each: 53 against 43; one adapter of 32 tokens: 5.3 against 6.6).
+    `gemm_min_tokens` None: 32 where the kernel runs (a GEMM-path adapter's torch ops cost
+    ~35 µs per layer and group, the kernel's ~2 µs per token), else 8.
     """
 
     def __init__(self, gemm_min_tokens: int | None = None, min_bag_adapters: int = 3,
@@ -305,10 +302,8 @@ class TorchLoraOp(CachedStepOp):
             raise IndexError(f"token slot {max(positions)} >= num_slots {storage.num_slots}")
         ctx = TorchLoraStep(storage)
         kernel = self.cpu_kernel is not False and cpu_bgmv.usable(storage)
-        gemm_min_tokens = self.gemm_min_tokens
-        if gemm_min_tokens is None:
-            gemm_min_tokens = 32 if kernel else 8
-        bag_slots = [s for s, pos in positions.items() if len(pos) < gemm_min_tokens]
+        least = self.gemm_min_tokens if self.gemm_min_tokens is not None else 32 if kernel else 8
+        bag_slots = [s for s, pos in positions.items() if len(pos) < least]
         kernel = kernel and bool(bag_slots)
         if self.cpu_kernel and not kernel and bag_slots:
             raise RuntimeError("cpu_kernel=True, but the CPU LoRA kernel does not cover this pool")
