@@ -18,7 +18,8 @@ from loraxd.worker.layers.quantized import (GEMV_ROWS, Int8WeightOnlyKernel,  # 
 def reference(kernel: Int8WeightOnlyKernel, x: torch.Tensor) -> torch.Tensor:
     """fp32 product of the kernel's input (bf16-rounded on torch's path, as it is there)
     and its dequantized weight."""
-    x = x.float() if kernel.panels is not None else x.bfloat16().float()
+    ours = kernel.panels is not None or kernel.amx is not None
+    x = x.float() if ours else x.bfloat16().float()
     y = x @ dequantize(kernel.qweight, kernel.scales).T
     return y if kernel.bias is None else y + kernel.bias.float()
 

@@ -4,8 +4,9 @@ cache (paged_attention.cpp, wrapped by attention.py), the small per-layer ops in
 bf16 (small_ops.cpp, wrapped by small_ops.py: residual add + RMSNorm, the per-head q/k norms
 in place, silu(gate) * up, rotary of q and k with the K/V cache write), and batched
 heterogeneous LoRA for decode tokens, fp32 or bf16, over the slot pool's layout
-(lora_bgmv.cpp, wrapped by loraxd/worker/lora/cpu_bgmv.py), and the sampler's argmax with
-logsumexp (greedy_pick.cpp).
+(lora_bgmv.cpp, wrapped by loraxd/worker/lora/cpu_bgmv.py), the sampler's argmax with
+logsumexp (greedy_pick.cpp), and on CPUs with Intel AMX the bf16 matmul (amx_gemm.cpp) and
+the int8 weight-only one (amx_int8.cpp) on the CPU's tile unit, for every row count.
 
 It is compiled on the machine that runs it (`-march=native`, against the installed torch),
 once: `python -m loraxd.worker.cpu_kernels` (scripts/setup and scripts/install run it) puts
@@ -33,6 +34,9 @@ import torch.nn.functional as F
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # in the name's hash too
 PANEL_COLS = 32  # output columns per panel; the kernel's kCols
+AMX_TILE_N = 16  # output columns per AMX tile: the weight's rows must be a multiple
+AMX_K_GROUP = {torch.bfloat16: 2, torch.int8: 4}  # K values side by side in a tile row
+AMX_ENABLED = True  # False: bf16 and int8 linears keep their AVX-512/oneDNN paths (A/B, tests)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _state: dict[str, str | None] = {}  # "library": the loaded path; "reason": why none was
@@ -183,3 +187,44 @@ def panel_linear_int8(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tenso
                       bias: torch.Tensor, out_features: int) -> torch.Tensor:
     return torch.ops.loraxd_cpu.panel_mm_int8(x.contiguous(), panels, scales, bias,
                                               out_features)
+
+
+def amx_usable(int8: bool = False) -> bool:
+    """The library is loaded and this CPU and kernel give AMX-BF16 (`int8`: and AMX-INT8)."""
+    return AMX_ENABLED and available() and torch.ops.loraxd_cpu.amx_usable(int8)
+
+
+def amx_fits(weight: torch.Tensor) -> bool:
+    """The AMX kernels take a weight [out, in] of bf16 or int8 whose out is a multiple of
+    16 and in of a tile row (32 bf16 or 64 int8 values)."""
+    group = AMX_K_GROUP.get(weight.dtype)
+    out_features, in_features = weight.shape
+    return (group is not None and amx_usable(weight.dtype == torch.int8)
+            and out_features % AMX_TILE_N == 0 and in_features % (AMX_TILE_N * group) == 0)
+
+
+def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] in AMX's tile layout: [out/16, in/(16g), 16, 16, g] with g K values
+    (2 bf16, 4 int8) of one output column side by side."""
+    g = AMX_K_GROUP[weight.dtype]
+    out_features, in_features = weight.shape
+    tiles = weight.reshape(out_features // AMX_TILE_N, AMX_TILE_N,
+                           in_features // (AMX_TILE_N * g), AMX_TILE_N, g)
+    return tiles.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_untile(tiles: torch.Tensor) -> torch.Tensor:
+    """The weight [out, in] that `amx_tiles` laid out."""
+    nt, kt, _, _, g = tiles.shape
+    return tiles.permute(0, 3, 1, 2, 4).reshape(nt * AMX_TILE_N, kt * AMX_TILE_N * g)
+
+
+def amx_linear(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x bf16 [rows, in] @ W.T + bias (fp32 [out]) with W in bf16 tiles."""
+    return torch.ops.loraxd_cpu.amx_mm(x.contiguous(), tiles, bias)
+
+
+def amx_linear_int8(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+    """x (fp32 or bf16) @ (scales[:, None] * q).T + bias with q in int8 tiles; y in x's dtype."""
+    return torch.ops.loraxd_cpu.amx_mm_int8(x.contiguous(), tiles, scales, bias)

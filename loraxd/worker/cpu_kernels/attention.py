@@ -1,16 +1,28 @@
 """Decode attention read straight from the paged KV cache (paged_attention.cpp), for fp32
-caches on CPU: no page gather, no mask, one pass per (sequence, KV head)."""
+and bf16 caches on CPU: no page gather, no mask, one pass per (sequence, KV head). The
+arithmetic is fp32 either way; a bf16 model's q goes in widened and its output comes back
+rounded to bf16, once, as SDPA's does."""
 from __future__ import annotations
 
 import torch
 
 from loraxd.worker import cpu_kernels
 
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def usable(cache: torch.Tensor) -> bool:
-    """The kernel covers this layer's cache: fp32 on CPU, and the library is loaded."""
-    return (cache.dtype == torch.float32 and cache.device.type == "cpu"
+    """The kernel covers this layer's cache: fp32 or bf16 on CPU, and the library is loaded."""
+    return (cache.dtype in CACHE_DTYPES and cache.device.type == "cpu"
             and cpu_kernels.enable() is None)
+
+
+def _attend(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+            block_size: int, scale: float, window: int | None,
+            softcap: float | None) -> torch.Tensor:
+    out = torch.ops.loraxd_cpu.paged_decode_attention(
+        q.float(), cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
+    return out.to(q.dtype)
 
 
 def paged_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
@@ -20,8 +32,7 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
     cache [slots, 2, kv_heads, d]; blocks [B * max_blocks] page ids; lens [B] context
     lengths including the new token -> [B, heads * d]."""
     table = blocks.view(q.shape[0], -1)
-    return torch.ops.loraxd_cpu.paged_decode_attention(
-        q, cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
+    return _attend(q, cache, table, lens, block_size, scale, window, softcap)
 
 
 def paged_prefill(q: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor, past: int,
@@ -33,5 +44,4 @@ def paged_prefill(q: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor, pas
     n = q.shape[0]
     table = pages[None].expand(n, -1)
     lens = torch.arange(past + 1, past + n + 1, dtype=torch.long)
-    return torch.ops.loraxd_cpu.paged_decode_attention(
-        q, cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
+    return _attend(q, cache, table, lens, block_size, scale, window, softcap)

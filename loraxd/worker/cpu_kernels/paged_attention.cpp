@@ -1,4 +1,5 @@
-// Decode attention for a CPU in fp32: each sequence's one new token attends over its pages
+// Decode attention for a CPU, computed in fp32 over an fp32 or bf16 cache (q and the output
+// are fp32; attention.py converts a bf16 model's): each sequence's one new token attends over its pages
 // of the KV cache, read where they lie. The torch path copies every sequence's pages into a
 // [B, max_len] buffer (index_select), builds a [B, max_len] mask and runs SDPA: the K/V
 // bytes cross memory three times, and fixed costs dwarf the work at decode sizes (a few
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -37,6 +39,13 @@ constexpr int64_t kMinWorkPerThread = 1 << 16;
 constexpr int64_t kMaxRunRows = 8;  // a slice's rows that share their tiles' reads
 
 inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline v16 load(const c10::BFloat16* p) {  // widened: a bf16 is the high half of its fp32
+  typedef uint16_t vh16 __attribute__((vector_size(32)));
+  typedef uint32_t vu16 __attribute__((vector_size(64)));
+  vh16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (v16)(__builtin_convertvector(h, vu16) << 16);
+}
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 inline float hsum(v16 v) {
@@ -84,13 +93,15 @@ struct Shape {
   int64_t kv_heads, group, head_dim, page, slot_stride, max_blocks;
 };
 
+template <typename T>
 struct Scratch {
-  std::vector<const float*> rows;  // [n_pad] each visible position's slot
+  std::vector<const T*> rows;  // [n_pad] each visible position's slot
   std::vector<float> values;       // scores [group, n_pad], then sums [group, d]
 };
 
 // The 16 scores of a tile for one query head: k[j] the K row of position j.
-inline v16 tile_scores(const float* q, const float* const* k, int64_t d) {
+template <typename T>
+inline v16 tile_scores(const float* q, const T* const* k, int64_t d) {
   v16 a[kLanes] = {};
   const int64_t full = d / kLanes * kLanes;
   for (int64_t c = 0; c < full; c += kLanes) {
@@ -99,12 +110,13 @@ inline v16 tile_scores(const float* q, const float* const* k, int64_t d) {
   }
   v16 x = transpose_sum(a);
   for (int64_t c = full; c < d; ++c)  // a head size that is not a multiple of 16
-    for (int j = 0; j < kLanes; ++j) x[j] += q[c] * k[j][c];
+    for (int j = 0; j < kLanes; ++j) x[j] += q[c] * float(k[j][c]);
   return x;
 }
 
 // y += sum over the tile's positions j of w[j] * v[j] (the rows of V), y [d].
-inline void tile_accumulate(const float* w, const float* const* v, float* y, int64_t d) {
+template <typename T>
+inline void tile_accumulate(const float* w, const T* const* v, float* y, int64_t d) {
   const int64_t full = d / kLanes * kLanes;
   int64_t c = 0;
   for (; c + 4 * kLanes <= full; c += 4 * kLanes) {  // 8 chains, so no FMA waits on the last
@@ -124,7 +136,7 @@ inline void tile_accumulate(const float* w, const float* const* v, float* y, int
     store(y + c, load(y + c) + (a[0] + a[1]) + (a[2] + a[3]));
   }
   for (; c < d; ++c)
-    for (int j = 0; j < kLanes; ++j) y[c] += w[j] * v[j][c];
+    for (int j = 0; j < kLanes; ++j) y[c] += w[j] * float(v[j][c]);
 }
 
 // For each of `count` rows (tokens of one sequence, one page table, row r seeing the
@@ -134,22 +146,23 @@ inline void tile_accumulate(const float* w, const float* const* v, float* y, int
 // numbers are those it gets alone: its tiles start at position 0 either way, and past its
 // length its last tile holds a repeat of its last score, weighted 0 (alone: of its last K
 // and V row). With a sliding window (lo > 0) rows go one at a time.
-void attend(const float* const* q, const float* cache, const int64_t* table,
+template <typename T>
+void attend(const float* const* q, const T* cache, const int64_t* table,
             const int64_t* lens, int64_t count, int64_t kvh, const Shape& s, float scale,
-            int64_t window, float softcap, float* const* out, Scratch& scratch) {
+            int64_t window, float softcap, float* const* out, Scratch<T>& scratch) {
   const int64_t d = s.head_dim, group = s.group, len = lens[count - 1];
   const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
   const int64_t n = len - lo, n_pad = (n + kLanes - 1) / kLanes * kLanes;
   const int64_t rows_q = count * group;  // score rows: (row, query head)
   scratch.rows.resize(n_pad);
   scratch.values.resize(rows_q * (n_pad + d));
-  const float** rows = scratch.rows.data();
+  const T** rows = scratch.rows.data();
   float* scores = scratch.values.data();
   float* sums = scores + rows_q * n_pad;
   for (int64_t pos = lo, t = 0; pos < len;) {  // page by page: no division per position
     const int64_t page = pos / s.page, offset = pos % s.page;
     const int64_t last = std::min(len, pos - offset + s.page);
-    const float* row = cache + (table[page] * s.page + offset) * s.slot_stride;
+    const T* row = cache + (table[page] * s.page + offset) * s.slot_stride;
     for (; pos < last; ++pos, row += s.slot_stride) rows[t++] = row;
   }
   std::fill(rows + n, rows + n_pad, rows[n - 1]);
@@ -157,7 +170,7 @@ void attend(const float* const* q, const float* cache, const int64_t* table,
   auto padded = [&](int64_t r) { return (lens[r] - lo + kLanes - 1) / kLanes * kLanes; };
 
   for (int64_t t0 = 0; t0 < n_pad; t0 += kLanes) {
-    const float* k[kLanes];
+    const T* k[kLanes];
     for (int j = 0; j < kLanes; ++j) k[j] = rows[t0 + j] + k_at;
     for (int64_t r = count - 1; r >= 0 && t0 < padded(r); --r)  // lens rise with r
       for (int64_t g = 0; g < group; ++g)
@@ -184,7 +197,7 @@ void attend(const float* const* q, const float* cache, const int64_t* table,
   }
   std::fill(sums, sums + rows_q * d, 0.f);
   for (int64_t t0 = 0; t0 < n_pad; t0 += kLanes) {
-    const float* v[kLanes];
+    const T* v[kLanes];
     for (int j = 0; j < kLanes; ++j) v[j] = rows[t0 + j] + v_at;
     for (int64_t r = count - 1; r >= 0 && t0 < padded(r); --r)
       for (int64_t g = 0; g < group; ++g)
@@ -206,9 +219,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& cache,
                                   const at::Tensor& blocks, const at::Tensor& lens,
                                   int64_t block_size, double scale, int64_t window,
                                   double softcap) {
-  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2 && cache.scalar_type() == at::kFloat &&
-              cache.is_contiguous(),
-              "paged_decode_attention: cache must be contiguous float32 [slots, 2, kv_heads, d]");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2 && cache.is_contiguous() &&
+              (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16),
+              "paged_decode_attention: cache must be contiguous float32 or bfloat16 [slots, 2, "
+              "kv_heads, d]");
   const int64_t kv_heads = cache.size(2), d = cache.size(3);
   TORCH_CHECK(block_size > 0 && cache.size(0) % block_size == 0,
               "paged_decode_attention: ", cache.size(0), " slots are not whole pages of ",
@@ -246,7 +260,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& cache,
   at::Tensor out = at::empty({B, heads * d}, q.options());
   if (B == 0) return out;
   const float* qp = q.data_ptr<float>();
-  const float* cp = cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // Rows of one page table (a prompt's slice: a stride-0 table), lengths rising by one, go
   // together in runs of up to kMaxRunRows: a tile's K and V serve all of them from L1.
@@ -262,20 +275,28 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& cache,
   const int64_t tasks = int64_t(runs.size()) * kv_heads;
   const int64_t work_per_task = std::max<int64_t>(1, visible * 2 * heads * d / tasks);
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_task);
-  at::parallel_for(0, tasks, grain, [&](int64_t first, int64_t last) {
-    Scratch scratch;
-    const float* qs[kMaxRunRows];
-    float* outs[kMaxRunRows];
-    for (int64_t task = first; task < last; ++task) {
-      const auto [b, count] = runs[task / kv_heads];
-      for (int64_t r = 0; r < count; ++r) {
-        qs[r] = qp + (b + r) * q_stride;
-        outs[r] = op + (b + r) * heads * d;
+  auto run = [&](auto* cp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(cp)>>;
+    at::parallel_for(0, tasks, grain, [&](int64_t first, int64_t last) {
+      Scratch<T> scratch;
+      const float* qs[kMaxRunRows];
+      float* outs[kMaxRunRows];
+      for (int64_t task = first; task < last; ++task) {
+        const auto [b, count] = runs[task / kv_heads];
+        for (int64_t r = 0; r < count; ++r) {
+          qs[r] = qp + (b + r) * q_stride;
+          outs[r] = op + (b + r) * heads * d;
+        }
+        attend(qs, cp, bp + b * b_stride, lp + b, count, task % kv_heads, s, float(scale),
+               window, float(softcap), outs, scratch);
       }
-      attend(qs, cp, bp + b * b_stride, lp + b, count, task % kv_heads, s, float(scale),
-             window, float(softcap), outs, scratch);
-    }
-  });
+    });
+  };
+  if (cache.scalar_type() == at::kFloat) {
+    run(cache.data_ptr<float>());
+  } else {
+    run(cache.data_ptr<c10::BFloat16>());
+  }
   return out;
 }
 

@@ -7,7 +7,8 @@ fast at prefill sizes. Otherwise (bf16, no compiler, another CPU) it holds the w
 reordered once for oneDNN (the private `mkldnn._reorder_linear_weight` / `_linear_pointwise` ops that
 torch.compile emits when it freezes weights), which runs fp32 skinny batches about twice as
 fast as `F.linear` (MKL) and the LM head four times (measured on 2-core Xeon and EPYC
-machines); it was also as fast or faster for 500-row prefills, so there is no per-call
+machines); bf16 weights on a CPU with AMX run in our AMX kernel instead (1.6-1.9x oneDNN
+over a decode step's linears from 1 to 32 rows, as fast at 64 and more); it was also as fast or faster for 500-row prefills, so there is no per-call
 choice. oneDNN keeps state per input shape, though: fed every row count from 1 to 128 (and
 prefills of every length), a worker grew by GBs. So the packed op only ever sees the
 row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer inputs go
@@ -61,10 +62,15 @@ class DenseKernel:
         self.weight: torch.Tensor | None = weight  # [out, in]; None once packed
         self.packed: torch.Tensor | None = None
         self.panels: tuple[torch.Tensor, torch.Tensor] | None = None  # (panels, padded bias)
+        self.amx: tuple[torch.Tensor, torch.Tensor] | None = None  # (bf16 tiles, fp32 bias)
         on_cpu = allow_packed and weight.device.type == "cpu"
-        if on_cpu and allow_panel and weight.dtype == torch.float32 \
-                and cpu_kernels.enable() is None:
+        kernels = on_cpu and allow_panel and cpu_kernels.enable() is None
+        if kernels and weight.dtype == torch.float32:
             self.panels = cpu_kernels.pack(weight, bias)
+            self.weight = None
+        elif kernels and cpu_kernels.amx_fits(weight):
+            fp32_bias = torch.zeros(self.out_features) if bias is None else bias.float()
+            self.amx = (cpu_kernels.amx_tiles(weight), fp32_bias.contiguous())
             self.weight = None
         elif on_cpu and weight.dtype in PACKED_DTYPES and packed_ops_available():
             self.packed = self._try_pack(weight, batch_hint)
@@ -95,6 +101,8 @@ class DenseKernel:
             return flat.reshape(*x.shape[:-1], self.out_features)
         if self.panels is not None:
             return self._panel(x)
+        if self.amx is not None:
+            return cpu_kernels.amx_linear(x, *self.amx)
         if self.packed is not None:
             return self._packed(x)
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,149 @@
+// y = x @ W.T (+ bias) for bf16 x and W on Intel AMX tiles (AMX-BF16): the CPU's tile
+// unit multiplies bf16 pairs and sums them in fp32.
+//
+// W is held in AMX's own layout, tile after tile: tiles[t][kb][kp][n][2] =
+// W[16t + n][32kb + 2kp + {0,1}] (16 output columns x 32 K values, 1 KB), so each B tile
+// is one contiguous load. A call walks blocks of 32 output columns (two B tiles a K step;
+// threads split the blocks) and, within a block, passes of up to 32 rows (two A tiles),
+// the sums in up to four C tiles. One tile product does 16x16x32 multiply-adds in about
+// 16 cycles, so up to 32-row passes the call is bound by reading the weight, where
+// oneDNN's bf16 kernels reach about half the machine's bandwidth at decode sizes.
+//
+// A tile product of one row never sees another row, so a row's numbers do not depend on
+// its batch. K must be a multiple of 32 and N of 16 (linear.py falls back otherwise).
+#include "amx.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace {
+
+using namespace loraxd_amx;
+using bf16 = uint16_t;  // the bits
+
+constexpr int64_t kTileK = 32;                   // K values per tile row
+constexpr int64_t kTileElems = kTileK * kTileN;  // weights per B tile
+constexpr int64_t kBlockN = 2 * kTileN;          // output columns per block
+constexpr int64_t kPassRows = 2 * kTileRows;     // rows per pass
+constexpr int64_t kAheadTiles = 4;  // how far ahead in its stream a B tile is prefetched
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+// Tile numbers are part of the instruction, so the code spells them:
+// C00 0, C01 1, C10 2, C11 3 (row tile, column tile); A0 4, A1 5; B0 6, B1 7.
+void configure(TileConfig& cfg, int64_t rows) {
+  cfg = TileConfig{};
+  const int64_t r0 = std::min(rows, kTileRows), r1 = rows - r0;
+  cfg.set(0, r0), cfg.set(1, r0), cfg.set(2, r1), cfg.set(3, r1), cfg.set(4, r0);
+  cfg.set(5, r1), cfg.set(6, kTileRows), cfg.set(7, kTileRows);
+  _tile_loadconfig(&cfg);
+}
+
+inline void prefetch_tile(const bf16* tile) {
+  const char* p = reinterpret_cast<const char*>(tile);
+  for (int64_t line = 0; line < kTileElems * 2; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+}
+
+// One pass: MT row tiles (16 rows apart in a, row stride lda elements) by NT column tiles
+// (b[n]: tile (n, kb) at b[n] + kb * kTileElems) over all KB steps; sums to c [32][32].
+template <int MT, int NT>
+void pass(const bf16* a, int64_t lda, const bf16* const* b, int64_t KB, float* c) {
+  const int64_t stride = lda * sizeof(bf16), cstride = kBlockN * sizeof(float);
+  const bf16* a1 = a + kTileRows * lda;
+  _tile_zero(0);
+  if (NT == 2) _tile_zero(1);
+  if (MT == 2) { _tile_zero(2); if (NT == 2) _tile_zero(3); }
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    prefetch_tile(b[0] + (kb + kAheadTiles) * kTileElems);
+    if (NT == 2) prefetch_tile(b[1] + (kb + kAheadTiles) * kTileElems);
+    _tile_loadd(4, a + kb * kTileK, stride);
+    _tile_loadd(6, b[0] + kb * kTileElems, kRowBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NT == 2) { _tile_loadd(7, b[1] + kb * kTileElems, kRowBytes); _tile_dpbf16ps(1, 4, 7); }
+    if (MT == 2) {
+      _tile_loadd(5, a1 + kb * kTileK, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if (NT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, cstride);
+  if (NT == 2) _tile_stored(1, c + kTileN, cstride);
+  if (MT == 2) {
+    _tile_stored(2, c + kTileRows * kBlockN, cstride);
+    if (NT == 2) _tile_stored(3, c + kTileRows * kBlockN + kTileN, cstride);
+  }
+}
+
+void run(const bf16* x, int64_t M, int64_t K, const bf16* tiles, int64_t NT, const float* bias,
+         c10::BFloat16* y) {
+  const int64_t KB = K / kTileK, N = NT * kTileN;
+  at::parallel_for(0, (NT + 1) / 2, 1, [&](int64_t first, int64_t last) {
+    TileConfig cfg;
+    int64_t configured = -1;
+    alignas(64) float c[kPassRows * kBlockN];
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t t0 = 2 * blk;
+      const int nt = NT - t0 >= 2 ? 2 : 1;
+      const bf16* b[2] = {tiles + t0 * KB * kTileElems, tiles + (t0 + 1) * KB * kTileElems};
+      for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
+        const int64_t rows = std::min(kPassRows, M - m0);
+        if (rows != configured) configure(cfg, configured = rows);
+        const bf16* am = x + m0 * K;
+        if (rows > kTileRows) {
+          nt == 2 ? pass<2, 2>(am, K, b, KB, c) : pass<2, 1>(am, K, b, KB, c);
+        } else {
+          nt == 2 ? pass<1, 2>(am, K, b, KB, c) : pass<1, 1>(am, K, b, KB, c);
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          for (int64_t j = 0; j < nt * kTileN; j += kTileN) {
+            const int64_t col = t0 * kTileN + j;
+            store(y + (m0 + m) * N + col, load(c + m * kBlockN + j) + load(bias + col));
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#pragma GCC pop_options
+
+at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& bias) {
+  TORCH_CHECK(usable(false), "amx_mm: this CPU or kernel gives no AMX-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
+              "amx_mm: x must be a contiguous 2-D bfloat16 tensor");
+  TORCH_CHECK(tiles.dim() == 5 && tiles.is_contiguous() && tiles.size(2) == kTileRows &&
+              tiles.size(3) == kTileN && tiles.size(4) == 2 &&
+              tiles.scalar_type() == at::kBFloat16,
+              "amx_mm: tiles must be contiguous bfloat16 [N/16, K/32, 16, 16, 2]");
+  const int64_t M = x.size(0), K = x.size(1), NT = tiles.size(0);
+  TORCH_CHECK(K == tiles.size(1) * kTileK, "amx_mm: x has ", K, " columns, the tiles ",
+              tiles.size(1) * kTileK);
+  TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+              bias.size(0) == NT * kTileN, "amx_mm: bias must be float32 [N]");
+  at::Tensor y = at::empty({M, NT * kTileN}, x.options());
+  if (M == 0) return y;
+  run(reinterpret_cast<const bf16*>(x.data_ptr()), M, K,
+      reinterpret_cast<const bf16*>(tiles.data_ptr()), NT, bias.data_ptr<float>(),
+      y.data_ptr<c10::BFloat16>());
+  return y;
+}
+
+bool amx_usable(bool int8) { return usable(int8); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraxd_cpu, m) {
+  m.def("amx_usable(bool int8) -> bool");
+  m.def("amx_mm(Tensor x, Tensor tiles, Tensor bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loraxd_cpu, CPU, m) {
+  m.impl("amx_mm", &amx_mm);
+}
+
+TORCH_LIBRARY_IMPL(loraxd_cpu, CompositeExplicitAutograd, m) {
+  m.impl("amx_usable", &amx_usable);
+}
