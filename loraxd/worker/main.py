@@ -182,7 +182,8 @@ def _enable_cpu_kernels(rank: int, options: WorkerOptions) -> None:
     from loraxd.worker import cpu_kernels
     reason = cpu_kernels.enable(options.kernel_dir)
     if reason is None:
-        log.info("rank %d: CPU kernels from %s", rank, cpu_kernels.library_path())
+        amx = "; bf16 and int8 linears on AMX" if cpu_kernels.amx_usable() else ""
+        log.info("rank %d: CPU kernels from %s%s", rank, cpu_kernels.library_path(), amx)
     elif options.dtype == "float32" and options.quantize is None:
         log.warning("rank %d: fp32 linears on oneDNN and attention on SDPA, slower: %s",
                     rank, reason)
