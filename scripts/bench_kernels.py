@@ -2,11 +2,16 @@
 picking kernels). Calls are timed one by one, candidates interleaved, and the 20th
 percentile is shown: on a shared machine a call that lost its core is an outlier, not data.
 
-Candidates: fp32 and bf16 oneDNN-prepacked (`DenseKernel`), int8 weight-only through
-`aten._weight_int8pack_mm` (bf16 inputs), and int8 converted to bf16 then one matmul
-(the scales applied to the output) or dequantized to fp32 then one fp32 matmul (what
-`Int8WeightOnlyKernel` does beyond 32 rows). The last lines sum one decode step's linears:
-30 layers of qkv, o, gate_up, down, plus the LM head.
+Candidates: what the layers run here (`DenseKernel` in fp32 and bf16, `Int8WeightOnlyKernel`:
+loraxd's panel and AMX kernels where built), bf16 on oneDNN and int8 on the panels for
+comparison, int8 weight-only through `aten._weight_int8pack_mm` (bf16 inputs), and int8
+converted to bf16 then one matmul (the scales applied to the output) or dequantized to fp32
+then one fp32 matmul (torch's path beyond 32 rows). The last lines sum one decode step's
+linears: 30 layers of qkv, o, gate_up, down, plus the LM head.
+
+`--cold` instead sweeps a whole step's 121 linears, each its own weight (so the weights
+come from memory, as in a step), the candidates interleaved, the best of `--rounds` per
+row count: the figure to hold against the machine's read bandwidth.
 """
 from __future__ import annotations
 
@@ -27,13 +32,21 @@ def candidates(weight):
     import torch
     import torch.nn.functional as F
 
+    from loraxd.worker import cpu_kernels
     from loraxd.worker.layers.linear import DenseKernel
-    from loraxd.worker.layers.quantized import quantize_per_channel
-    fp32, bf16 = DenseKernel(weight), DenseKernel(weight.bfloat16())
+    from loraxd.worker.layers.quantized import Int8WeightOnlyKernel, quantize_per_channel
     q, scales = quantize_per_channel(weight)
+    amx, cpu_kernels.AMX_ENABLED = cpu_kernels.AMX_ENABLED, False
+    try:
+        int8_panels = Int8WeightOnlyKernel(weight)
+    finally:
+        cpu_kernels.AMX_ENABLED = amx
     return {
-        "fp32 packed": (fp32, torch.float32),
-        "bf16 packed": (bf16, torch.bfloat16),
+        "fp32": (DenseKernel(weight), torch.float32),
+        "bf16": (DenseKernel(weight.bfloat16()), torch.bfloat16),
+        "bf16 oneDNN": (DenseKernel(weight.bfloat16(), allow_panel=False), torch.bfloat16),
+        "int8": (Int8WeightOnlyKernel(weight), torch.float32),
+        "int8 panels": (int8_panels, torch.float32),
         "int8pack_mm": (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales),
                         torch.bfloat16),
         "int8->bf16+mm": (lambda x: F.linear(x, q.to(torch.bfloat16)).mul_(scales),
@@ -58,11 +71,14 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--cold", action="store_true", help="sweep a whole step's linears")
     args = p.parse_args()
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.cold:
+        return cold_steps(args.rows, args.rounds)
     step: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
         for name, out_f, in_f in SHAPES:
@@ -85,6 +101,27 @@ def main() -> None:
     for rows in args.rows:
         cells = [f"{k} {step[k, rows] / 1000:6.2f}" for k in kernels]
         print(f"one step's linears, ms, M={rows:<3d} " + " | ".join(cells))
+
+
+def cold_steps(rows_list: list[int], rounds: int) -> None:
+    import torch
+    shapes = [s for s in SHAPES if s[0] != "lm_head"] * LAYERS + [SHAPES[-1]]
+    per_layer = [candidates(torch.randn(out_f, in_f) * 0.05) for _, out_f, in_f in shapes]
+    names = [k for k, (kernel, _) in per_layer[0].items() if hasattr(kernel, "num_bytes")]
+    gb = {k: sum(c[k][0].num_bytes for c in per_layer) / 1e9 for k in names}
+    with torch.inference_mode():
+        for rows in rows_list:
+            xs = {in_f: torch.randn(rows, in_f) for _, _, in_f in shapes}
+            best = dict.fromkeys(names, float("inf"))
+            for _ in range(rounds):
+                for k in names:
+                    inputs = {n: x.to(per_layer[0][k][1]) for n, x in xs.items()}
+                    t0 = time.perf_counter()
+                    for c, (_, _, in_f) in zip(per_layer, shapes):
+                        c[k][0](inputs[in_f])
+                    best[k] = min(best[k], time.perf_counter() - t0)
+            cells = [f"{k} {best[k] * 1e3:6.1f} ({gb[k] / best[k]:.1f} GB/s)" for k in names]
+            print(f"one step's linears, cold, ms, M={rows:<3d} " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -185,10 +186,13 @@ at::Tensor amx_mm_int8(const at::Tensor& x, const at::Tensor& tiles, const at::T
   }
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  at::Tensor bytes = at::empty({3, M, K}, x.options().dtype(at::kByte));
-  at::Tensor unscale = at::empty({M}, x.options().dtype(at::kFloat));
-  auto* bp = bytes.data_ptr<uint8_t>();
-  auto* up = unscale.data_ptr<float>();
+  // x's bytes and row scales: the calling thread's scratch (no allocation per call)
+  static thread_local std::vector<uint8_t> bytes;
+  static thread_local std::vector<float> unscale;
+  bytes.resize(3 * M * K);
+  unscale.resize(M);
+  uint8_t* bp = bytes.data();
+  float* up = unscale.data();
   const auto* tp = tiles.data_ptr<int8_t>();
   const float *sp = scales.data_ptr<float>(), *biasp = bias.data_ptr<float>();
   if (dtype == at::kFloat) {
