@@ -92,6 +92,26 @@ inline void prefetch_tile(const int8_t* tile) {
   for (int64_t line = 0; line < kTileBytes; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
 }
 
+// One K step: the B tile at b into tile 6 or 7 (alternate steps, so that a step's load
+// need not wait for the last step's products), the three byte tiles of x, three products.
+template <int B>
+inline void k_step(const int8_t* b, const uint8_t* hi, const uint8_t* mid, const uint8_t* lo,
+                   int64_t K) {
+  if constexpr (B == 6) _tile_loadd(6, b, kRowBytes); else _tile_loadd(7, b, kRowBytes);
+  _tile_loadd(3, hi, K);
+  _tile_loadd(4, mid, K);
+  _tile_loadd(5, lo, K);
+  if constexpr (B == 6) {
+    _tile_dpbssd(0, 3, 6);
+    _tile_dpbusd(1, 4, 6);
+    _tile_dpbusd(2, 5, 6);
+  } else {
+    _tile_dpbssd(0, 3, 7);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 7);
+  }
+}
+
 // One pass: up to 16 rows of the three byte planes (a, plane apart, row stride K) against
 // one column tile's KQ tiles at b; the three int32 sums to c [3][16][16].
 void pass(const uint8_t* a, int64_t K, int64_t plane, const int8_t* b, int64_t KQ,
@@ -101,32 +121,16 @@ void pass(const uint8_t* a, int64_t K, int64_t plane, const int8_t* b, int64_t K
   _tile_zero(1);
   _tile_zero(2);
   int64_t kq = 0;
-  for (; kq + 1 < KQ; kq += 2) {  // B alternates between tiles 6 and 7
+  for (; kq + 1 < KQ; kq += 2) {
     prefetch_tile(b + (kq + kAheadTiles) * kTileBytes);
     prefetch_tile(b + (kq + 1 + kAheadTiles) * kTileBytes);
-    _tile_loadd(6, b + kq * kTileBytes, kRowBytes);
-    _tile_loadd(3, a + kq * kTileK, K);
-    _tile_loadd(4, mid + kq * kTileK, K);
-    _tile_loadd(5, lo + kq * kTileK, K);
-    _tile_dpbssd(0, 3, 6);
-    _tile_dpbusd(1, 4, 6);
-    _tile_dpbusd(2, 5, 6);
-    _tile_loadd(7, b + (kq + 1) * kTileBytes, kRowBytes);
-    _tile_loadd(3, a + (kq + 1) * kTileK, K);
-    _tile_loadd(4, mid + (kq + 1) * kTileK, K);
-    _tile_loadd(5, lo + (kq + 1) * kTileK, K);
-    _tile_dpbssd(0, 3, 7);
-    _tile_dpbusd(1, 4, 7);
-    _tile_dpbusd(2, 5, 7);
+    const int64_t at = kq * kTileK, next = at + kTileK;
+    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at, K);
+    k_step<7>(b + (kq + 1) * kTileBytes, a + next, mid + next, lo + next, K);
   }
   if (kq < KQ) {
-    _tile_loadd(6, b + kq * kTileBytes, kRowBytes);
-    _tile_loadd(3, a + kq * kTileK, K);
-    _tile_loadd(4, mid + kq * kTileK, K);
-    _tile_loadd(5, lo + kq * kTileK, K);
-    _tile_dpbssd(0, 3, 6);
-    _tile_dpbusd(1, 4, 6);
-    _tile_dpbusd(2, 5, 6);
+    const int64_t at = kq * kTileK;
+    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at, K);
   }
   constexpr int64_t cstride = kTileN * sizeof(int32_t);
   _tile_stored(0, c, cstride);
