@@ -3,16 +3,18 @@
 All matmuls go through `DenseKernel`. On a CPU with AVX-512, fp32 weights run in our own
 panel kernel (loraxd.worker.cpu_kernels), which streams the weight at close to the
 machine's read bandwidth: 1.5-1.9x oneDNN over a decode step's linears at 1 to 16 rows, as
-fast at prefill sizes. Otherwise (bf16, no compiler, another CPU) it holds the weight
-reordered once for oneDNN (the private `mkldnn._reorder_linear_weight` / `_linear_pointwise` ops that
-torch.compile emits when it freezes weights), which runs fp32 skinny batches about twice as
-fast as `F.linear` (MKL) and the LM head four times (measured on 2-core Xeon and EPYC
-machines); bf16 weights on a CPU with AMX run in our AMX kernel instead (1.6-1.9x oneDNN
-over a decode step's linears from 1 to 32 rows, as fast at 64 and more); it was also as fast or faster for 500-row prefills, so there is no per-call
-choice. oneDNN keeps state per input shape, though: fed every row count from 1 to 128 (and
-prefills of every length), a worker grew by GBs. So the packed op only ever sees the
-row counts of `ROW_BUCKETS`: a batch is padded up to the next one, and longer inputs go
-through in 512-row pieces (as fast as one call).
+fast at prefill sizes. bf16 weights on a CPU with AMX run in our AMX kernel (amx_gemm.cpp:
+1.8-2x oneDNN over a decode step's linears from 1 to 32 rows, faster at prefill sizes too),
+one kernel for every row count. Otherwise (bf16 without AMX or in sizes that are not whole
+tiles, no compiler, another CPU) it holds the weight reordered once for oneDNN (the private
+`mkldnn._reorder_linear_weight` / `_linear_pointwise` ops that torch.compile emits when it
+freezes weights), which runs fp32 skinny batches about twice as fast as `F.linear` (MKL)
+and the LM head four times (measured on 2-core Xeon and EPYC machines); it was also as
+fast or faster for 500-row prefills, so there is no per-call choice. oneDNN keeps state per
+input shape, though: fed every row count from 1 to 128 (and prefills of every length), a
+worker grew by GBs. So the packed op only ever sees the row counts of `ROW_BUCKETS`: a
+batch is padded up to the next one, and longer inputs go through in 512-row pieces (as
+fast as one call).
 Everywhere else (CUDA, a torch without the ops, fp16) it is a plain `F.linear`.
 With `--quantize int8-weight-only` the layers' kernels are `Int8WeightOnlyKernel`s instead
 (quantized.py), built from the same rank-local weight: each rank quantizes its own shard,
