@@ -40,7 +40,9 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// Each row of x [M, K] as bytes [3][M][K] (hi, mid, lo) and the row's 2^-e in `unscale`
+// Each row of x [M, K] as bytes [3][K/64][M][64] (hi, mid, lo; each plane in tile rows, so
+// that an A tile of 16 rows is 1 KB in a row, not 16 lines a row of x apart) and the row's
+// 2^-e in `unscale`
 // (NaN for a row holding NaN or inf, so that its outputs are NaN as an fp32 matmul's).
 template <typename T>
 void split_rows(const T* x, int64_t M, int64_t K, uint8_t* bytes, float* unscale) {
@@ -63,14 +65,15 @@ void split_rows(const T* x, int64_t M, int64_t K, uint8_t* bytes, float* unscale
       const __m512 p1 = _mm512_set1_ps(std::ldexp(1.f, e / 2));
       const __m512 p2 = _mm512_set1_ps(finite ? std::ldexp(1.f, e - e / 2) : 0.f);
       const __m512 limit = _mm512_set1_ps(float((1 << kMantissaBits) - 1));
-      uint8_t *hi = bytes + m * K, *mid = hi + plane, *lo = mid + plane;
+      uint8_t *hi = bytes + m * kTileK, *mid = hi + plane, *lo = mid + plane;
       for (int64_t k = 0; k < K; k += 16) {
+        const int64_t at = k / kTileK * M * kTileK + k % kTileK;  // tile row k / 64 of row m
         __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(row + k), p1), p2);
         v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
         const __m512i X = _mm512_cvtps_epi32(v);  // to nearest even
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 16)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(mid + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + k), _mm512_cvtepi32_epi8(X));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 16)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(mid + at), _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtepi32_epi8(X));
       }
     }
   });
@@ -95,12 +98,11 @@ inline void prefetch_tile(const int8_t* tile) {
 // One K step: the B tile at b into tile 6 or 7 (alternate steps, so that a step's load
 // need not wait for the last step's products), the three byte tiles of x, three products.
 template <int B>
-inline void k_step(const int8_t* b, const uint8_t* hi, const uint8_t* mid, const uint8_t* lo,
-                   int64_t K) {
+inline void k_step(const int8_t* b, const uint8_t* hi, const uint8_t* mid, const uint8_t* lo) {
   if constexpr (B == 6) _tile_loadd(6, b, kRowBytes); else _tile_loadd(7, b, kRowBytes);
-  _tile_loadd(3, hi, K);
-  _tile_loadd(4, mid, K);
-  _tile_loadd(5, lo, K);
+  _tile_loadd(3, hi, kRowBytes);
+  _tile_loadd(4, mid, kRowBytes);
+  _tile_loadd(5, lo, kRowBytes);
   if constexpr (B == 6) {
     _tile_dpbssd(0, 3, 6);
     _tile_dpbusd(1, 4, 6);
@@ -112,9 +114,9 @@ inline void k_step(const int8_t* b, const uint8_t* hi, const uint8_t* mid, const
   }
 }
 
-// One pass: up to 16 rows of the three byte planes (a, plane apart, row stride K) against
-// one column tile's KQ tiles at b; the three int32 sums to c [3][16][16].
-void pass(const uint8_t* a, int64_t K, int64_t plane, const int8_t* b, int64_t KQ,
+// One pass: up to 16 rows of the three byte planes (a, plane apart; K steps `step` apart)
+// against one column tile's KQ tiles at b; the three int32 sums to c [3][16][16].
+void pass(const uint8_t* a, int64_t step, int64_t plane, const int8_t* b, int64_t KQ,
           int32_t* c) {
   const uint8_t *mid = a + plane, *lo = a + 2 * plane;
   _tile_zero(0);
@@ -124,13 +126,13 @@ void pass(const uint8_t* a, int64_t K, int64_t plane, const int8_t* b, int64_t K
   for (; kq + 1 < KQ; kq += 2) {
     prefetch_tile(b + (kq + kAheadTiles) * kTileBytes);
     prefetch_tile(b + (kq + 1 + kAheadTiles) * kTileBytes);
-    const int64_t at = kq * kTileK, next = at + kTileK;
-    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at, K);
-    k_step<7>(b + (kq + 1) * kTileBytes, a + next, mid + next, lo + next, K);
+    const int64_t at = kq * step, next = at + step;
+    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at);
+    k_step<7>(b + (kq + 1) * kTileBytes, a + next, mid + next, lo + next);
   }
   if (kq < KQ) {
-    const int64_t at = kq * kTileK;
-    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at, K);
+    const int64_t at = kq * step;
+    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at);
   }
   constexpr int64_t cstride = kTileN * sizeof(int32_t);
   _tile_stored(0, c, cstride);
@@ -152,7 +154,7 @@ void run(const uint8_t* bytes, const float* unscale, int64_t M, int64_t K, const
       for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
         const int64_t rows = std::min(kTileRows, M - m0);
         if (rows != configured) configure(cfg, configured = rows);
-        pass(bytes + m0 * K, K, plane, tiles + t * KQ * kTileBytes, KQ, c);
+        pass(bytes + m0 * kTileK, M * kTileK, plane, tiles + t * KQ * kTileBytes, KQ, c);
         for (int64_t m = 0; m < rows; ++m) {
           const int32_t* r = c + m * kTileN;
           v16 sum;  // the three sums as one integer (exact in a double), rounded once
