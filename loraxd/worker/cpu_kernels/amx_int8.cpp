@@ -71,9 +71,12 @@ void split_rows(const T* x, int64_t M, int64_t K, uint8_t* bytes, float* unscale
         __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(row + k), p1), p2);
         v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
         const __m512i X = _mm512_cvtps_epi32(v);  // to nearest even
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 16)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(mid + at), _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtepi32_epi8(X));
+        auto put = [&](uint8_t* plane_at, __m512i v) {  // the low byte of each lane
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(plane_at), _mm512_cvtepi32_epi8(v));
+        };
+        put(hi + at, _mm512_srai_epi32(X, 16));
+        put(mid + at, _mm512_srai_epi32(X, 8));
+        put(lo + at, X);
       }
     }
   });
