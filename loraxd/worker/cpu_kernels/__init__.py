@@ -219,6 +219,22 @@ def amx_untile(tiles: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 3, 1, 2, 4).reshape(nt * AMX_TILE_N, kt * AMX_TILE_N * g)
 
 
+def _fp32_bias(bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return torch.zeros(out_features) if bias is None else bias.float().contiguous()
+
+
+def pack_amx(weight: torch.Tensor, bias: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 tiles, fp32 bias [out]) of a bf16 weight [out, in] that `amx_fits`."""
+    return amx_tiles(weight), _fp32_bias(bias, weight.shape[0])
+
+
+def pack_amx_int8(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 tiles, fp32 scales, fp32 bias) of w = scales[:, None] * q, q fitting the tiles."""
+    return amx_tiles(q), scales.float().contiguous(), _fp32_bias(bias, q.shape[0])
+
+
 def amx_linear(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x bf16 [rows, in] @ W.T + bias (fp32 [out]) with W in bf16 tiles."""
     return torch.ops.loraxd_cpu.amx_mm(x.contiguous(), tiles, bias)

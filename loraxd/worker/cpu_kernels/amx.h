@@ -1,5 +1,5 @@
 // What the AMX kernels share: whether this process may use AMX, the tile configuration,
-// and the epilogue's stores (GCC vector extensions, 16 fp32 lanes).
+// and the epilogue's loads and stores (vec_math.h).
 #pragma once
 
 #include <cpuid.h>
@@ -7,16 +7,16 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <c10/util/BFloat16.h>
+#include "vec_math.h"
 
 #include <cstdint>
 #include <cstring>
 
 namespace loraxd_amx {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef uint16_t vh16 __attribute__((vector_size(32)));
+using loraxd_vec::load;
+using loraxd_vec::store;
+using loraxd_vec::v16;
 
 constexpr int64_t kTileRows = 16;  // rows of a tile
 constexpr int64_t kRowBytes = 64;  // bytes of a tile row
@@ -45,14 +45,5 @@ struct alignas(64) TileConfig {
     colsb[tile] = r ? static_cast<uint16_t>(bytes) : 0;
   }
 };
-
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline void store(c10::BFloat16* p, v16 v) {  // to nearest even, NaN kept quiet (as torch)
-  const vu16 u = (vu16)v;
-  const vu16 r = v != v ? vu16{} + 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u));
-  const vh16 h = __builtin_convertvector(r >> 16, vh16);
-  std::memcpy(p, &h, sizeof h);
-}
 
 }  // namespace loraxd_amx

@@ -28,7 +28,9 @@
 namespace {
 
 using loraxd_vec::exp_nonpositive;
+using loraxd_vec::load;
 using loraxd_vec::splat;
+using loraxd_vec::store;
 using loraxd_vec::v16;
 using loraxd_vec::vi16;
 typedef float v8 __attribute__((vector_size(32)));
@@ -38,15 +40,6 @@ constexpr int64_t kLanes = 16;  // also the positions of a tile: one vector of s
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 constexpr int64_t kMaxRunRows = 8;  // a slice's rows that share their tiles' reads
 
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline v16 load(const c10::BFloat16* p) {  // widened: a bf16 is the high half of its fp32
-  typedef uint16_t vh16 __attribute__((vector_size(32)));
-  typedef uint32_t vu16 __attribute__((vector_size(64)));
-  vh16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (v16)(__builtin_convertvector(h, vu16) << 16);
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 inline float hsum(v16 v) {
   const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +

@@ -24,14 +24,15 @@
 
 namespace {
 
+using loraxd_vec::bf16_bits;
 using loraxd_vec::exp_nonpositive;
+using loraxd_vec::load;
 using loraxd_vec::splat;
+using loraxd_vec::store;
 using loraxd_vec::v16;
 using loraxd_vec::vi16;
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef uint16_t vh16 __attribute__((vector_size(32)));
 using bf16 = c10::BFloat16;
 constexpr int64_t kLanes = 16;
 // elements (weighted by their cost) a thread should get before a fork pays: one thread
@@ -44,29 +45,12 @@ constexpr int64_t kMinElementsPerThread = 1 << 15;
 inline v16 kept(v16 x) { asm("" : "+v"(x)); return x; }
 inline float kept(float x) { asm("" : "+v"(x)); return x; }
 
-// Loads widen to fp32, stores round to the element type (bf16: to nearest even, NaN kept
-// quiet, as c10::BFloat16 does); `rounded` is what a store then a load would give.
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+// `rounded` is what a store (vec_math.h) then a load would give.
 inline v16 rounded(v16 v, const float*) { return v; }
 inline float get(const float* p) { return *p; }
 inline void put(float* p, float x) { *p = x; }
 inline float rounded(float x, const float*) { return x; }
 
-inline v16 load(const bf16* p) {
-  vh16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (v16)(__builtin_convertvector(h, vu16) << 16);
-}
-inline vu16 bf16_bits(v16 v) {  // the bf16 in the high half of each lane
-  const vu16 u = (vu16)v;
-  const vu16 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  return v != v ? vu16{} + 0x7FC00000u : r;
-}
-inline void store(bf16* p, v16 v) {
-  const vh16 h = __builtin_convertvector(bf16_bits(v) >> 16, vh16);
-  std::memcpy(p, &h, sizeof h);
-}
 inline v16 rounded(v16 v, const bf16*) { return (v16)bf16_bits(v); }
 inline float get(const bf16* p) { return float(*p); }
 inline void put(bf16* p, float x) { *p = bf16(x); }

@@ -1,12 +1,36 @@
 // Vector basics shared by the CPU kernels (GCC vector extensions, 16 fp32 lanes).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <cstring>
 
 namespace loraxd_vec {
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+
+// Loads widen to fp32, stores round to the element type (bf16: to nearest even, NaN kept
+// quiet, as c10::BFloat16 does).
+inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 load(const c10::BFloat16* p) {  // a bf16 is the high half of its fp32
+  vh16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (v16)(__builtin_convertvector(h, vu16) << 16);
+}
+inline vu16 bf16_bits(v16 v) {  // the bf16 in the high half of each lane
+  const vu16 u = (vu16)v;
+  const vu16 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return v != v ? vu16{} + 0x7FC00000u : r;
+}
+inline void store(c10::BFloat16* p, v16 v) {
+  const vh16 h = __builtin_convertvector(bf16_bits(v) >> 16, vh16);
+  std::memcpy(p, &h, sizeof h);
+}
 
 inline v16 splat(float x) { return v16{} + x; }
 

@@ -71,8 +71,7 @@ class DenseKernel:
             self.panels = cpu_kernels.pack(weight, bias)
             self.weight = None
         elif kernels and cpu_kernels.amx_fits(weight):
-            fp32_bias = torch.zeros(self.out_features) if bias is None else bias.float()
-            self.amx = (cpu_kernels.amx_tiles(weight), fp32_bias.contiguous())
+            self.amx = cpu_kernels.pack_amx(weight, bias)
             self.weight = None
         elif on_cpu and weight.dtype in PACKED_DTYPES and packed_ops_available():
             self.packed = self._try_pack(weight, batch_hint)

@@ -117,8 +117,7 @@ class Int8WeightOnlyKernel:
         self._qweight: torch.Tensor | None = q
         if allow_panel and cpu_kernels.enable() is None:
             if cpu_kernels.amx_fits(q):
-                fp32_bias = torch.zeros(self.out_features) if bias is None else bias.float()
-                self.amx = (cpu_kernels.amx_tiles(q), self.scales.float(), fp32_bias.contiguous())
+                self.amx = cpu_kernels.pack_amx_int8(q, self.scales, bias)
             else:
                 self.panels = cpu_kernels.pack_int8(q, self.scales, bias)
             self._qweight = None  # one copy of the weight: the panels or the tiles
