@@ -265,6 +265,15 @@ def _check_memory_fraction(settings: dict[str, _Setting]) -> None:
                          "1.0 is accepted there")
 
 
+def _check_compile(settings: dict[str, _Setting]) -> None:
+    (compile, where), (device, _) = settings["compile"], settings["device"]
+    if compile and device == "cpu":
+        raise where.fail("CUDA graphs of the decode step need a GPU (device = cpu)")
+    if compile and settings["num_shard"][0] > 1:
+        raise where.fail("CUDA graphs with tensor parallelism (num_shard > 1) are not built "
+                         "yet")
+
+
 def _derive_paths(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int) -> None:
     runtime_dir, cache_dir = default_paths(environ, euid)
     for name, value in (("runtime_dir", runtime_dir), ("cache_dir", cache_dir)):
@@ -281,6 +290,7 @@ def _build(settings: dict[str, _Setting], environ: Mapping[str, str], euid: int)
     _check_sharding(settings)
     _check_tracing(settings, environ)
     _check_memory_fraction(settings)
+    _check_compile(settings)
     _derive_paths(settings, environ, euid)
     values: dict[str, dict[str, typing.Any]] = {section: {} for section in _SECTIONS}
     for name, (value, _) in settings.items():

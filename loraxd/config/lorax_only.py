@@ -1,6 +1,6 @@
 """LoRAX launcher flags that are no loraxd setting: each is recognized, so that a LoRAX
 command line or environment is never half-understood, and refused with its reason unless the
-value given asks for what loraxd already does (`COMPILE=false`).
+value given asks for what loraxd already does (`TRUST_REMOTE_CODE=false`).
 
 Stdlib only, like the loader that calls it.
 """
@@ -22,7 +22,7 @@ def _no(value: str) -> bool:
 @dataclass(frozen=True)
 class LoraxOnlyFlag:
     name: str  # the flag without dashes, underscored
-    takes_value: bool  # `--otlp-endpoint URL`; else a switch (`--compile`)
+    takes_value: bool  # `--ngrok-edge EDGE`; else a switch (`--ngrok`)
     reason: str  # why a value other than the accepted ones is refused
     holds: Callable[[str], bool] = _no  # values that ask for what loraxd does anyway
 
@@ -42,7 +42,6 @@ class LoraxOnlyFlag:
 _NGROK = "ngrok tunnels are not built in: run a tunnel or proxy in front of loraxd"
 
 LORAX_ONLY_FLAGS = (
-    LoraxOnlyFlag("compile", False, "CUDA graph capture is not built yet"),
     LoraxOnlyFlag("trust_remote_code", False, "loraxd runs only its own model code, never code "
                   "from the Hub"),
     LoraxOnlyFlag("disable_custom_kernels", False, "", holds=lambda value: True),

@@ -115,6 +115,10 @@ class ModelConfig:
         _quantize_reason, lorax=True)
     device: str = _setting("auto", "auto: cuda when NVML shows a GPU, else cpu",
                            choices=DEVICES)
+    compile: bool = _setting(
+        False, "replay decode steps of up to 128 sequences from CUDA graphs captured at start "
+        "(adapters included; other steps run eagerly): device cuda with the Triton kernels, "
+        "one shard", lorax=True)
     cuda_memory_fraction: float = _setting(
         1.0, "share of each GPU's memory this daemon may take (weights, LoRA slots, KV cache, "
         "activations); with max_batch_total_tokens unset the KV cache gets what is left. A "

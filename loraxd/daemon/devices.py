@@ -56,6 +56,8 @@ def _cpu(model, why: str) -> DevicePlan:
     if model.cuda_memory_fraction != 1.0:
         raise DeviceRefused(f"cuda_memory_fraction = {model.cuda_memory_fraction:g}: {why}, "
                             "and a share of GPU memory means nothing on a CPU: only 1.0")
+    if model.compile:
+        raise DeviceRefused(f"compile = true: {why}, and CUDA graphs need a GPU")
     return DevicePlan("cpu")
 
 

@@ -134,7 +134,7 @@ class Supervisor:
             master_addr=c.model.master_addr, master_port=port,
             log_level=current_level(), json_output=c.server.json_output,
             watermark_gamma=c.worker.watermark_gamma, watermark_delta=c.worker.watermark_delta,
-            kernel_dir=os.path.join(c.paths.cache_dir, "kernels")))
+            kernel_dir=os.path.join(c.paths.cache_dir, "kernels"), compile=c.model.compile))
 
     async def start(self) -> Ready:
         """Spawn every rank and wait for their Ready while checking they stay alive."""

@@ -146,6 +146,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watermark_gamma: float  # the green list's share of the vocabulary
     watermark_delta: float  # the bias added to a green token's logit
     kernel_dir: str  # where a worker builds its CPU kernels when set-up left none
+    compile: bool  # decode steps replayed from CUDA graphs (worker/decode_graphs.py)
 
 
 # -- scheduler -> worker -------------------------------------------------------------------

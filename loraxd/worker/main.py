@@ -209,11 +209,15 @@ def _load(args: argparse.Namespace, options: WorkerOptions):
                          watermark_delta=options.watermark_delta, kv=kv,
                          quantize=options.quantize,
                          lora_slots=options.max_active_adapters,
-                         max_lora_rank=adapter_limits(options).max_rank)
+                         max_lora_rank=adapter_limits(options).max_rank,
+                         compile=options.compile)
     read = runner.weights_read
     log.info("rank %d on %s, %s kernels; read %.1f MiB of the checkpoint's %.1f MiB",
              args.rank, device, runner.kernels, read.bytes_read / 2**20, read.num_bytes / 2**20)
     log.info("rank %d KV cache: %s", args.rank, runner.kv_note)
+    if runner.graphs is not None:
+        log.info("rank %d: decode steps of %s sequences replay CUDA graphs (captured in %.1f s)",
+                 args.rank, ", ".join(map(str, runner.graphs.sizes)), runner.graphs.capture_s)
     return runner, tp
 
 

@@ -64,10 +64,11 @@ class ModelRunner:
                  kernels: str = "auto", watermark_gamma: float = 0.5,
                  watermark_delta: float = 2.0, kv: KvSizing | None = None,
                  lora_slots: int = 0, max_lora_rank: int = 64,
-                 quantize: str | None = None):
+                 quantize: str | None = None, compile: bool = False):
         """`max_batch_total_tokens` None: the KV cache takes what fits (CUDA only; see
         KvSizing). `lora_slots` > 0: the LoRA slot pool is allocated before the cache, so
-        that a cache sized from free memory leaves the slots their room."""
+        that a cache sized from free memory leaves the slots their room. `compile`: decode
+        steps replayed from CUDA graphs (see decode_graphs.py), captured here."""
         if torch.device(device).type == "cpu":
             torch.set_num_threads(num_threads or usable_cpus())
         self.device = torch.device(device)
@@ -113,6 +114,14 @@ class ModelRunner:
         if self.tp.rank == 0 and (Path(model_dir) / "tokenizer.json").exists():
             self.grammars = Grammars(model_dir, arch.vocab_size, list(self.eos_token_ids),
                                      num_threads=torch.get_num_threads())
+        self.graphs = None
+        if compile:
+            from loraxd.worker.decode_graphs import DecodeGraphs, compile_problem
+            problem = compile_problem(self)
+            if problem is not None:
+                raise UnsupportedModel(f"compile: {problem}")
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self)
 
     # -- LoRA: the slot pool lives in loraxd.worker.lora; the runner only hands it each
     # step's token slots and puts what it returns into the step context ----------------
@@ -121,6 +130,10 @@ class ModelRunner:
         """`pool.step_context(token_slots) -> LoraStep | None` is then called for every step
         whose sequences use an adapter (unless execute gets an explicit `lora`)."""
         self.lora_pool = pool
+        if getattr(self, "graphs", None) is not None:  # captured without it: again, with it
+            from loraxd.worker.decode_graphs import DecodeGraphs
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self, self.graphs.sizes)
 
     def enable_lora(self, num_slots: int, max_rank: int = 64) -> None:
         from loraxd.worker.lora import LoraSlotPool
@@ -214,22 +227,20 @@ class ModelRunner:
 
     def _run(self, prefill: list[Prefill], decode: list[SeqState], lora
              ) -> list[SeqOutput | SeqFailure]:
-        ctx = self._context(prefill, decode, lora)
-        if ctx.lora is None and self.lora_pool is not None and max(ctx.seq_slots) >= 0:
-            ctx.lora = self.lora_pool.step_context(self._host_token_slots(ctx))
-        elif ctx.lora is not None and hasattr(ctx.lora, "prepare"):
-            ctx.lora.prepare(ctx)
-        hidden, residual = self.model.forward(ctx, self.kv_cache)
+        logits, sample_idx = None, None
+        if self.graphs is not None and not prefill and lora is None:
+            logits = self.graphs.logits(decode)
+        if logits is None:
+            logits, sample_idx = self._forward(prefill, decode, lora)
         for work in prefill:
             if not work.sampled:  # its prompt goes on in a later step
                 work.state.num_cached = work.start + work.n
         sampled = [w.state for w in prefill if w.sampled] + decode
         if not sampled:
             return []
-        logits = self.model.compute_logits(hidden, residual, ctx.logits_idx)  # rank 0 only
         result, prompt_lps, token_ids = None, {}, None
         if logits is not None:
-            rows = logits if ctx.sample_idx is None else logits[ctx.sample_idx]  # [seqs, vocab]
+            rows = logits if sample_idx is None else logits[sample_idx]  # [seqs, vocab]
             result = sample(rows, [s.sampling for s in sampled])
             prompt_lps = self._prompt_logprobs(logits, prefill)
             token_ids = result.token_ids  # -1: that sequence failed
@@ -252,6 +263,20 @@ class ModelRunner:
                                          result.top_ids[i], result.top_logprobs[i],
                                          prompt_lps.get(i)))
         return outputs
+
+    def _forward(self, prefill: list[Prefill], decode: list[SeqState], lora
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The step run eagerly: (logits of the rows that need them, on rank 0 only; each
+        sampled sequence's row among them, None: every row in order)."""
+        ctx = self._context(prefill, decode, lora)
+        if ctx.lora is None and self.lora_pool is not None and max(ctx.seq_slots) >= 0:
+            ctx.lora = self.lora_pool.step_context(self._host_token_slots(ctx))
+        elif ctx.lora is not None and hasattr(ctx.lora, "prepare"):
+            ctx.lora.prepare(ctx)
+        hidden, residual = self.model.forward(ctx, self.kv_cache)
+        if not decode and not any(w.sampled for w in prefill):
+            return None, None
+        return self.model.compute_logits(hidden, residual, ctx.logits_idx), ctx.sample_idx
 
     def forget(self, req_ids) -> None:
         """Drop the state of these sequences (finished, or failed); unknown ids are ignored."""

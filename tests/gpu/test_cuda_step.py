@@ -1,4 +1,5 @@
-"""On CUDA a step makes no host sync before it reads the sampled ids (torch's sync debug mode
+"""On CUDA a step makes no host sync before it reads the sampled ids, eager or replayed
+from CUDA graphs (torch's sync debug mode
 turns any into an error), with the Triton kernels and two adapters in the batch; and the
 CPU-side helpers that make it so. Skipped without CUDA (conftest.py)."""
 from __future__ import annotations
@@ -18,12 +19,13 @@ from tests.unit.test_model_fidelity import Driver, build_tiny_model  # noqa: E40
 pytestmark = pytest.mark.gpu
 
 
-def test_a_step_syncs_only_to_read_the_sampled_ids(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "graphs"])
+def test_a_step_syncs_only_to_read_the_sampled_ids(tmp_path, monkeypatch, compile):
     base = build_tiny_model("llama-tied", tmp_path / "model")
     base = _save_adapter(base, tmp_path / "a", seed=1, rank=8)
     _save_adapter(base, tmp_path / "b", seed=2, rank=16)
     runner = ModelRunner(str(tmp_path / "model"), device="cuda", dtype="bfloat16",
-                         block_size=16, max_batch_total_tokens=512)
+                         block_size=16, max_batch_total_tokens=512, compile=compile)
     assert runner.kernels == "triton"
     runner.enable_lora(num_slots=2, max_rank=16)
     for slot, name in enumerate(("a", "b")):
@@ -47,6 +49,8 @@ def test_a_step_syncs_only_to_read_the_sampled_ids(tmp_path, monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
         new = []
         assert sorted(o.req_id for o in outputs) == [1, 2, 3]
+    if compile:  # the three decode steps, padded to 4
+        assert runner.graphs.replayed == 3
 
 
 def test_uploads_on_the_side_stream_arrive_before_the_next_read():

@@ -38,7 +38,7 @@ class WorkerGroup:
             master_port=free_port() if world_size > 1 else 0,
             collective_timeout_s=TIMEOUT_S, log_level="warning",
             json_output=False, watermark_gamma=0.5, watermark_delta=2.0,
-            kernel_dir=str(tmp / "kernels"))
+            kernel_dir=str(tmp / "kernels"), compile=False)
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "loraxd.worker.main", "--endpoint", endpoint,
              "--rank", str(rank), "--world-size", str(world_size), "--model-dir",

@@ -62,7 +62,6 @@ SETTINGS = [
 
 REFUSED = [
     ("--quantize", "QUANTIZE", "gptq", "gptq quantization is not built; built: int8-weight-only"),
-    ("--compile", "COMPILE", None, "CUDA graph"),
     ("--trust-remote-code", "TRUST_REMOTE_CODE", None, "its own model code"),
     ("--ngrok", "NGROK", None, "ngrok"),
     ("--ngrok-authtoken", "NGROK_AUTHTOKEN", "tok", "ngrok"),
@@ -110,6 +109,19 @@ def test_hostname_comes_from_the_flag_never_from_the_shell():
 def test_a_bad_lorax_env_value_names_the_variable():
     with pytest.raises(ConfigError, match=r"^environment: MAX_BEST_OF = x: must be an integer"):
         run(environ={"MAX_BEST_OF": "x"})
+
+
+def test_compile_is_a_setting_refused_where_graphs_cannot_run():
+    assert run(["--compile"])[0].model.compile is True
+    assert run(environ={"COMPILE": "true"})[0].model.compile is True
+    assert run(environ={"COMPILE": "false"})[0].model.compile is False
+    assert run()[0].model.compile is False
+    with pytest.raises(ConfigError, match=r"^command line: --compile = true: CUDA graphs of the "
+                       r"decode step need a GPU \(device = cpu\)"):
+        run(["--compile", "--device", "cpu"])
+    with pytest.raises(ConfigError, match=r"^environment: COMPILE = true: CUDA graphs with "
+                       r"tensor parallelism \(num_shard > 1\) are not built yet"):
+        run(["--num-shard", "2"], {"COMPILE": "true"})
 
 
 def test_sharded_checks_num_shard():
@@ -223,9 +235,10 @@ def test_a_refused_flag_exits_78_with_one_line():
     assert out.stderr.startswith("loraxd: command line: --quantize = awq: LoRAX's awq "
                                  "quantization is not built; built: int8-weight-only")
     assert out.stderr.count("\n") == 1
-    out = _main("--compile")
+    out = _main("--compile", "--device", "cpu")
     assert out.returncode == 78
-    assert out.stderr.startswith("loraxd: command line: --compile: CUDA graph capture")
+    assert out.stderr.startswith("loraxd: command line: --compile = true: CUDA graphs of the "
+                                 "decode step need a GPU (device = cpu)")
 
 
 @pytest.mark.parametrize("method", ["bitsandbytes", "bitsandbytes-nf4", "gptq", "awq", "eetq",

@@ -158,6 +158,8 @@ def test_auto_is_cuda_with_a_gpu_and_the_cpu_without_a_driver(tmp_path):
     (dict(cuda_memory_fraction=0.5), None, False, r"^cuda_memory_fraction = 0.5: device auto "
      r"found no GPU \(no NVIDIA driver \(and no pynvml\)\), and a share of GPU memory means "
      r"nothing on a CPU: only 1.0$"),
+    (dict(compile=True), None, False, r"^compile = true: device auto found no GPU \(no NVIDIA "
+     r"driver \(and no pynvml\)\), and CUDA graphs need a GPU$"),
 ])
 def test_what_the_host_cannot_give_is_refused_in_one_line(tmp_path, fields, module, driver,
                                                           refused):

@@ -104,6 +104,21 @@ class LoraSlotPool:
         self._uploads.ready()
         return self.op.step(self.storage, token_slots)
 
+    def static_context(self, token_slots: torch.Tensor) -> LoraStepContext:
+        """A step context over every row of `token_slots` (an int32 device tensor, refilled
+        by the caller; -1: no adapter) whose tensors never move: what a CUDA graph of the
+        decode step captures. Only ops with `static_step` (the Triton one) can give it. Call
+        `sync_static()` before each use."""
+        if not hasattr(self.op, "static_step"):
+            raise TypeError(f"{type(self.op).__name__} has no fixed-address step")
+        return self.op.static_step(self.storage, token_slots)
+
+    def sync_static(self) -> None:
+        """Before a static context is used: wait for the uploads (on the device) and bring
+        the op's per-slot tables up to date, in place."""
+        self._uploads.ready()
+        self.op.sync_static(self.storage)
+
     def _write_group(self, store: GroupStore, spec, slot: int, pairs) -> SlotViews | None:
         a_slot = store.a[slot]  # [in * cap]
         rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)

@@ -12,7 +12,9 @@ Two shapes of work, each as a shrink and an expand:
   adapter; tile products with `tl.dot`. Blocks are listed by the host, so uneven segments
   waste no programs.
 
-Rows of y whose token has no adapter are never touched. `UPCAST`: see triton_common.mm.
+Rows of y whose token has no adapter are never touched: a listed token of slot -1 (a CUDA
+graph lists every row of its batch) reads rank 0 and does nothing. `UPCAST`: see
+triton_common.mm.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def shrink_tokens(x_ptr, a_ptr, h_ptr, tok_ptr, slot_ptr, rtot_ptr,
     i = tl.program_id(0)
     t = tl.load(tok_ptr + i).to(tl.int64)
     s = tl.load(slot_ptr + i).to(tl.int64)
-    r_tot = tl.load(rtot_ptr + s)
+    r_tot = tl.load(rtot_ptr + s, mask=s >= 0, other=0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < r_tot
     k_end = tl.where(tl.program_id(1) * BLOCK_R < r_tot, in_features, 0)
@@ -65,8 +67,8 @@ def expand_tokens(h_ptr, y_ptr, tok_ptr, slot_ptr, rank_ptr, hoff_ptr,
     j = tl.program_id(1)
     t = tl.load(tok_ptr + i).to(tl.int64)
     s = tl.load(slot_ptr + i).to(tl.int64)
-    rank = tl.load(rank_ptr + s * NUM_MODULES + j)
-    hoff = tl.load(hoff_ptr + s * NUM_MODULES + j)
+    rank = tl.load(rank_ptr + s * NUM_MODULES + j, mask=s >= 0, other=0)
+    hoff = tl.load(hoff_ptr + s * NUM_MODULES + j, mask=s >= 0, other=0)
     b_ptr, out, col = _module_of(j, b0, b1, b2, out0, out1, out2)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < out

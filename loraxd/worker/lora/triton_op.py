@@ -144,10 +144,30 @@ class TritonLoraOp(CachedStepOp):
         return TritonLoraStep(storage, self._rank_tables(storage), _work(tokens, storage),
                               _work(blocks, storage), self.block_m, self.upcast)
 
+    def static_step(self, storage: LoraStorage, token_slots: torch.Tensor) -> TritonLoraStep:
+        """A step over every row of `token_slots` (an int32 device tensor the caller refills
+        before each replay; -1: no adapter, which the kernels skip) whose tensors stay put,
+        as a CUDA graph captured over it needs. `sync_static` keeps its rank tables current."""
+        rows = torch.arange(token_slots.shape[0], dtype=torch.int32, device=token_slots.device)
+        return TritonLoraStep(storage, self._rank_tables(storage),
+                              _Work(token_slots.shape[0], rows, token_slots), None,
+                              self.block_m, self.upcast)
+
+    def sync_static(self, storage: LoraStorage) -> None:
+        """Bring the rank tables up to date with the pool (in place)."""
+        self._rank_tables(storage)
+
     def _rank_tables(self, storage: LoraStorage) -> dict[str, RankTables]:
         key = (id(storage), storage.generation)
-        if self._tables is None or self._tables[0] != key:
+        if self._tables is None or self._tables[0][0] != key[0]:
             self._tables = (key, rank_tables(storage))
+        elif self._tables[0] != key:  # refilled, never replaced: captured graphs read them
+            fresh = rank_tables(storage)
+            for name, tables in self._tables[1].items():
+                for old, new in zip((tables.rtot, tables.rank, tables.hoff),
+                                    (fresh[name].rtot, fresh[name].rank, fresh[name].hoff)):
+                    old.copy_(new)
+            self._tables = (key, self._tables[1])
         return self._tables[1]
 
 
