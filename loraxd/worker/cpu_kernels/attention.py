@@ -1,7 +1,7 @@
 """Decode attention read straight from the paged KV cache (paged_attention.cpp), for fp32
 and bf16 caches on CPU: no page gather, no mask, one pass per (sequence, KV head). The
-arithmetic is fp32 either way; a bf16 model's q goes in widened and its output comes back
-rounded to bf16, once, as SDPA's does."""
+arithmetic is fp32 either way; a bf16 model's q goes in as it is (the kernel widens it) and
+its output comes back rounded to bf16, once, as SDPA's does."""
 from __future__ import annotations
 
 import torch
@@ -20,9 +20,8 @@ def usable(cache: torch.Tensor) -> bool:
 def _attend(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
             block_size: int, scale: float, window: int | None,
             softcap: float | None) -> torch.Tensor:
-    out = torch.ops.loraxd_cpu.paged_decode_attention(
-        q.float(), cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
-    return out.to(q.dtype)
+    return torch.ops.loraxd_cpu.paged_decode_attention(
+        q, cache, table, lens, block_size, scale, window or 0, softcap or 0.0)
 
 
 def paged_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
