@@ -12,6 +12,11 @@ linears: 30 layers of qkv, o, gate_up, down, plus the LM head.
 `--cold` instead sweeps a whole step's 121 linears, each its own weight (so the weights
 come from memory, as in a step), the candidates interleaved, the best of `--rounds` per
 row count: the figure to hold against the machine's read bandwidth.
+
+`--lora` sweeps a whole step's batched-LoRA calls (`loraxd_cpu::lora_bgmv`, 30 layers x
+qkv, o, gate_up, down), one token per adapter of `--adapters` rank-`--rank` all-linear
+adapters, each layer's A and B their own (from memory, as in a step): ms and GB/s of the
+adapters' bytes, and the same calls with empty plans (what dispatch and checks cost).
 """
 from __future__ import annotations
 
@@ -72,6 +77,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="0: torch's default")
     p.add_argument("--cold", action="store_true", help="sweep a whole step's linears")
+    p.add_argument("--lora", action="store_true", help="sweep a whole step's LoRA calls")
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     import torch
     if args.threads:
@@ -79,6 +88,9 @@ def main() -> None:
     torch.manual_seed(0)
     if args.cold:
         return cold_steps(args.rows, args.rounds)
+    if args.lora:
+        return lora_steps(args.rows, args.rounds, args.adapters, args.rank,
+                          getattr(torch, args.dtype))
     step: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
         for name, out_f, in_f in SHAPES:
@@ -122,6 +134,54 @@ def cold_steps(rows_list: list[int], rounds: int) -> None:
                     best[k] = min(best[k], time.perf_counter() - t0)
             cells = [f"{k} {best[k] * 1e3:6.1f} ({gb[k] / best[k]:.1f} GB/s)" for k in names]
             print(f"one step's linears, cold, ms, M={rows:<3d} " + " | ".join(cells), flush=True)
+
+
+# the LoRA groups of a layer: (in_features, the modules' out_features), as the pool holds them
+LORA_GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,)))
+
+
+def lora_steps(rows_list: list[int], rounds: int, adapters: int, rank: int, dtype) -> None:
+    """One step's lora_bgmv calls in the pool's layout (lora/slots.py): per group, A_cat^T
+    of every slot [slots, in * rank * modules] and each module's B^T [slots * rank, out]."""
+    import torch
+    from loraxd.worker import cpu_kernels
+    reason = cpu_kernels.enable()
+    if reason:
+        raise SystemExit(f"--lora needs the CPU kernels: {reason}")
+    op = torch.ops.loraxd_cpu.lora_bgmv
+    calls = []
+    for _ in range(LAYERS):
+        for in_f, outs in LORA_GROUPS:
+            a = (torch.randn(adapters, in_f * rank * len(outs)) * 0.05).to(dtype)
+            b = [(torch.randn(adapters * rank, o) * 0.05).to(dtype) for o in outs]
+            calls.append((in_f, sum(outs), a, b, [sum(outs[:j]) for j in range(len(outs))]))
+    flush = torch.empty(64 << 20, dtype=torch.uint8)  # larger than the last-level cache
+    with torch.inference_mode():
+        for rows in rows_list:
+            steps = {}
+            for name, n in (("step", rows), ("empty plans", 0)):
+                args = []
+                for in_f, out_f, a, b, starts in calls:
+                    plan = torch.tensor([[t, t % adapters] + [rank] * len(b) for t in range(n)],
+                                        dtype=torch.long).reshape(n, 2 + len(b))
+                    args.append((torch.randn(rows, in_f).to(dtype),
+                                 torch.zeros(rows, out_f, dtype=dtype), a, b, plan, starts))
+                steps[name] = args
+            used = min(rows, adapters) / adapters
+            gb = used * sum((a.numel() + sum(x.numel() for x in b)) * a.element_size()
+                            for _, _, a, b, _ in calls) / 1e9
+            best = dict.fromkeys(steps, float("inf"))
+            for _ in range(rounds):
+                for name, args in steps.items():
+                    flush.add_(1)
+                    t0 = time.perf_counter()
+                    for call in args:
+                        op(*call)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            print(f"one step's LoRA, cold, {dtype}, M={rows:<3d} on {min(rows, adapters)} "
+                  f"adapters: {best['step'] * 1e3:6.2f} ms ({gb / best['step']:.1f} GB/s of "
+                  f"{gb * 1e3:.0f} MB); the {len(calls)} calls' dispatch "
+                  f"{best['empty plans'] * 1e3:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
