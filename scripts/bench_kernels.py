@@ -78,10 +78,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="0: torch's default")
     p.add_argument("--cold", action="store_true", help="sweep a whole step's linears")
     p.add_argument("--lora", action="store_true", help="sweep a whole step's LoRA calls")
-    p.add_argument("--adapters", type=int, default=8)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--adapters", type=int, help="--lora: adapters in the pool (8)")
+    p.add_argument("--rank", type=int, help="--lora: their rank (16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="--lora: float32")
     args = p.parse_args()
+    if args.cold and args.lora:
+        p.error("--cold and --lora are two sweeps: one at a time")
+    if not args.lora and (args.adapters, args.rank, args.dtype) != (None, None, None):
+        p.error("--adapters, --rank and --dtype are --lora's")
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,8 +93,8 @@ def main() -> None:
     if args.cold:
         return cold_steps(args.rows, args.rounds)
     if args.lora:
-        return lora_steps(args.rows, args.rounds, args.adapters, args.rank,
-                          getattr(torch, args.dtype))
+        return lora_steps(args.rows, args.rounds, args.adapters or 8, args.rank or 16,
+                          getattr(torch, args.dtype or "float32"))
     step: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
         for name, out_f, in_f in SHAPES:
