@@ -13,7 +13,7 @@ from loraxd.worker.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from loraxd.worker.layers.linear import ColumnParallelLinear  # noqa: E402
 from loraxd.worker.lora import LoraAdapter, LoraSlotPool  # noqa: E402
 from loraxd.worker.lora.merge import merge_adapters  # noqa: E402
-from loraxd.worker.lora.ops import GROUP_MODULES  # noqa: E402
+from loraxd.worker.lora.storage import GROUP_MODULES  # noqa: E402
 from loraxd.worker.lora.sharding import shard_adapter  # noqa: E402
 from loraxd.worker.models.arch import read_arch  # noqa: E402
 from loraxd.worker.models.hf_config import UnsupportedModel  # noqa: E402

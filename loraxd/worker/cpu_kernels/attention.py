@@ -13,7 +13,7 @@ CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 def usable(cache: torch.Tensor) -> bool:
     """The kernel covers this layer's cache: fp32 or bf16 on CPU, and the library is loaded."""
-    return (cache.dtype in CACHE_DTYPES and cache.device.type == "cpu"
+    return (cache.dtype in CACHE_DTYPES and cache.is_cpu
             and cpu_kernels.enable() is None)
 
 

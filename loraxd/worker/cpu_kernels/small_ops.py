@@ -17,7 +17,7 @@ ENABLED = True  # False: every layer runs its torch code (tests, in-process A/B 
 def covers(x: torch.Tensor) -> bool:
     """The ops take x: on CPU, fp32 or bf16, its last dimension contiguous, the library
     loaded."""
-    return (ENABLED and x.device.type == "cpu" and x.dtype in DTYPES and x.stride(-1) == 1
+    return (ENABLED and x.is_cpu and x.dtype in DTYPES and x.stride(-1) == 1
             and cpu_kernels.enable() is None)
 
 

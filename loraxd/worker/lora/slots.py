@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from loraxd.worker.device_copy import SideStreamUploads
-from loraxd.worker.lora.ops import (
-    GroupStore, LoraOp, LoraStepContext, LoraStorage, SlotViews, TorchLoraOp,
-    group_specs,
-)
+from loraxd.worker.lora.ops import TorchLoraOp
 from loraxd.worker.lora.peft_format import AdapterIncompatible, LoraAdapter
+from loraxd.worker.lora.storage import (
+    GroupStore, LoraOp, LoraStepContext, LoraStorage, SlotViews, group_specs,
+)
 
 
 class LoraSlotPool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from loraxd.worker.device_copy import to_device
-from loraxd.worker.lora.ops import CachedStepOp, LoraStorage
+from loraxd.worker.lora.storage import CachedStepOp, LoraStorage
 
 MAX_GROUP_MODULES = 3
 BLOCK_K = 64  # input features per shrink iteration
