@@ -65,6 +65,18 @@ def test_int8_sums_the_unrounded_input_against_the_int8_weight(out_features, in_
     assert rel_err(y, want) < (1e-6 if dtype == torch.float32 else 8e-3)
 
 
+def test_int8_takes_inputs_at_both_ends_of_its_integer_range():
+    """x is offset to X + 2^23 and split into unsigned bytes: a row's largest value of
+    either sign (X = +-(2^23 - 1), bytes 255 or 0 at the top) must come out as exactly."""
+    g = torch.Generator().manual_seed(11)
+    kernel = Int8WeightOnlyKernel(torch.randn(48, 128, generator=g))
+    top = 8 * (1 - 2 ** -24)  # just below a power of two: X rounds to the clamp
+    x = torch.randn(6, 128, generator=g) * 1e-3
+    x[0, 0], x[1, 5], x[2, :] = top, -top, torch.tensor([top, -top]).repeat(64)
+    x[3, 7], x[4, 0], x[5, 9] = 2.0, -2.0, 1.0  # exact powers of two: X = 2^22
+    assert rel_err(kernel(x), int8_reference(kernel, x)) < 1e-6
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_a_row_does_not_depend_on_its_batch(kind):
     g = torch.Generator().manual_seed(5)

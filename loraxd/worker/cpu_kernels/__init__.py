@@ -230,9 +230,11 @@ def pack_amx(weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def pack_amx_int8(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 tiles, fp32 scales, fp32 bias) of w = scales[:, None] * q, q fitting the tiles."""
-    return amx_tiles(q), scales.float().contiguous(), _fp32_bias(bias, q.shape[0])
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 tiles, fp32 scales, int32 column sums, fp32 bias) of w = scales[:, None] * q,
+    q fitting the tiles (the kernel's unsigned inputs are offset; the sums take it back)."""
+    return (amx_tiles(q), scales.float().contiguous(), q.sum(1, dtype=torch.int32),
+            _fp32_bias(bias, q.shape[0]))
 
 
 def amx_linear(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -241,6 +243,6 @@ def amx_linear(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torc
 
 
 def amx_linear_int8(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
-                    bias: torch.Tensor) -> torch.Tensor:
+                    colsums: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (fp32 or bf16) @ (scales[:, None] * q).T + bias with q in int8 tiles; y in x's dtype."""
-    return torch.ops.loraxd_cpu.amx_mm_int8(x.contiguous(), tiles, scales, bias)
+    return torch.ops.loraxd_cpu.amx_mm_int8(x.contiguous(), tiles, scales, colsums, bias)

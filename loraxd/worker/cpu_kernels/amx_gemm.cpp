@@ -48,6 +48,9 @@ inline void prefetch_tile(const bf16* tile) {
 
 // One pass: MT row tiles (16 rows apart in a, row stride lda elements) by NT column tiles
 // (b[n]: tile (n, kb) at b[n] + kb * kTileElems) over all KB steps; sums to c [32][32].
+// Tiles are not renamed, so a load into a tile waits for the products that read it: each
+// tile of the next K step is loaded as soon as this step's last product with it is
+// issued, to overlap the next products.
 template <int MT, int NT>
 void pass(const bf16* a, int64_t lda, const bf16* const* b, int64_t KB, float* c) {
   const int64_t stride = lda * sizeof(bf16), cstride = kBlockN * sizeof(float);
@@ -55,17 +58,29 @@ void pass(const bf16* a, int64_t lda, const bf16* const* b, int64_t KB, float* c
   _tile_zero(0);
   if (NT == 2) _tile_zero(1);
   if (MT == 2) { _tile_zero(2); if (NT == 2) _tile_zero(3); }
+  _tile_loadd(4, a, stride);
+  _tile_loadd(6, b[0], kRowBytes);
+  if (NT == 2) _tile_loadd(7, b[1], kRowBytes);
+  if (MT == 2) _tile_loadd(5, a1, stride);
   for (int64_t kb = 0; kb < KB; ++kb) {
+    const bool more = kb + 1 < KB;
+    const int64_t na = (kb + 1) * kTileK, nb = (kb + 1) * kTileElems;
     prefetch_tile(b[0] + (kb + kAheadTiles) * kTileElems);
     if (NT == 2) prefetch_tile(b[1] + (kb + kAheadTiles) * kTileElems);
-    _tile_loadd(4, a + kb * kTileK, stride);
-    _tile_loadd(6, b[0] + kb * kTileElems, kRowBytes);
     _tile_dpbf16ps(0, 4, 6);
-    if (NT == 2) { _tile_loadd(7, b[1] + kb * kTileElems, kRowBytes); _tile_dpbf16ps(1, 4, 7); }
+    if (NT == 2) _tile_dpbf16ps(1, 4, 7);
+    if (more) _tile_loadd(4, a + na, stride);
     if (MT == 2) {
-      _tile_loadd(5, a1 + kb * kTileK, stride);
       _tile_dpbf16ps(2, 5, 6);
+      if (more) _tile_loadd(6, b[0] + nb, kRowBytes);
       if (NT == 2) _tile_dpbf16ps(3, 5, 7);
+      if (more) {
+        _tile_loadd(5, a1 + na, stride);
+        if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
+      }
+    } else if (more) {
+      _tile_loadd(6, b[0] + nb, kRowBytes);
+      if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
     }
   }
   _tile_stored(0, c, cstride);

@@ -3,19 +3,23 @@
 //
 // The int8 tile products take int8 inputs on both sides, so x is written as integers:
 // each row is scaled by a power of two (exact) to X = x * 2^e with |X| < 2^23 (its
-// largest value keeps all 24 bits of an fp32), rounded to an integer, and split into
-// three bytes, X = hi * 2^16 + mid * 2^8 + lo (hi signed, mid and lo unsigned). Three
-// tile products (TDPBSSD, TDPBUSD twice) sum q against each byte in int32, exactly, and
-// the epilogue gives y = (hi_sum * 2^16 + mid_sum * 2^8 + lo_sum) * 2^-e * scale[n] + bias.
-// What is lost is each x below 2^-24 of its row's largest (the rounding to an integer),
-// far under the weight's own quantization. Integer sums do not depend on order, so a
-// row's numbers do not depend on its batch.
+// largest value keeps all 24 bits of an fp32), rounded to an integer, offset to
+// X + 2^23 in [0, 2^24) and split into three unsigned bytes, hi * 2^16 + mid * 2^8 + lo.
+// The three byte rows of each row of x are rows of one A operand (a pass of up to 10 rows
+// of x is up to 30 rows: two A tiles), so one unsigned-by-signed tile product (TDPBUSD)
+// per A tile and column tile sums q against all three bytes in int32, exactly; the
+// epilogue gives y = (hi_sum * 2^16 + mid_sum * 2^8 + lo_sum - 2^23 * colsum[n]) * 2^-e *
+// scale[n] + bias, colsum[n] = sum_k q[n][k] (made at packing). What is lost is each x
+// below 2^-24 of its row's largest (the rounding to an integer), far under the weight's
+// own quantization. Integer sums do not depend on order, so a row's numbers do not
+// depend on its batch.
 //
 // q is held in AMX's layout, tile after tile: tiles[t][kq][r][n][j] = q[16t + n][64kq +
 // 4r + j] (16 columns x 64 K values, 1 KB), read straight from memory: a quarter of
-// fp32's bytes, and no conversion, so the call is bound by the read. A call walks one
-// column tile at a time (threads split them) over passes of up to 16 rows. K must be a
-// multiple of 64 and N of 16 (quantized.py falls back otherwise).
+// fp32's bytes, and no conversion, so the call is bound by the read. A call walks two
+// column tiles at a time (threads split the pairs: two streams, four independent sums)
+// over passes of up to 10 rows. K must be a multiple of 64 and N of 16 (quantized.py
+// falls back otherwise).
 #include "amx.h"
 
 #include <ATen/ATen.h>
@@ -31,6 +35,7 @@ using namespace loraxd_amx;
 
 constexpr int64_t kTileK = 64;                   // K values per tile row (int8)
 constexpr int64_t kTileBytes = kTileK * kTileN;  // bytes per B tile
+constexpr int64_t kPassRows = 10;   // rows of x per pass: their 3 byte rows fill two A tiles
 constexpr int64_t kAheadTiles = 4;  // how far ahead in its stream a B tile is prefetched
 constexpr int kMantissaBits = 23;   // |X| < 2^23
 
@@ -40,13 +45,20 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// Each row of x [M, K] as bytes [3][K/64][M][64] (hi, mid, lo; each plane in tile rows, so
-// that an A tile of 16 rows is 1 KB in a row, not 16 lines a row of x apart) and the row's
-// 2^-e in `unscale`
-// (NaN for a row holding NaN or inf, so that its outputs are NaN as an fp32 matmul's).
+// The byte row of (row m, byte b: 0 hi, 1 mid, 2 lo) within a K step's 3M rows: the rows
+// of each pass together, hi rows first, then mid, then lo.
+inline int64_t byte_row(int64_t m, int b, int64_t M) {
+  const int64_t m0 = m / kPassRows * kPassRows, rows = std::min(kPassRows, M - m0);
+  return 3 * m0 + b * rows + (m - m0);
+}
+
+// Each row of x [M, K] as bytes [K/64][3M][64] (so that a pass's A tiles are its rows'
+// bytes, 64 K values a tile row, one K step after the other) and the row's 2^-e in
+// `unscale` (NaN for a row holding NaN or inf, so that its outputs are NaN as an fp32
+// matmul's).
 template <typename T>
 void split_rows(const T* x, int64_t M, int64_t K, uint8_t* bytes, float* unscale) {
-  const int64_t plane = M * K;
+  const int64_t step = 3 * M * kTileK;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
       const T* row = x + m * K;
@@ -65,31 +77,57 @@ void split_rows(const T* x, int64_t M, int64_t K, uint8_t* bytes, float* unscale
       const __m512 p1 = _mm512_set1_ps(std::ldexp(1.f, e / 2));
       const __m512 p2 = _mm512_set1_ps(finite ? std::ldexp(1.f, e - e / 2) : 0.f);
       const __m512 limit = _mm512_set1_ps(float((1 << kMantissaBits) - 1));
-      uint8_t *hi = bytes + m * kTileK, *mid = hi + plane, *lo = mid + plane;
+      uint8_t* hi = bytes + byte_row(m, 0, M) * kTileK;
+      uint8_t* mid = bytes + byte_row(m, 1, M) * kTileK;
+      uint8_t* lo = bytes + byte_row(m, 2, M) * kTileK;
       for (int64_t k = 0; k < K; k += 16) {
-        const int64_t at = k / kTileK * M * kTileK + k % kTileK;  // tile row k / 64 of row m
+        const int64_t at = k / kTileK * step + k % kTileK;
         __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(row + k), p1), p2);
         v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
-        const __m512i X = _mm512_cvtps_epi32(v);  // to nearest even
+        // to nearest even, then + 2^23 (exact in int32)
+        const __m512i X = _mm512_add_epi32(_mm512_cvtps_epi32(v),
+                                           _mm512_set1_epi32(1 << kMantissaBits));
         auto put = [&](uint8_t* plane_at, __m512i v) {  // the low byte of each lane
           _mm_storeu_si128(reinterpret_cast<__m128i*>(plane_at), _mm512_cvtepi32_epi8(v));
         };
-        put(hi + at, _mm512_srai_epi32(X, 16));
-        put(mid + at, _mm512_srai_epi32(X, 8));
+        put(hi + at, _mm512_srli_epi32(X, 16));
+        put(mid + at, _mm512_srli_epi32(X, 8));
         put(lo + at, X);
       }
     }
   });
 }
 
+// 8 lanes of hi * 2^16 + mid * 2^8 + lo - 2^23 * colsum, exactly, in int64
+inline __m512i exact8(const int32_t* hi, const int32_t* mid, const int32_t* lo,
+                      const int32_t* colsum) {
+  auto wide = [](const int32_t* p, int shift) {
+    return _mm512_slli_epi64(
+        _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), shift);
+  };
+  const __m512i s = _mm512_add_epi64(_mm512_add_epi64(wide(hi, 16), wide(mid, 8)), wide(lo, 0));
+  return _mm512_sub_epi64(s, wide(colsum, kMantissaBits));
+}
+
+// 16 columns' sums of the three bytes less the offset's, as one integer rounded once to
+// fp32 (to nearest even)
+inline v16 exact_sum(const int32_t* hi, const int32_t* mid, const int32_t* lo,
+                     const int32_t* colsum) {
+  const __m256 a = _mm512_cvtepi64_ps(exact8(hi, mid, lo, colsum));
+  const __m256 b = _mm512_cvtepi64_ps(exact8(hi + 8, mid + 8, lo + 8, colsum + 8));
+  return reinterpret_cast<v16>(_mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
+}
+
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8")
 
-// Tiles: C hi 0, mid 1, lo 2 (int32); A hi 3, mid 4, lo 5; B 6 and 7 (alternate K steps).
-void configure(TileConfig& cfg, int64_t rows) {
+// Tile numbers are part of the instruction, so the code spells them:
+// C00 0, C01 1, C10 2, C11 3 (A tile, column tile; int32); A0 4, A1 5; B0 6, B1 7.
+void configure(TileConfig& cfg, int64_t byte_rows) {
   cfg = TileConfig{};
-  for (int t = 0; t < 6; ++t) cfg.set(t, rows);
-  cfg.set(6, kTileRows), cfg.set(7, kTileRows);
+  const int64_t r0 = std::min(byte_rows, kTileRows), r1 = byte_rows - r0;
+  cfg.set(0, r0), cfg.set(1, r0), cfg.set(2, r1), cfg.set(3, r1), cfg.set(4, r0);
+  cfg.set(5, r1), cfg.set(6, kTileRows), cfg.set(7, kTileRows);
   _tile_loadconfig(&cfg);
 }
 
@@ -98,76 +136,84 @@ inline void prefetch_tile(const int8_t* tile) {
   for (int64_t line = 0; line < kTileBytes; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
 }
 
-// One K step: the B tile at b into tile 6 or 7 (alternate steps, so that a step's load
-// need not wait for the last step's products), the three byte tiles of x, three products.
-template <int B>
-inline void k_step(const int8_t* b, const uint8_t* hi, const uint8_t* mid, const uint8_t* lo) {
-  if constexpr (B == 6) _tile_loadd(6, b, kRowBytes); else _tile_loadd(7, b, kRowBytes);
-  _tile_loadd(3, hi, kRowBytes);
-  _tile_loadd(4, mid, kRowBytes);
-  _tile_loadd(5, lo, kRowBytes);
-  if constexpr (B == 6) {
-    _tile_dpbssd(0, 3, 6);
-    _tile_dpbusd(1, 4, 6);
-    _tile_dpbusd(2, 5, 6);
-  } else {
-    _tile_dpbssd(0, 3, 7);
-    _tile_dpbusd(1, 4, 7);
-    _tile_dpbusd(2, 5, 7);
-  }
-}
-
-// One pass: up to 16 rows of the three byte planes (a, plane apart; K steps `step` apart)
-// against one column tile's KQ tiles at b; the three int32 sums to c [3][16][16].
-void pass(const uint8_t* a, int64_t step, int64_t plane, const int8_t* b, int64_t KQ,
-          int32_t* c) {
-  const uint8_t *mid = a + plane, *lo = a + 2 * plane;
+// One pass: MT A tiles (the pass's byte rows at a, 16 rows a tile, K steps `step` apart)
+// by NT column tiles (b[n]: tile (n, kq) at b[n] + kq * kTileBytes) over all KQ steps;
+// the int32 sums to c [32 byte rows][32 columns]. Tiles are not renamed, so a load into
+// a tile waits for the products that read it: each tile of the next K step is loaded as
+// soon as this step's last product with it is issued, to overlap the next products.
+template <int MT, int NT>
+void pass(const uint8_t* a, int64_t step, const int8_t* const* b, int64_t KQ, int32_t* c) {
+  constexpr int64_t cols = 2 * kTileN, cstride = cols * sizeof(int32_t);
+  const uint8_t* a1 = a + kTileRows * kRowBytes;
   _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  int64_t kq = 0;
-  for (; kq + 1 < KQ; kq += 2) {
-    prefetch_tile(b + (kq + kAheadTiles) * kTileBytes);
-    prefetch_tile(b + (kq + 1 + kAheadTiles) * kTileBytes);
-    const int64_t at = kq * step, next = at + step;
-    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at);
-    k_step<7>(b + (kq + 1) * kTileBytes, a + next, mid + next, lo + next);
+  if (NT == 2) _tile_zero(1);
+  if (MT == 2) { _tile_zero(2); if (NT == 2) _tile_zero(3); }
+  _tile_loadd(4, a, kRowBytes);
+  _tile_loadd(6, b[0], kRowBytes);
+  if (NT == 2) _tile_loadd(7, b[1], kRowBytes);
+  if (MT == 2) _tile_loadd(5, a1, kRowBytes);
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const bool more = kq + 1 < KQ;
+    const int64_t na = (kq + 1) * step, nb = (kq + 1) * kTileBytes;
+    prefetch_tile(b[0] + (kq + kAheadTiles) * kTileBytes);
+    if (NT == 2) prefetch_tile(b[1] + (kq + kAheadTiles) * kTileBytes);
+    _tile_dpbusd(0, 4, 6);
+    if (NT == 2) _tile_dpbusd(1, 4, 7);
+    if (more) _tile_loadd(4, a + na, kRowBytes);
+    if (MT == 2) {
+      _tile_dpbusd(2, 5, 6);
+      if (more) _tile_loadd(6, b[0] + nb, kRowBytes);
+      if (NT == 2) _tile_dpbusd(3, 5, 7);
+      if (more) {
+        _tile_loadd(5, a1 + na, kRowBytes);
+        if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
+      }
+    } else if (more) {
+      _tile_loadd(6, b[0] + nb, kRowBytes);
+      if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
+    }
   }
-  if (kq < KQ) {
-    const int64_t at = kq * step;
-    k_step<6>(b + kq * kTileBytes, a + at, mid + at, lo + at);
-  }
-  constexpr int64_t cstride = kTileN * sizeof(int32_t);
   _tile_stored(0, c, cstride);
-  _tile_stored(1, c + kTileRows * kTileN, cstride);
-  _tile_stored(2, c + 2 * kTileRows * kTileN, cstride);
+  if (NT == 2) _tile_stored(1, c + kTileN, cstride);
+  if (MT == 2) {
+    _tile_stored(2, c + kTileRows * cols, cstride);
+    if (NT == 2) _tile_stored(3, c + kTileRows * cols + kTileN, cstride);
+  }
 }
 
 template <typename T>
 void run(const uint8_t* bytes, const float* unscale, int64_t M, int64_t K, const int8_t* tiles,
-         int64_t NT, const float* scale, const float* bias, T* y) {
-  const int64_t KQ = K / kTileK, N = NT * kTileN, plane = M * K;
-  at::parallel_for(0, NT, 1, [&](int64_t first, int64_t last) {
+         int64_t NT, const float* scale, const int32_t* colsum, const float* bias, T* y) {
+  const int64_t KQ = K / kTileK, N = NT * kTileN, step = 3 * M * kTileK;
+  at::parallel_for(0, (NT + 1) / 2, 1, [&](int64_t first, int64_t last) {
     TileConfig cfg;
     int64_t configured = -1;
-    alignas(64) int32_t c[3 * kTileRows * kTileN];
-    for (int64_t t = first; t < last; ++t) {
-      const int64_t col = t * kTileN;
-      const v16 s = load(scale + col), b = load(bias + col);
-      for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-        const int64_t rows = std::min(kTileRows, M - m0);
-        if (rows != configured) configure(cfg, configured = rows);
-        pass(bytes + m0 * kTileK, M * kTileK, plane, tiles + t * KQ * kTileBytes, KQ, c);
+    alignas(64) int32_t c[2 * kTileRows * 2 * kTileN];
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t t0 = 2 * blk;
+      const int nt = NT - t0 >= 2 ? 2 : 1;
+      const int8_t* b[2] = {tiles + t0 * KQ * kTileBytes, tiles + (t0 + 1) * KQ * kTileBytes};
+      for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
+        const int64_t rows = std::min(kPassRows, M - m0), byte_rows = 3 * rows;
+        if (byte_rows != configured) configure(cfg, configured = byte_rows);
+        const uint8_t* a = bytes + 3 * m0 * kTileK;
+        if (byte_rows > kTileRows) {
+          nt == 2 ? pass<2, 2>(a, step, b, KQ, c) : pass<2, 1>(a, step, b, KQ, c);
+        } else {
+          nt == 2 ? pass<1, 2>(a, step, b, KQ, c) : pass<1, 1>(a, step, b, KQ, c);
+        }
         for (int64_t m = 0; m < rows; ++m) {
-          const int32_t* r = c + m * kTileN;
-          v16 sum;  // the three sums as one integer (exact in a double), rounded once
-          for (int j = 0; j < kTileN; ++j) {
-            sum[j] = float(double(r[j]) * 65536.0 + double(r[kTileRows * kTileN + j]) * 256.0 +
-                           double(r[2 * kTileRows * kTileN + j]));
+          // byte row r of the pass is row r % 16 of C tile r / 16 (c: [32][32])
+          const int32_t* hi = c + m * 2 * kTileN;
+          const int32_t* mid = c + (rows + m) * 2 * kTileN;
+          const int32_t* lo = c + (2 * rows + m) * 2 * kTileN;
+          for (int j0 = 0; j0 < nt * kTileN; j0 += kTileN) {
+            const int64_t col = t0 * kTileN + j0;
+            const v16 sum = exact_sum(hi + j0, mid + j0, lo + j0, colsum + col);
+            v16 v = sum * unscale[m0 + m] * load(scale + col);
+            asm("" : "+v"(v));  // rounded before the bias
+            store(y + (m0 + m) * N + col, v + load(bias + col));
           }
-          v16 v = sum * unscale[m0 + m] * s;
-          asm("" : "+v"(v));  // rounded before the bias
-          store(y + (m0 + m) * N + col, v + b);
         }
       }
     }
@@ -178,7 +224,7 @@ void run(const uint8_t* bytes, const float* unscale, int64_t M, int64_t K, const
 #pragma GCC pop_options
 
 at::Tensor amx_mm_int8(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales,
-                       const at::Tensor& bias) {
+                       const at::Tensor& colsums, const at::Tensor& bias) {
   TORCH_CHECK(usable(true), "amx_mm_int8: this CPU or kernel gives no AMX-INT8");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (dtype == at::kFloat || dtype == at::kBFloat16),
@@ -193,6 +239,9 @@ at::Tensor amx_mm_int8(const at::Tensor& x, const at::Tensor& tiles, const at::T
     TORCH_CHECK(v->dim() == 1 && v->scalar_type() == at::kFloat && v->is_contiguous() &&
                 v->size(0) == N, "amx_mm_int8: scales and bias must be float32 [N]");
   }
+  TORCH_CHECK(colsums.dim() == 1 && colsums.scalar_type() == at::kInt &&
+              colsums.is_contiguous() && colsums.size(0) == N,
+              "amx_mm_int8: colsums must be int32 [N] (each column's sum of q)");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   // x's bytes and row scales: the calling thread's scratch (no allocation per call)
@@ -204,12 +253,13 @@ at::Tensor amx_mm_int8(const at::Tensor& x, const at::Tensor& tiles, const at::T
   float* up = unscale.data();
   const auto* tp = tiles.data_ptr<int8_t>();
   const float *sp = scales.data_ptr<float>(), *biasp = bias.data_ptr<float>();
+  const int32_t* cp = colsums.data_ptr<int32_t>();
   if (dtype == at::kFloat) {
     split_rows(x.data_ptr<float>(), M, K, bp, up);
-    run(bp, up, M, K, tp, NT, sp, biasp, y.data_ptr<float>());
+    run(bp, up, M, K, tp, NT, sp, cp, biasp, y.data_ptr<float>());
   } else {
     split_rows(x.data_ptr<c10::BFloat16>(), M, K, bp, up);
-    run(bp, up, M, K, tp, NT, sp, biasp, y.data_ptr<c10::BFloat16>());
+    run(bp, up, M, K, tp, NT, sp, cp, biasp, y.data_ptr<c10::BFloat16>());
   }
   return y;
 }
@@ -217,7 +267,8 @@ at::Tensor amx_mm_int8(const at::Tensor& x, const at::Tensor& tiles, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraxd_cpu, m) {
-  m.def("amx_mm_int8(Tensor x, Tensor tiles, Tensor scales, Tensor bias) -> Tensor");
+  m.def("amx_mm_int8(Tensor x, Tensor tiles, Tensor scales, Tensor colsums, Tensor bias) -> "
+        "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraxd_cpu, CPU, m) {

@@ -113,7 +113,7 @@ class Int8WeightOnlyKernel:
         self.bias = bias
         self.weight = None  # no dense weight is kept
         self.panels = None  # (int8 panels, fp32 scales, fp32 bias) for our kernel
-        self.amx = None  # (int8 tiles, fp32 scales, fp32 bias) for our AMX kernel
+        self.amx = None  # (int8 tiles, fp32 scales, int32 column sums, fp32 bias): AMX kernel
         self._qweight: torch.Tensor | None = q
         if allow_panel and cpu_kernels.enable() is None:
             if cpu_kernels.amx_fits(q):
