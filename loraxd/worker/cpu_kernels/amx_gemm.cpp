@@ -26,70 +26,11 @@ constexpr int64_t kTileK = 32;                   // K values per tile row
 constexpr int64_t kTileElems = kTileK * kTileN;  // weights per B tile
 constexpr int64_t kBlockN = 2 * kTileN;          // output columns per block
 constexpr int64_t kPassRows = 2 * kTileRows;     // rows per pass
-constexpr int64_t kAheadTiles = 4;  // how far ahead in its stream a B tile is prefetched
 
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-bf16")
+#pragma GCC target("amx-tile,amx-bf16,amx-int8")
 
-// Tile numbers are part of the instruction, so the code spells them:
-// C00 0, C01 1, C10 2, C11 3 (row tile, column tile); A0 4, A1 5; B0 6, B1 7.
-void configure(TileConfig& cfg, int64_t rows) {
-  cfg = TileConfig{};
-  const int64_t r0 = std::min(rows, kTileRows), r1 = rows - r0;
-  cfg.set(0, r0), cfg.set(1, r0), cfg.set(2, r1), cfg.set(3, r1), cfg.set(4, r0);
-  cfg.set(5, r1), cfg.set(6, kTileRows), cfg.set(7, kTileRows);
-  _tile_loadconfig(&cfg);
-}
-
-inline void prefetch_tile(const bf16* tile) {
-  const char* p = reinterpret_cast<const char*>(tile);
-  for (int64_t line = 0; line < kTileElems * 2; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
-}
-
-// One pass: MT row tiles (16 rows apart in a, row stride lda elements) by NT column tiles
-// (b[n]: tile (n, kb) at b[n] + kb * kTileElems) over all KB steps; sums to c [32][32].
-// Tiles are not renamed, so a load into a tile waits for the products that read it: each
-// tile of the next K step is loaded as soon as this step's last product with it is
-// issued, to overlap the next products.
-template <int MT, int NT>
-void pass(const bf16* a, int64_t lda, const bf16* const* b, int64_t KB, float* c) {
-  const int64_t stride = lda * sizeof(bf16), cstride = kBlockN * sizeof(float);
-  const bf16* a1 = a + kTileRows * lda;
-  _tile_zero(0);
-  if (NT == 2) _tile_zero(1);
-  if (MT == 2) { _tile_zero(2); if (NT == 2) _tile_zero(3); }
-  _tile_loadd(4, a, stride);
-  _tile_loadd(6, b[0], kRowBytes);
-  if (NT == 2) _tile_loadd(7, b[1], kRowBytes);
-  if (MT == 2) _tile_loadd(5, a1, stride);
-  for (int64_t kb = 0; kb < KB; ++kb) {
-    const bool more = kb + 1 < KB;
-    const int64_t na = (kb + 1) * kTileK, nb = (kb + 1) * kTileElems;
-    prefetch_tile(b[0] + (kb + kAheadTiles) * kTileElems);
-    if (NT == 2) prefetch_tile(b[1] + (kb + kAheadTiles) * kTileElems);
-    _tile_dpbf16ps(0, 4, 6);
-    if (NT == 2) _tile_dpbf16ps(1, 4, 7);
-    if (more) _tile_loadd(4, a + na, stride);
-    if (MT == 2) {
-      _tile_dpbf16ps(2, 5, 6);
-      if (more) _tile_loadd(6, b[0] + nb, kRowBytes);
-      if (NT == 2) _tile_dpbf16ps(3, 5, 7);
-      if (more) {
-        _tile_loadd(5, a1 + na, stride);
-        if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
-      }
-    } else if (more) {
-      _tile_loadd(6, b[0] + nb, kRowBytes);
-      if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
-    }
-  }
-  _tile_stored(0, c, cstride);
-  if (NT == 2) _tile_stored(1, c + kTileN, cstride);
-  if (MT == 2) {
-    _tile_stored(2, c + kTileRows * kBlockN, cstride);
-    if (NT == 2) _tile_stored(3, c + kTileRows * kBlockN + kTileN, cstride);
-  }
-}
+LORAXD_AMX_PRODUCT(Bf16Product, _tile_dpbf16ps);
 
 void run(const bf16* x, int64_t M, int64_t K, const bf16* tiles, int64_t NT, const float* bias,
          c10::BFloat16* y) {
@@ -101,15 +42,19 @@ void run(const bf16* x, int64_t M, int64_t K, const bf16* tiles, int64_t NT, con
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = 2 * blk;
       const int nt = NT - t0 >= 2 ? 2 : 1;
-      const bf16* b[2] = {tiles + t0 * KB * kTileElems, tiles + (t0 + 1) * KB * kTileElems};
+      const char* b[2] = {reinterpret_cast<const char*>(tiles + t0 * KB * kTileElems),
+                          reinterpret_cast<const char*>(tiles + (t0 + 1) * KB * kTileElems)};
       for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
         const int64_t rows = std::min(kPassRows, M - m0);
         if (rows != configured) configure(cfg, configured = rows);
-        const bf16* am = x + m0 * K;
+        const char* am = reinterpret_cast<const char*>(x + m0 * K);
+        const int64_t stride = K * sizeof(bf16), ks = kTileK * sizeof(bf16);
         if (rows > kTileRows) {
-          nt == 2 ? pass<2, 2>(am, K, b, KB, c) : pass<2, 1>(am, K, b, KB, c);
+          nt == 2 ? pass<Bf16Product, 2, 2>(am, stride, ks, b, KB, c)
+                  : pass<Bf16Product, 2, 1>(am, stride, ks, b, KB, c);
         } else {
-          nt == 2 ? pass<1, 2>(am, K, b, KB, c) : pass<1, 1>(am, K, b, KB, c);
+          nt == 2 ? pass<Bf16Product, 1, 2>(am, stride, ks, b, KB, c)
+                  : pass<Bf16Product, 1, 1>(am, stride, ks, b, KB, c);
         }
         for (int64_t m = 0; m < rows; ++m) {
           for (int64_t j = 0; j < nt * kTileN; j += kTileN) {

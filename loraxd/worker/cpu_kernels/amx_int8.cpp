@@ -36,7 +36,6 @@ using namespace loraxd_amx;
 constexpr int64_t kTileK = 64;                   // K values per tile row (int8)
 constexpr int64_t kTileBytes = kTileK * kTileN;  // bytes per B tile
 constexpr int64_t kPassRows = 10;   // rows of x per pass: their 3 byte rows fill two A tiles
-constexpr int64_t kAheadTiles = 4;  // how far ahead in its stream a B tile is prefetched
 constexpr int kMantissaBits = 23;   // |X| < 2^23
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -119,67 +118,9 @@ inline v16 exact_sum(const int32_t* hi, const int32_t* mid, const int32_t* lo,
 }
 
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-int8")
+#pragma GCC target("amx-tile,amx-bf16,amx-int8")
 
-// Tile numbers are part of the instruction, so the code spells them:
-// C00 0, C01 1, C10 2, C11 3 (A tile, column tile; int32); A0 4, A1 5; B0 6, B1 7.
-void configure(TileConfig& cfg, int64_t byte_rows) {
-  cfg = TileConfig{};
-  const int64_t r0 = std::min(byte_rows, kTileRows), r1 = byte_rows - r0;
-  cfg.set(0, r0), cfg.set(1, r0), cfg.set(2, r1), cfg.set(3, r1), cfg.set(4, r0);
-  cfg.set(5, r1), cfg.set(6, kTileRows), cfg.set(7, kTileRows);
-  _tile_loadconfig(&cfg);
-}
-
-inline void prefetch_tile(const int8_t* tile) {
-  const char* p = reinterpret_cast<const char*>(tile);
-  for (int64_t line = 0; line < kTileBytes; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
-}
-
-// One pass: MT A tiles (the pass's byte rows at a, 16 rows a tile, K steps `step` apart)
-// by NT column tiles (b[n]: tile (n, kq) at b[n] + kq * kTileBytes) over all KQ steps;
-// the int32 sums to c [32 byte rows][32 columns]. Tiles are not renamed, so a load into
-// a tile waits for the products that read it: each tile of the next K step is loaded as
-// soon as this step's last product with it is issued, to overlap the next products.
-template <int MT, int NT>
-void pass(const uint8_t* a, int64_t step, const int8_t* const* b, int64_t KQ, int32_t* c) {
-  constexpr int64_t cols = 2 * kTileN, cstride = cols * sizeof(int32_t);
-  const uint8_t* a1 = a + kTileRows * kRowBytes;
-  _tile_zero(0);
-  if (NT == 2) _tile_zero(1);
-  if (MT == 2) { _tile_zero(2); if (NT == 2) _tile_zero(3); }
-  _tile_loadd(4, a, kRowBytes);
-  _tile_loadd(6, b[0], kRowBytes);
-  if (NT == 2) _tile_loadd(7, b[1], kRowBytes);
-  if (MT == 2) _tile_loadd(5, a1, kRowBytes);
-  for (int64_t kq = 0; kq < KQ; ++kq) {
-    const bool more = kq + 1 < KQ;
-    const int64_t na = (kq + 1) * step, nb = (kq + 1) * kTileBytes;
-    prefetch_tile(b[0] + (kq + kAheadTiles) * kTileBytes);
-    if (NT == 2) prefetch_tile(b[1] + (kq + kAheadTiles) * kTileBytes);
-    _tile_dpbusd(0, 4, 6);
-    if (NT == 2) _tile_dpbusd(1, 4, 7);
-    if (more) _tile_loadd(4, a + na, kRowBytes);
-    if (MT == 2) {
-      _tile_dpbusd(2, 5, 6);
-      if (more) _tile_loadd(6, b[0] + nb, kRowBytes);
-      if (NT == 2) _tile_dpbusd(3, 5, 7);
-      if (more) {
-        _tile_loadd(5, a1 + na, kRowBytes);
-        if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
-      }
-    } else if (more) {
-      _tile_loadd(6, b[0] + nb, kRowBytes);
-      if (NT == 2) _tile_loadd(7, b[1] + nb, kRowBytes);
-    }
-  }
-  _tile_stored(0, c, cstride);
-  if (NT == 2) _tile_stored(1, c + kTileN, cstride);
-  if (MT == 2) {
-    _tile_stored(2, c + kTileRows * cols, cstride);
-    if (NT == 2) _tile_stored(3, c + kTileRows * cols + kTileN, cstride);
-  }
-}
+LORAXD_AMX_PRODUCT(Int8Product, _tile_dpbusd);  // x's unsigned bytes by q's signed ones
 
 template <typename T>
 void run(const uint8_t* bytes, const float* unscale, int64_t M, int64_t K, const int8_t* tiles,
@@ -192,15 +133,18 @@ void run(const uint8_t* bytes, const float* unscale, int64_t M, int64_t K, const
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = 2 * blk;
       const int nt = NT - t0 >= 2 ? 2 : 1;
-      const int8_t* b[2] = {tiles + t0 * KQ * kTileBytes, tiles + (t0 + 1) * KQ * kTileBytes};
+      const char* b[2] = {reinterpret_cast<const char*>(tiles + t0 * KQ * kTileBytes),
+                          reinterpret_cast<const char*>(tiles + (t0 + 1) * KQ * kTileBytes)};
       for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
         const int64_t rows = std::min(kPassRows, M - m0), byte_rows = 3 * rows;
         if (byte_rows != configured) configure(cfg, configured = byte_rows);
-        const uint8_t* a = bytes + 3 * m0 * kTileK;
+        const char* a = reinterpret_cast<const char*>(bytes + 3 * m0 * kTileK);
         if (byte_rows > kTileRows) {
-          nt == 2 ? pass<2, 2>(a, step, b, KQ, c) : pass<2, 1>(a, step, b, KQ, c);
+          nt == 2 ? pass<Int8Product, 2, 2>(a, kRowBytes, step, b, KQ, c)
+                  : pass<Int8Product, 2, 1>(a, kRowBytes, step, b, KQ, c);
         } else {
-          nt == 2 ? pass<1, 2>(a, step, b, KQ, c) : pass<1, 1>(a, step, b, KQ, c);
+          nt == 2 ? pass<Int8Product, 1, 2>(a, kRowBytes, step, b, KQ, c)
+                  : pass<Int8Product, 1, 1>(a, kRowBytes, step, b, KQ, c);
         }
         for (int64_t m = 0; m < rows; ++m) {
           // byte row r of the pass is row r % 16 of C tile r / 16 (c: [32][32])
