@@ -115,10 +115,11 @@ def machine_peaks(ctx: BenchContext, repeats: int) -> tuple[float, float]:
 
 
 def measure_roofline(ctx: BenchContext, loads: list, repeats: int,
-                     samples: list[tuple[float, float]]) -> dict:
+                     samples: list[tuple[float, float]], precisions: list = ()) -> dict:
     """The roofline from the best of the machine's `samples` (taken at the start and the end
     of the run: a shared machine can be slow at either, and a low sample would make the
-    roofline one that systems beat)."""
+    roofline one that systems beat). Each of `precisions` (loraxd with other weights) gets
+    its own memory roofline, of the bytes it reads."""
     bandwidth = max(b for b, _ in samples)
     flops = max(f for _, f in samples)
     weights = roofline.weight_bytes(ctx.model_dir, ctx.dtype)
@@ -133,6 +134,20 @@ def measure_roofline(ctx: BenchContext, loads: list, repeats: int,
             "loads": {load.key: roofline.roofline(bandwidth, weights, load.streams,
                                                   load.adapters, per_adapter, flops,
                                                   roofline.ITEMSIZE[ctx.dtype])
+                      for load in loads},
+            "systems": {p.NAME: own_roofline(p, ctx, bandwidth, weights, per_adapter, loads)
+                        for p in precisions}}
+
+
+def own_roofline(precision, ctx: BenchContext, bandwidth: float, weights: int,
+                 per_adapter: int, loads: list) -> dict:
+    """A precision system's memory roofline: the run's bytes at its own bytes per weight."""
+    run = roofline.ITEMSIZE[ctx.dtype]
+    weight_size, adapter_size = precision.itemsizes(ctx.dtype)
+    weights, per_adapter = weights * weight_size // run, per_adapter * adapter_size // run
+    return {"weight_bytes": weights, "adapter_bytes": per_adapter,
+            "loads": {load.key: roofline.roofline(bandwidth, weights, load.streams,
+                                                  load.adapters, per_adapter)
                       for load in loads}}
 
 
@@ -225,7 +240,8 @@ def main(argv=None) -> None:
             skipped[module.NAME] = f"failed: {exc}"
             traceback.print_exc()
     roof = measure_roofline(ctx, args.load_list, args.bandwidth_repeats,
-                            [first, machine_peaks(ctx, args.bandwidth_repeats)])
+                            [first, machine_peaks(ctx, args.bandwidth_repeats)],
+                            [p for p in args.precision_systems if p.NAME in results])
     doc = report.build(machine, roof, results, skipped, args.load_list, probes)
     doc["logs"] = str(work_dir)
     print(report.render(doc))

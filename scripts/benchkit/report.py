@@ -67,7 +67,8 @@ def build(machine: dict, roof: dict, results: dict, skipped: dict, loads: list,
     probes = probes or {}
     for system, by_load in results.items():
         for key, row in by_load.items():
-            row["roofline_share"] = row["tok_s"] / roof["loads"][key]["max_tok_s"]
+            own = roof.get("systems", {}).get(system, roof)  # precisions: their own bytes
+            row["roofline_share"] = row["tok_s"] / own["loads"][key]["max_tok_s"]
     ours = results.get(reference, {})
     table = {peer: {key: ratios(ours[key], row) for key, row in by_load.items() if key in ours}
              for peer, by_load in results.items() if peer != reference}
@@ -111,6 +112,11 @@ def render(doc: dict) -> str:
          _num(r["compute_tok_s"], 0) if "compute_tok_s" in r else "-",
          f"{_num(r['max_tok_s'], 0)} ({r.get('bound', 'memory')})"]
         for k, r in roof["loads"].items()])
+    for system, own in roof.get("systems", {}).items():
+        lines.append(f"{system} reads weights {own['weight_bytes'] / 1e6:.1f} MB, each adapter "
+                     f"{own['adapter_bytes'] / 1e6:.1f} MB: memory max tok/s " + ", ".join(
+                         f"{names[k]} {_num(r['max_tok_s'], 0)}"
+                         for k, r in own["loads"].items()) + " (its share below is of these)")
     rows = []
     for key in doc["loads"]:
         for system, by_load in doc["results"].items():

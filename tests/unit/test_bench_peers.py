@@ -270,3 +270,34 @@ def test_precisions_become_more_loraxd_systems_of_the_run():
     assert bench.parse_args([]).precision_systems == []
     with pytest.raises(SystemExit):
         bench.parse_args(["--precisions", "bfloat16+float32"])
+
+
+def test_a_precision_system_s_share_is_of_the_bytes_it_reads(tmp_path, monkeypatch):
+    """bf16 reads half the fp32 weights and adapters, int8 a quarter of the weights and the
+    adapters in the model dtype: their shares of the roofline are of those bytes."""
+    monkeypatch.setattr(roofline, "weight_bytes", lambda *a: 500_000_000)
+    monkeypatch.setattr(roofline, "adapter_bytes", lambda *a: 20_000_000)
+    monkeypatch.setattr(roofline, "kv_bytes_per_token", lambda *a: 46080)
+    monkeypatch.setattr(bench.artifacts, "model_config", lambda *a: {})
+    ctx = type("Ctx", (), {"model_dir": tmp_path, "dtype": "float32", "adapter_names": ["a"],
+                           "adapter_dirs": lambda self: [tmp_path]})()
+    bf16, int8 = bench.parse_args(["--precisions", "bfloat16,int8-weight-only"]
+                                  ).precision_systems
+    loads = [Load(8, 0), Load(8, 8)]
+    roof = bench.measure_roofline(ctx, loads, 10, [(20e9, 250e9)], [bf16, int8])
+    own = roof["systems"]
+    assert (own[bf16.NAME]["weight_bytes"], own[bf16.NAME]["adapter_bytes"]) == (
+        250_000_000, 10_000_000)
+    assert (own[int8.NAME]["weight_bytes"], own[int8.NAME]["adapter_bytes"]) == (
+        125_000_000, 20_000_000)
+    assert own[int8.NAME]["loads"]["8:lora"]["max_tok_s"] == pytest.approx(20e9 / 285e6 * 8)
+    row = {"tok_s": 320.0, "ttft_ms_p50": 1.0, "ttft_ms_p99": 1.0, "itl_ms_p50": 1.0,
+           "itl_ms_p99": 1.0}
+    results = {"loraxd": {"8:base": dict(row)}, bf16.NAME: {"8:base": dict(row)},
+               int8.NAME: {"8:base": dict(row)}}
+    doc = report.build(report.machine_info(2, "w"), roof, results, {}, loads, {})
+    shares = {s: doc["results"][s]["8:base"]["roofline_share"] for s in results}
+    assert shares == {"loraxd": pytest.approx(1.0), bf16.NAME: pytest.approx(0.5),
+                      int8.NAME: pytest.approx(0.25)}
+    assert "loraxd int8-weight-only reads weights 125.0 MB, each adapter 20.0 MB" in \
+        report.render(doc)

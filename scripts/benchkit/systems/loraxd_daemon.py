@@ -42,6 +42,13 @@ class Precision:
         self.dtype = dtypes[0] if dtypes else None
         self.extra = ("--quantize", quantize[0]) if quantize else ()
 
+    def itemsizes(self, run_dtype: str) -> tuple[int, int]:
+        """Bytes per weight and per adapter weight a step reads (int8: one a weight, the
+        adapters in the model dtype), for this system's own roofline."""
+        from scripts.benchkit.roofline import ITEMSIZE
+        adapter = ITEMSIZE[self.dtype or run_dtype]
+        return (1 if self.extra else adapter), adapter
+
     def serve(self, ctx: BenchContext, max_streams: int):
         return serve(ctx, max_streams, self.extra, dtype=self.dtype)
 
