@@ -175,6 +175,11 @@ struct Shares {
   std::vector<int64_t> units, weight, start;
   int64_t total = 0;
 
+  explicit Shares(size_t segments) {  // reserved: no reallocation while they are added
+    units.reserve(segments);
+    weight.reserve(segments);
+    start.reserve(segments);
+  }
   void add(int64_t n, int64_t w) {
     units.push_back(n);
     weight.push_back(w);
@@ -224,10 +229,12 @@ struct Group {
 // The plan's tokens by slot, each slot's split into groups as even as kMaxGroup allows.
 std::vector<Group> group_by_slot(const std::vector<Token>& tokens, int64_t nm) {
   std::vector<const Token*> order;
+  order.reserve(tokens.size());
   for (const Token& tk : tokens) order.push_back(&tk);
   std::stable_sort(order.begin(), order.end(),
                    [](const Token* p, const Token* q) { return p->slot < q->slot; });
   std::vector<Group> groups;
+  groups.reserve(tokens.size());
   for (size_t i = 0; i < order.size();) {
     size_t e = i + 1;
     while (e < order.size() && order[e]->slot == order[i]->slot &&
@@ -357,9 +364,10 @@ void run(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, at::Tens
 
   // Costs in multiply-adds: a shrink chunk, and 16 columns of an expand (with their y)
   const int64_t chunk_rows = div_up(in, chunks);
-  Shares shrink_work, expand_work, group_work;
+  Shares shrink_work(groups.size()), expand_work(groups.size() * nm), group_work(groups.size());
   struct Piece { const Group* gr; int64_t j; };
   std::vector<Piece> pieces;
+  pieces.reserve(groups.size() * nm);
   for (const Group& gr : groups) {
     const Token& lead = *gr.tk[0];
     int64_t cost = chunks * chunk_rows * lead.stride * gr.g;
