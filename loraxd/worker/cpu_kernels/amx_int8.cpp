@@ -1,7 +1,7 @@
 // y = x @ W.T (+ bias) for an int8 weight-only W (w = scale[n] * q[n][k]) on Intel AMX
 // tiles (AMX-INT8), in exact integer arithmetic.
 //
-// The int8 tile products take int8 inputs on both sides, so x is written as integers:
+// The int8 tile products take 8-bit integers on both sides, so x is written as integers:
 // each row is scaled by a power of two (exact) to X = x * 2^e with |X| < 2^23 (its
 // largest value keeps all 24 bits of an fp32), rounded to an integer, offset to
 // X + 2^23 in [0, 2^24) and split into three unsigned bytes, hi * 2^16 + mid * 2^8 + lo.
@@ -16,7 +16,9 @@
 //
 // q is held in AMX's layout, tile after tile: tiles[t][kq][r][n][j] = q[16t + n][64kq +
 // 4r + j] (16 columns x 64 K values, 1 KB), read straight from memory: a quarter of
-// fp32's bytes, and no conversion, so the call is bound by the read. A call walks two
+// fp32's bytes, and no conversion. A product costs ~17 ns here whatever its rows, so a
+// decode call is bound by its products and tile loads as much as by the read (hence the
+// one product per A tile: three had made it several times the read). A call walks two
 // column tiles at a time (threads split the pairs: two streams, four independent sums)
 // over passes of up to 10 rows. K must be a multiple of 64 and N of 16 (quantized.py
 // falls back otherwise).
