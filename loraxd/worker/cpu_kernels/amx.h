@@ -126,6 +126,22 @@ inline void pass(const char* a, int64_t a_stride, int64_t a_step, const char* co
   }
 }
 
+// The pass of `a_rows` A rows (two A tiles past 16) over column tile t0 and, when nt is 2,
+// t0 + 1 of `tiles` (each column tile's KS B tiles in a row).
+template <typename Product>
+inline void block_pass(const char* a, int64_t a_rows, int64_t a_stride, int64_t a_step,
+                       const void* tiles, int64_t t0, int nt, int64_t KS, void* c) {
+  const char* base = static_cast<const char*>(tiles);
+  const char* b[2] = {base + t0 * KS * kBTileBytes, base + (t0 + 1) * KS * kBTileBytes};
+  if (a_rows > kTileRows) {
+    nt == 2 ? pass<Product, 2, 2>(a, a_stride, a_step, b, KS, c)
+            : pass<Product, 2, 1>(a, a_stride, a_step, b, KS, c);
+  } else {
+    nt == 2 ? pass<Product, 1, 2>(a, a_stride, a_step, b, KS, c)
+            : pass<Product, 1, 1>(a, a_stride, a_step, b, KS, c);
+  }
+}
+
 #pragma GCC pop_options
 
 }  // namespace loraxd_amx

@@ -23,7 +23,6 @@ using namespace loraxd_amx;
 using bf16 = uint16_t;  // the bits
 
 constexpr int64_t kTileK = 32;                   // K values per tile row
-constexpr int64_t kTileElems = kTileK * kTileN;  // weights per B tile
 constexpr int64_t kBlockN = 2 * kTileN;          // output columns per block
 constexpr int64_t kPassRows = 2 * kTileRows;     // rows per pass
 
@@ -42,20 +41,11 @@ void run(const bf16* x, int64_t M, int64_t K, const bf16* tiles, int64_t NT, con
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = 2 * blk;
       const int nt = NT - t0 >= 2 ? 2 : 1;
-      const char* b[2] = {reinterpret_cast<const char*>(tiles + t0 * KB * kTileElems),
-                          reinterpret_cast<const char*>(tiles + (t0 + 1) * KB * kTileElems)};
       for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
         const int64_t rows = std::min(kPassRows, M - m0);
         if (rows != configured) configure(cfg, configured = rows);
-        const char* am = reinterpret_cast<const char*>(x + m0 * K);
-        const int64_t stride = K * sizeof(bf16), ks = kTileK * sizeof(bf16);
-        if (rows > kTileRows) {
-          nt == 2 ? pass<Bf16Product, 2, 2>(am, stride, ks, b, KB, c)
-                  : pass<Bf16Product, 2, 1>(am, stride, ks, b, KB, c);
-        } else {
-          nt == 2 ? pass<Bf16Product, 1, 2>(am, stride, ks, b, KB, c)
-                  : pass<Bf16Product, 1, 1>(am, stride, ks, b, KB, c);
-        }
+        block_pass<Bf16Product>(reinterpret_cast<const char*>(x + m0 * K), rows,
+                                K * sizeof(bf16), kTileK * sizeof(bf16), tiles, t0, nt, KB, c);
         for (int64_t m = 0; m < rows; ++m) {
           for (int64_t j = 0; j < nt * kTileN; j += kTileN) {
             const int64_t col = t0 * kTileN + j;

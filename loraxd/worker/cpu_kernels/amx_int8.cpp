@@ -36,7 +36,6 @@ namespace {
 using namespace loraxd_amx;
 
 constexpr int64_t kTileK = 64;                   // K values per tile row (int8)
-constexpr int64_t kTileBytes = kTileK * kTileN;  // bytes per B tile
 constexpr int64_t kPassRows = 10;   // rows of x per pass: their 3 byte rows fill two A tiles
 constexpr int kMantissaBits = 23;   // |X| < 2^23
 
@@ -99,23 +98,27 @@ void split_rows(const T* x, int64_t M, int64_t K, uint8_t* bytes, float* unscale
   });
 }
 
-// 8 lanes of hi * 2^16 + mid * 2^8 + lo - 2^23 * colsum, exactly, in int64
-inline __m512i exact8(const int32_t* hi, const int32_t* mid, const int32_t* lo,
-                      const int32_t* colsum) {
-  auto wide = [](const int32_t* p, int shift) {
-    return _mm512_slli_epi64(
-        _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), shift);
-  };
-  const __m512i s = _mm512_add_epi64(_mm512_add_epi64(wide(hi, 16), wide(mid, 8)), wide(lo, 0));
-  return _mm512_sub_epi64(s, wide(colsum, kMantissaBits));
+inline __m512i wide8(const int32_t* p, int shift) {  // 8 int32 lanes as int64, << shift
+  return _mm512_slli_epi64(
+      _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), shift);
+}
+
+// 8 columns' offset in the sums: 2^23 * colsum, in int64 (made once per column tile)
+inline __m512i offset8(const int32_t* colsum) { return wide8(colsum, kMantissaBits); }
+
+// 8 lanes of hi * 2^16 + mid * 2^8 + lo - offset, exactly, in int64
+inline __m512i exact8(const int32_t* hi, const int32_t* mid, const int32_t* lo, __m512i off) {
+  const __m512i s = _mm512_add_epi64(_mm512_add_epi64(wide8(hi, 16), wide8(mid, 8)),
+                                     wide8(lo, 0));
+  return _mm512_sub_epi64(s, off);
 }
 
 // 16 columns' sums of the three bytes less the offset's, as one integer rounded once to
 // fp32 (to nearest even)
-inline v16 exact_sum(const int32_t* hi, const int32_t* mid, const int32_t* lo,
-                     const int32_t* colsum) {
-  const __m256 a = _mm512_cvtepi64_ps(exact8(hi, mid, lo, colsum));
-  const __m256 b = _mm512_cvtepi64_ps(exact8(hi + 8, mid + 8, lo + 8, colsum + 8));
+inline v16 exact_sum(const int32_t* hi, const int32_t* mid, const int32_t* lo, __m512i off0,
+                     __m512i off1) {
+  const __m256 a = _mm512_cvtepi64_ps(exact8(hi, mid, lo, off0));
+  const __m256 b = _mm512_cvtepi64_ps(exact8(hi + 8, mid + 8, lo + 8, off1));
   return reinterpret_cast<v16>(_mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
 }
 
@@ -135,30 +138,23 @@ void run(const uint8_t* bytes, const float* unscale, int64_t M, int64_t K, const
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = 2 * blk;
       const int nt = NT - t0 >= 2 ? 2 : 1;
-      const char* b[2] = {reinterpret_cast<const char*>(tiles + t0 * KQ * kTileBytes),
-                          reinterpret_cast<const char*>(tiles + (t0 + 1) * KQ * kTileBytes)};
       for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
         const int64_t rows = std::min(kPassRows, M - m0), byte_rows = 3 * rows;
         if (byte_rows != configured) configure(cfg, configured = byte_rows);
-        const char* a = reinterpret_cast<const char*>(bytes + 3 * m0 * kTileK);
-        if (byte_rows > kTileRows) {
-          nt == 2 ? pass<Int8Product, 2, 2>(a, kRowBytes, step, b, KQ, c)
-                  : pass<Int8Product, 2, 1>(a, kRowBytes, step, b, KQ, c);
-        } else {
-          nt == 2 ? pass<Int8Product, 1, 2>(a, kRowBytes, step, b, KQ, c)
-                  : pass<Int8Product, 1, 1>(a, kRowBytes, step, b, KQ, c);
-        }
-        for (int64_t m = 0; m < rows; ++m) {
-          // byte row r of the pass is row r % 16 of C tile r / 16 (c: [32][32])
-          const int32_t* hi = c + m * 2 * kTileN;
-          const int32_t* mid = c + (rows + m) * 2 * kTileN;
-          const int32_t* lo = c + (2 * rows + m) * 2 * kTileN;
-          for (int j0 = 0; j0 < nt * kTileN; j0 += kTileN) {
-            const int64_t col = t0 * kTileN + j0;
-            const v16 sum = exact_sum(hi + j0, mid + j0, lo + j0, colsum + col);
-            v16 v = sum * unscale[m0 + m] * load(scale + col);
+        block_pass<Int8Product>(reinterpret_cast<const char*>(bytes + 3 * m0 * kTileK),
+                                byte_rows, kRowBytes, step, tiles, t0, nt, KQ, c);
+        for (int j0 = 0; j0 < nt * kTileN; j0 += kTileN) {
+          const int64_t col = t0 * kTileN + j0;
+          const __m512i off0 = offset8(colsum + col), off1 = offset8(colsum + col + 8);
+          const v16 s = load(scale + col), b = load(bias + col);
+          for (int64_t m = 0; m < rows; ++m) {
+            // byte row r of the pass is row r % 16 of C tile r / 16 (c: [32][32])
+            const int32_t* hi = c + m * 2 * kTileN + j0;
+            const int32_t* mid = c + (rows + m) * 2 * kTileN + j0;
+            const int32_t* lo = c + (2 * rows + m) * 2 * kTileN + j0;
+            v16 v = exact_sum(hi, mid, lo, off0, off1) * unscale[m0 + m] * s;
             asm("" : "+v"(v));  // rounded before the bias
-            store(y + (m0 + m) * N + col, v + load(bias + col));
+            store(y + (m0 + m) * N + col, v + b);
           }
         }
       }
