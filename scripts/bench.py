@@ -142,9 +142,10 @@ def measure_roofline(ctx: BenchContext, loads: list, repeats: int,
 def own_roofline(precision, ctx: BenchContext, bandwidth: float, weights: int,
                  per_adapter: int, loads: list) -> dict:
     """A precision system's memory roofline: the run's bytes at its own bytes per weight."""
-    run = roofline.ITEMSIZE[ctx.dtype]
+    run_size = roofline.ITEMSIZE[ctx.dtype]
     weight_size, adapter_size = precision.itemsizes(ctx.dtype)
-    weights, per_adapter = weights * weight_size // run, per_adapter * adapter_size // run
+    weights = weights * weight_size // run_size
+    per_adapter = per_adapter * adapter_size // run_size
     return {"weight_bytes": weights, "adapter_bytes": per_adapter,
             "loads": {load.key: roofline.roofline(bandwidth, weights, load.streams,
                                                   load.adapters, per_adapter)
