@@ -198,8 +198,8 @@ class SchedulerConfig:
         f"as fit (see cuda_memory_fraction), on a CPU {CPU_KV_TOKENS}", _POSITIVE_INT,
         lorax=True)
     waiting_served_ratio: float = _setting(
-        1.2, "waiting/running ratio above which waiting requests interrupt decoding",
-        _NON_NEGATIVE, reload=True, lorax=True)
+        0.0, "waiting/running ratio above which waiting requests join a running batch (0: "
+        "at every step)", _NON_NEGATIVE, reload=True, lorax=True)
     max_waiting_tokens: int = _setting(20, "decode steps before waiting requests may join",
                                        _POSITIVE_INT, reload=True, lorax=True)
     block_size: int = _setting(16, "KV cache page size in tokens", _POSITIVE_INT)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from loraxd.config.tree import SchedulerConfig
 from loraxd.engine.block_manager import BlockManager
 from loraxd.engine.detokenizer import IncrementalDetokenizer
 from loraxd.engine.request import FinishEvent, GenerationRequest, TokenEvent
@@ -111,6 +112,20 @@ def test_requests_join_a_running_batch_by_waiting_served_ratio():
     s.add(make_seq(3, max_new=50))  # 1 waiting < 2 * 2.0 -> waits
     plan, _ = run_step(s, {})
     assert not plan.step.new_seqs
+
+
+def test_by_default_a_late_request_joins_at_the_next_step():
+    # A burst that reaches the server over a few milliseconds must not leave its stragglers
+    # waiting max_waiting_tokens steps behind the first arrivals, as LoRAX's ratio of 1.2 does.
+    s = Scheduler(SchedulerLimits.from_config(SchedulerConfig()), BlockManager(64, 4),
+                  eos_ids=frozenset({EOS}), special_ids=frozenset({EOS}),
+                  decode_one=lambda i: chr(i))
+    for req_id in range(1, 6):
+        s.add(make_seq(req_id, max_new=50))
+    run_step(s, {})  # 5 running
+    s.add(make_seq(6, max_new=50))
+    plan, _ = run_step(s, {})
+    assert [n.req_id for n in plan.step.new_seqs] == [6]
 
 
 def test_max_waiting_tokens_lets_a_lone_request_in():
