@@ -69,6 +69,27 @@ def test_a_row_does_not_depend_on_its_batch():
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 8])
+def test_few_rows_do_not_depend_on_the_thread_count(rows):
+    """Up to 8 rows a thread reads the two halves of its panels side by side: how the
+    panels are shared out (1 thread, 2, or 3 with an odd one out) must not change a bit."""
+    g = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(3000, 576, generator=g), torch.randn(3000, generator=g)
+    kernel = DenseKernel(weight, bias)
+    x = torch.randn(rows, 576, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(kernel(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert rel_err(outs[0], F.linear(x, weight, bias)) < 1e-5
+
+
+@needs_kernel
 def test_bad_inputs_are_refused_with_a_reason():
     panels, bias = cpu_kernels.pack(torch.randn(40, 16), None)
     with pytest.raises(RuntimeError, match="columns"):
